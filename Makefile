@@ -1,0 +1,52 @@
+# make test  - set up .venv (if missing), build the extension, run the test suite
+# make demo  - train a VAE on scikit-learn's bundled digits with the fused ops
+# make bench - CPU benchmarks into bench/results/
+# TORCH=...  - the torch requirement to install when none is importable (default torch==2.13.0)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+DEPS_STAMP  := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.vae-fast-built
+SOURCES := $(shell find csrc vae_fast -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) CMakeLists.txt pyproject.toml
+
+.PHONY: test demo bench build lint clean
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(BUILD_STAMP)
+	$(PY) -m vae_fast.train --data digits --out runs/demo
+
+bench: $(BUILD_STAMP)
+	$(PY) bench/ops.py --device cpu --json bench/results/ops_cpu.json --plot bench/results/ops_cpu.png
+	$(PY) bench/train.py --device cpu --json bench/results/train_cpu.json
+
+build: $(BUILD_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch: keep an importable one, else install $(TORCH) (a local CPU wheel here).
+$(DEPS_STAMP): | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q numpy pytest hypothesis "scikit-build-core>=0.10" pybind11 ninja cmake \
+		tqdm matplotlib scikit-learn
+	touch $@
+
+# Editable install: the Python sources are used in place, the compiled _C is rebuilt
+# incrementally (persistent build dir) only when a C++/CUDA/CMake source changed.
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+lint: $(DEPS_STAMP)
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check vae_fast tests bench
+	$(VENV)/bin/ruff format --check vae_fast tests bench
+
+clean:
+	rm -rf build $(BUILD_STAMP)

@@ -1,0 +1,54 @@
+// Every vae_fast operator schema, declared once. Device kernels live in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu and register with TORCH_LIBRARY_IMPL;
+// fake (meta) kernels and autograd are registered in vae_fast/ops.py.
+//
+// Backward passes that need their own kernel are private ops (`_<op>_backward`)
+// with their own schema, so they get per-device kernels and opcheck coverage.
+// Their `output_mask` says which gradients to compute; a gradient that is not
+// asked for comes back as an empty tensor (numel 0), never as garbage.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(vae_fast, m) {
+  // sum over the last `event_dims` dims of x*logits - softplus(logits)
+  m.def("bernoulli_log_prob(Tensor x, Tensor logits, int event_dims) -> Tensor");
+  m.def(
+      "_bernoulli_log_prob_backward(Tensor grad, Tensor x, Tensor logits, int event_dims, "
+      "bool[2] output_mask) -> (Tensor grad_x, Tensor grad_logits)");
+
+  // sum of -0.5*(log(2pi) + logvar + (x-mean)^2 exp(-logvar)); logvar broadcasts to x
+  m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor logvar, int event_dims) -> Tensor");
+  m.def(
+      "_gaussian_log_prob_backward(Tensor grad, Tensor x, Tensor mean, Tensor logvar, "
+      "int event_dims, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_mean, "
+      "Tensor grad_logvar)");
+
+  // KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)); None priors mean N(0, 1)
+  m.def(
+      "gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
+      "int event_dims) -> Tensor");
+  m.def(
+      "_gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, "
+      "Tensor? prior_logvar, int event_dims, bool[4] output_mask) -> (Tensor grad_mu, "
+      "Tensor grad_logvar, Tensor grad_prior_mu, Tensor grad_prior_logvar)");
+
+  // z = mu + exp(logvar/2) * eps. eps is returned (in the accumulation dtype) so
+  // that backward uses it exactly instead of recovering it as (z - mu) / sigma.
+  m.def(
+      "reparameterize(Tensor mu, Tensor logvar, int? num_samples=None, *, "
+      "Generator? generator=None) -> (Tensor z, Tensor eps)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "_reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor eps, bool[2] output_mask) "
+      "-> (Tensor grad_mu, Tensor grad_logvar)");
+
+  // The fused loss. One pass over (x, recon) and one over (mu, logvar) give the
+  // per-sample log-likelihood and KL and, when compute_grad, the gradient of
+  // `loss` w.r.t. recon, obs_logvar, mu and logvar (for grad_output = 1), so that
+  // backward only has to scale them. Gradients not computed are empty tensors.
+  m.def(
+      "elbo(Tensor x, Tensor recon, Tensor mu, Tensor logvar, Tensor? obs_logvar, "
+      "str likelihood, float beta, str reduction, bool compute_grad) -> (Tensor loss, "
+      "Tensor log_likelihood, Tensor kl, Tensor grad_recon, Tensor grad_obs_logvar, "
+      "Tensor grad_mu, Tensor grad_logvar)");
+}

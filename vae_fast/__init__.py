@@ -1,0 +1,23 @@
+"""vae_fast: fused, exact VAE loss operators for PyTorch (CPU and CUDA)."""
+
+from vae_fast import reference
+from vae_fast._backend import backend, current_backend
+from vae_fast.ops import (
+    bernoulli_log_prob,
+    elbo,
+    gaussian_kl,
+    gaussian_log_prob,
+    reparameterize,
+)
+
+__all__ = [
+    "backend",
+    "bernoulli_log_prob",
+    "current_backend",
+    "elbo",
+    "gaussian_kl",
+    "gaussian_log_prob",
+    "reference",
+    "reparameterize",
+]
+__version__ = "0.1.0"

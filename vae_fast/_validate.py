@@ -1,0 +1,122 @@
+"""Input checks shared by the fused ops, the reference and the fake kernels.
+
+Every message names the function, the argument and what was expected, so that
+bad input fails at the call site with a readable error instead of deep inside
+a kernel (or, worse, as a silent broadcast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensors(fn: str, **tensors: torch.Tensor | None) -> None:
+    """Tensors (None skipped) must be floating, of one dtype and on one device."""
+    first_name, first = None, None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{fn}: `{name}` has dtype {t.dtype}; expected a floating dtype "
+                f"(float64, float32, bfloat16 or float16)"
+            )
+        if first is None:
+            first_name, first = name, t
+            continue
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{fn}: `{name}` has dtype {t.dtype} but `{first_name}` has {first.dtype}; "
+                f"all float inputs of one call must share a dtype"
+            )
+        if t.device != first.device:
+            raise ValueError(
+                f"{fn}: `{name}` is on {t.device} but `{first_name}` is on {first.device}; "
+                f"all inputs of one call must be on the same device"
+            )
+
+
+def check_same_shape(fn: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{fn}: `{name_b}` has shape {tuple(b.shape)} but `{name_a}` has shape "
+            f"{tuple(a.shape)}; they must be equal"
+        )
+
+
+def check_broadcastable(fn: str, name: str, t: torch.Tensor, target: str, shape: Sequence[int]):
+    """`t` must broadcast to `shape` without growing it (a scalar, per-feature or same shape)."""
+    ok = t.dim() <= len(shape) and all(
+        s == 1 or s == n for s, n in zip(reversed(t.shape), reversed(shape))
+    )
+    if not ok:
+        raise ValueError(
+            f"{fn}: `{name}` has shape {tuple(t.shape)}, which does not broadcast to "
+            f"`{target}`'s shape {tuple(shape)}; expected a scalar, trailing (per-feature) "
+            f"dims of it, or the same shape"
+        )
+
+
+def resolve_event_dims(fn: str, x: torch.Tensor, event_dims: int | None) -> int:
+    """None means every dim but the first (a batch of samples); k means the last k dims."""
+    if event_dims is None:
+        return max(x.dim() - 1, 0)
+    if isinstance(event_dims, bool) or not isinstance(event_dims, int):
+        raise TypeError(f"{fn}: `event_dims` must be an int or None, got {event_dims!r}")
+    if not 0 <= event_dims <= x.dim():
+        raise ValueError(
+            f"{fn}: `event_dims`={event_dims} is out of range for an input with "
+            f"{x.dim()} dims; expected 0 <= event_dims <= {x.dim()}"
+        )
+    return event_dims
+
+
+def check_option(fn: str, name: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(
+            f"{fn}: unknown {name} {value!r}; expected one of {', '.join(map(repr, valid))}"
+        )
+
+
+def check_num_samples(fn: str, num_samples: int | None) -> None:
+    if num_samples is None:
+        return
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"{fn}: `num_samples` must be a positive int or None, got {num_samples!r}")
+
+
+def check_elbo(
+    x: torch.Tensor,
+    recon: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    likelihood: str,
+    obs_logvar: torch.Tensor | None,
+    reduction: str,
+) -> None:
+    fn = "vae_fast.elbo"
+    check_option(fn, "likelihood", likelihood, LIKELIHOODS)
+    check_option(fn, "reduction", reduction, REDUCTIONS)
+    check_tensors(fn, x=x, recon=recon, mu=mu, logvar=logvar, obs_logvar=obs_logvar)
+    check_same_shape(fn, "x", x, "recon", recon)
+    check_same_shape(fn, "mu", mu, "logvar", logvar)
+    if x.dim() < 1 or mu.dim() < 1:
+        raise ValueError(f"{fn}: `x` and `mu` need a leading batch dim, got shapes "
+                         f"{tuple(x.shape)} and {tuple(mu.shape)}")
+    if mu.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{fn}: `mu` has batch size {mu.shape[0]} (shape {tuple(mu.shape)}) but `x` has "
+            f"{x.shape[0]} (shape {tuple(x.shape)}); the first dims must match"
+        )
+    if obs_logvar is not None:
+        if likelihood != "gaussian":
+            raise ValueError(f"{fn}: `obs_logvar` is only used with likelihood='gaussian'")
+        check_broadcastable(fn, "obs_logvar", obs_logvar, "x", x.shape)

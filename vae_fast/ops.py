@@ -1,0 +1,412 @@
+"""Typed wrappers over torch.ops.vae_fast.*, with their fake kernels and autograd.
+
+The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda.
+Fake kernels let torch.compile trace through the ops without running them;
+autograd calls the private `_<op>_backward` ops (one pass each). The fused
+`elbo` computes its gradients in the forward pass, so its backward only scales
+them (and returns them untouched when grad_output is exactly 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vae_fast import _C  # noqa: F401  (loads the library that registers the ops)
+from vae_fast import _validate as V
+from vae_fast import reference
+from vae_fast._backend import current_backend
+
+_ops = torch.ops.vae_fast
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _empty_grad(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+def _grad_or_none(t: torch.Tensor) -> torch.Tensor | None:
+    return None if t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
+
+
+def _batch_shape(x: torch.Tensor, event_dims: int) -> tuple[int, ...]:
+    return tuple(x.shape[: x.dim() - event_dims])
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def bernoulli_log_prob(
+    x: torch.Tensor, logits: torch.Tensor, *, event_dims: int | None = None
+) -> torch.Tensor:
+    """Log-likelihood of x under Bernoulli(logits), summed over the event dims.
+
+    Args:
+        x: targets in [0, 1] (binary or soft), any shape (B, ...).
+        logits: same shape as `x`. Finite and exact for logits of +-1e4.
+        event_dims: how many trailing dims to sum; None sums every dim but the first.
+
+    Returns:
+        The batch-shaped sum of ``x*logits - softplus(logits)``, in x's dtype.
+    """
+    if current_backend() == "reference":
+        return reference.bernoulli_log_prob(x, logits, event_dims=event_dims)
+    fn = "vae_fast.bernoulli_log_prob"
+    V.check_tensors(fn, x=x, logits=logits)
+    V.check_same_shape(fn, "x", x, "logits", logits)
+    k = V.resolve_event_dims(fn, x, event_dims)
+    return _ops.bernoulli_log_prob(x, logits, k)
+
+
+def gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, *, event_dims: int | None = None
+) -> torch.Tensor:
+    """Log-density of x under N(mean, exp(logvar)), summed over the event dims.
+
+    Args:
+        x: observations, shape (B, ...).
+        mean: same shape as `x`.
+        logvar: log-variance broadcastable to `x`: a 0-d scalar, a per-feature tensor
+            (trailing dims of x) or per element. Its gradient comes back in its own shape.
+        event_dims: how many trailing dims to sum; None sums every dim but the first.
+
+    Returns:
+        The batch-shaped sum of ``-0.5*(log(2pi) + logvar + (x-mean)^2 exp(-logvar))``.
+    """
+    if current_backend() == "reference":
+        return reference.gaussian_log_prob(x, mean, logvar, event_dims=event_dims)
+    fn = "vae_fast.gaussian_log_prob"
+    V.check_tensors(fn, x=x, mean=mean, logvar=logvar)
+    V.check_same_shape(fn, "x", x, "mean", mean)
+    V.check_broadcastable(fn, "logvar", logvar, "x", x.shape)
+    k = V.resolve_event_dims(fn, x, event_dims)
+    return _ops.gaussian_log_prob(x, mean, logvar, k)
+
+
+def gaussian_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    *,
+    event_dims: int | None = None,
+) -> torch.Tensor:
+    """KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)), summed over the event dims.
+
+    Args:
+        mu, logvar: the encoder's diagonal Gaussian, both of shape (B, ...).
+        prior_mu, prior_logvar: the prior, broadcastable to `mu`; None means 0 (the
+            standard normal prior when both are None). All four inputs get gradients.
+        event_dims: how many trailing dims to sum; None sums every dim but the first.
+
+    Returns:
+        The batch-shaped KL divergence, in mu's dtype.
+    """
+    if current_backend() == "reference":
+        return reference.gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims=event_dims)
+    fn = "vae_fast.gaussian_kl"
+    V.check_tensors(fn, mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    V.check_same_shape(fn, "mu", mu, "logvar", logvar)
+    for name, p in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if p is not None:
+            V.check_broadcastable(fn, name, p, "mu", mu.shape)
+    k = V.resolve_event_dims(fn, mu, event_dims)
+    return _ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, k)
+
+
+def reparameterize(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A reparameterized sample z = mu + exp(logvar/2) * eps, eps ~ N(0, 1).
+
+    eps is drawn from torch's generator (the default one, so ``torch.manual_seed``
+    reproduces a draw, or `generator`). Backward uses eps exactly:
+    dz/dmu = 1 and dz/dlogvar = 0.5*sigma*eps, even where sigma << |mu|.
+
+    Args:
+        mu, logvar: shape (B, ...), equal shapes.
+        num_samples: K independent samples, returned as shape (K, *mu.shape).
+        generator: an explicit torch.Generator (cannot be traced by torch.compile).
+
+    Returns:
+        z, of shape mu.shape or (num_samples, *mu.shape), in mu's dtype.
+    """
+    if current_backend() == "reference":
+        return reference.reparameterize(mu, logvar, num_samples=num_samples, generator=generator)
+    fn = "vae_fast.reparameterize"
+    V.check_tensors(fn, mu=mu, logvar=logvar)
+    V.check_same_shape(fn, "mu", mu, "logvar", logvar)
+    V.check_num_samples(fn, num_samples)
+    z, _ = _ops.reparameterize(mu, logvar, num_samples, generator=generator)
+    return z
+
+
+def elbo(
+    x: torch.Tensor,
+    recon: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    likelihood: str = "bernoulli",
+    obs_logvar: torch.Tensor | None = None,
+    beta: float = 1.0,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The negative ELBO of a VAE with a diagonal Gaussian encoder and N(0, I) prior.
+
+    Args:
+        x: data, shape (B, ...).
+        recon: decoder output of x's shape: logits for ``likelihood="bernoulli"``,
+            means for ``"gaussian"``.
+        mu, logvar: the encoder's posterior, shape (B, ...) (any trailing shape).
+        likelihood: ``"bernoulli"`` or ``"gaussian"``.
+        obs_logvar: Gaussian observation log-variance broadcastable to x (scalar,
+            per-feature or per-element; learnable); None means 0.
+        beta: weight of the KL term.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
+
+    Returns:
+        ``(loss, log_likelihood, kl)``: loss is ``beta*kl - log_likelihood`` reduced;
+        the other two have shape (B,). Gradients flow to recon, mu, logvar and
+        obs_logvar (and x, if it requires grad).
+    """
+    if current_backend() == "reference":
+        return reference.elbo(
+            x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, beta=beta,
+            reduction=reduction,
+        )
+    V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, recon, mu, logvar, obs_logvar)
+    )
+    loss, ll, kl, *_ = _ops.elbo(
+        x, recon, mu, logvar, obs_logvar, likelihood, float(beta), reduction, compute_grad
+    )
+    return loss, ll, kl
+
+
+# --------------------------------------------------------------------------- fake kernels
+# torch.compile traces with fake tensors; these give output shapes and dtypes only.
+
+
+@torch.library.register_fake("vae_fast::bernoulli_log_prob")
+def _(x, logits, event_dims):
+    return x.new_empty(_batch_shape(x, event_dims))
+
+
+@torch.library.register_fake("vae_fast::_bernoulli_log_prob_backward")
+def _(grad, x, logits, event_dims, output_mask):
+    return (
+        torch.empty_like(x) if output_mask[0] else _empty_grad(x),
+        torch.empty_like(logits) if output_mask[1] else _empty_grad(x),
+    )
+
+
+@torch.library.register_fake("vae_fast::gaussian_log_prob")
+def _(x, mean, logvar, event_dims):
+    return x.new_empty(_batch_shape(x, event_dims))
+
+
+@torch.library.register_fake("vae_fast::_gaussian_log_prob_backward")
+def _(grad, x, mean, logvar, event_dims, output_mask):
+    return (
+        torch.empty_like(x) if output_mask[0] else _empty_grad(x),
+        torch.empty_like(mean) if output_mask[1] else _empty_grad(x),
+        torch.empty_like(logvar) if output_mask[2] else _empty_grad(x),
+    )
+
+
+@torch.library.register_fake("vae_fast::gaussian_kl")
+def _(mu, logvar, prior_mu, prior_logvar, event_dims):
+    return mu.new_empty(_batch_shape(mu, event_dims))
+
+
+@torch.library.register_fake("vae_fast::_gaussian_kl_backward")
+def _(grad, mu, logvar, prior_mu, prior_logvar, event_dims, output_mask):
+    like = (mu, logvar, prior_mu, prior_logvar)
+    return tuple(
+        torch.empty_like(t) if m and t is not None else _empty_grad(mu)
+        for m, t in zip(output_mask, like)
+    )
+
+
+def _eps_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF else dtype
+
+
+@torch.library.register_fake("vae_fast::reparameterize")
+def _(mu, logvar, num_samples=None, *, generator=None):
+    shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
+    return mu.new_empty(shape), mu.new_empty(shape, dtype=_eps_dtype(mu.dtype))
+
+
+@torch.library.register_fake("vae_fast::_reparameterize_backward")
+def _(grad_z, logvar, eps, output_mask):
+    return (
+        torch.empty_like(logvar) if output_mask[0] else _empty_grad(logvar),
+        torch.empty_like(logvar) if output_mask[1] else _empty_grad(logvar),
+    )
+
+
+@torch.library.register_fake("vae_fast::elbo")
+def _(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad):
+    V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+    batch = x.shape[0]
+    loss = x.new_empty((batch,) if reduction == "none" else ())
+    wants_obs = compute_grad and obs_logvar is not None
+    return (
+        loss,
+        x.new_empty((batch,)),
+        x.new_empty((batch,)),
+        torch.empty_like(recon) if compute_grad else _empty_grad(x),
+        torch.empty_like(obs_logvar) if wants_obs else _empty_grad(x),
+        torch.empty_like(mu) if compute_grad else _empty_grad(x),
+        torch.empty_like(logvar) if compute_grad else _empty_grad(x),
+    )
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _setup_bernoulli(ctx, inputs, output):
+    x, logits, event_dims = inputs
+    ctx.save_for_backward(x, logits)
+    ctx.event_dims = event_dims
+
+
+def _backward_bernoulli(ctx, grad):
+    x, logits = ctx.saved_tensors
+    gx, gl = _ops._bernoulli_log_prob_backward(
+        grad, x, logits, ctx.event_dims, list(ctx.needs_input_grad[:2])
+    )
+    return _grad_or_none(gx), _grad_or_none(gl), None
+
+
+torch.library.register_autograd(
+    "vae_fast::bernoulli_log_prob", _backward_bernoulli, setup_context=_setup_bernoulli
+)
+
+
+def _setup_gaussian(ctx, inputs, output):
+    x, mean, logvar, event_dims = inputs
+    ctx.save_for_backward(x, mean, logvar)
+    ctx.event_dims = event_dims
+
+
+def _backward_gaussian(ctx, grad):
+    x, mean, logvar = ctx.saved_tensors
+    gx, gm, glv = _ops._gaussian_log_prob_backward(
+        grad, x, mean, logvar, ctx.event_dims, list(ctx.needs_input_grad[:3])
+    )
+    return _grad_or_none(gx), _grad_or_none(gm), _grad_or_none(glv), None
+
+
+torch.library.register_autograd(
+    "vae_fast::gaussian_log_prob", _backward_gaussian, setup_context=_setup_gaussian
+)
+
+
+def _setup_kl(ctx, inputs, output):
+    mu, logvar, prior_mu, prior_logvar, event_dims = inputs
+    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
+    ctx.event_dims = event_dims
+
+
+def _backward_kl(ctx, grad):
+    mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
+    grads = _ops._gaussian_kl_backward(
+        grad, mu, logvar, prior_mu, prior_logvar, ctx.event_dims, list(ctx.needs_input_grad[:4])
+    )
+    return (*(_grad_or_none(g) for g in grads), None)
+
+
+torch.library.register_autograd("vae_fast::gaussian_kl", _backward_kl, setup_context=_setup_kl)
+
+
+def _setup_reparameterize(ctx, inputs, output):
+    _, logvar, *_ = inputs
+    _, eps = output
+    ctx.save_for_backward(logvar, eps)
+    ctx.mark_non_differentiable(eps)
+
+
+def _backward_reparameterize(ctx, grad_z, grad_eps):
+    logvar, eps = ctx.saved_tensors
+    gm, glv = _ops._reparameterize_backward(grad_z, logvar, eps, list(ctx.needs_input_grad[:2]))
+    return _grad_or_none(gm), _grad_or_none(glv), None, None
+
+
+torch.library.register_autograd(
+    "vae_fast::reparameterize", _backward_reparameterize, setup_context=_setup_reparameterize
+)
+
+
+def _setup_elbo(ctx, inputs, output):
+    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, _ = inputs
+    _, _, _, g_recon, g_obs, g_mu, g_logvar = output
+    ctx.mark_non_differentiable(g_recon, g_obs, g_mu, g_logvar)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, recon, mu, logvar, obs_logvar, g_recon, g_obs, g_mu, g_logvar)
+    ctx.likelihood, ctx.beta, ctx.reduction = likelihood, beta, reduction
+
+
+def _is_exactly_one(t: torch.Tensor) -> bool:
+    # A data-dependent check: only in eager mode (compiled graphs always scale).
+    return not torch.compiler.is_compiling() and t.numel() == 1 and bool(t == 1)
+
+
+def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
+    x, recon, mu, logvar, obs_logvar, g_recon, g_obs, g_mu, g_logvar = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if grad_ll is None and grad_kl is None and ctx.reduction != "none" and not needs[0]:
+        # The usual case: d(loss)/d(inputs) was computed in the forward pass.
+        if grad_loss is None:
+            return (None,) * 9
+        if _is_exactly_one(grad_loss):
+            scaled = (g_recon, g_mu, g_logvar, g_obs)
+        else:
+            scaled = tuple(g * grad_loss.to(g.dtype) for g in (g_recon, g_mu, g_logvar, g_obs))
+        g_recon, g_mu, g_logvar, g_obs = (_grad_or_none(g) for g in scaled)
+        return (
+            None, g_recon if needs[1] else None, g_mu if needs[2] else None,
+            g_logvar if needs[3] else None, g_obs if needs[4] else None,
+            None, None, None, None,
+        )
+    # General case (per-sample weights from reduction="none" or from gradients of the
+    # returned log_likelihood / kl): one backward pass per term with per-row weights.
+    batch = x.shape[0]
+    opmath = torch.float32 if x.dtype in _HALF else x.dtype
+    row_loss = x.new_zeros((batch,), dtype=opmath)
+    if grad_loss is not None:
+        scale = 1.0 / max(batch, 1) if ctx.reduction == "mean" else 1.0
+        row_loss = row_loss + grad_loss.to(opmath) * scale
+    w_ll = -row_loss + (grad_ll.to(opmath) if grad_ll is not None else 0.0)
+    w_kl = ctx.beta * row_loss + (grad_kl.to(opmath) if grad_kl is not None else 0.0)
+    w_ll, w_kl = w_ll.to(x.dtype), w_kl.to(x.dtype)
+    if ctx.likelihood == "bernoulli":
+        gx, gr = _ops._bernoulli_log_prob_backward(w_ll, x, recon, x.dim() - 1, [needs[0], needs[1]])
+        gobs = None
+    else:
+        obs = obs_logvar if obs_logvar is not None else x.new_zeros(())
+        gx, gr, gobs = _ops._gaussian_log_prob_backward(
+            w_ll, x, recon, obs, x.dim() - 1, [needs[0], needs[1], needs[4]]
+        )
+    gmu, glv, _, _ = _ops._gaussian_kl_backward(
+        w_kl, mu, logvar, None, None, mu.dim() - 1, [needs[2], needs[3], False, False]
+    )
+    gobs = _grad_or_none(gobs) if gobs is not None else None
+    return (
+        _grad_or_none(gx), _grad_or_none(gr), _grad_or_none(gmu), _grad_or_none(glv), gobs,
+        None, None, None, None,
+    )
+
+
+torch.library.register_autograd("vae_fast::elbo", _backward_elbo, setup_context=_setup_elbo)
+
+# Under autocast the losses run in float32, as torch's own losses do.
+for _name in ("bernoulli_log_prob", "gaussian_log_prob", "gaussian_kl", "elbo"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(f"vae_fast::{_name}", _device, torch.float32)

@@ -1,0 +1,133 @@
+"""The five vae_fast functions in plain torch: the readable definition of the maths.
+
+Used by the tests and the benchmarks as the eager baseline, and by
+`with vae_fast.backend("reference"):`. Half-precision inputs are computed in
+float32 and the result is cast back, exactly as the fused kernels accumulate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vae_fast import _validate as V
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _opmath(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [
+        t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+        for t in tensors
+    ]
+
+
+def _sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:
+    if event_dims == 0:
+        return t
+    return t.sum(dim=tuple(range(t.dim() - event_dims, t.dim())))
+
+
+def bernoulli_log_prob(
+    x: torch.Tensor, logits: torch.Tensor, *, event_dims: int | None = None
+) -> torch.Tensor:
+    """Sum over the event dims of x*logits - softplus(logits)."""
+    fn = "vae_fast.bernoulli_log_prob"
+    V.check_tensors(fn, x=x, logits=logits)
+    V.check_same_shape(fn, "x", x, "logits", logits)
+    k = V.resolve_event_dims(fn, x, event_dims)
+    xf, lf = _opmath(x, logits)
+    # softplus(l) = max(l, 0) + log1p(exp(-|l|)): exp never sees a positive argument.
+    log_p = xf * lf - (lf.clamp_min(0) + torch.log1p(torch.exp(-lf.abs())))
+    return _sum_event(log_p, k).to(x.dtype)
+
+
+def gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, *, event_dims: int | None = None
+) -> torch.Tensor:
+    """Sum over the event dims of -0.5*(log(2pi) + logvar + (x-mean)^2 exp(-logvar))."""
+    fn = "vae_fast.gaussian_log_prob"
+    V.check_tensors(fn, x=x, mean=mean, logvar=logvar)
+    V.check_same_shape(fn, "x", x, "mean", mean)
+    V.check_broadcastable(fn, "logvar", logvar, "x", x.shape)
+    k = V.resolve_event_dims(fn, x, event_dims)
+    xf, mf, lvf = _opmath(x, mean, logvar)
+    # (x-mean)^2 * exp(-logvar) rather than / exp(logvar): no overflow to inf/inf at logvar=+-80.
+    log_p = -0.5 * (LOG_2PI + lvf + (xf - mf).square() * torch.exp(-lvf))
+    return _sum_event(log_p, k).to(x.dtype)
+
+
+def gaussian_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    *,
+    event_dims: int | None = None,
+) -> torch.Tensor:
+    """KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)), summed over the event dims."""
+    fn = "vae_fast.gaussian_kl"
+    V.check_tensors(fn, mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    V.check_same_shape(fn, "mu", mu, "logvar", logvar)
+    for name, p in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if p is not None:
+            V.check_broadcastable(fn, name, p, "mu", mu.shape)
+    k = V.resolve_event_dims(fn, mu, event_dims)
+    muf, lvf, pmf, plvf = _opmath(mu, logvar, prior_mu, prior_logvar)
+    diff = muf if pmf is None else muf - pmf
+    dlv = lvf if plvf is None else lvf - plvf
+    scaled_sq = diff.square() if plvf is None else diff.square() * torch.exp(-plvf)
+    # expm1(d) - d instead of exp(d) - 1 - d: no cancellation when the variances are close.
+    kl = 0.5 * (torch.expm1(dlv) - dlv + scaled_sq)
+    return _sum_event(kl, k).to(mu.dtype)
+
+
+def reparameterize(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """mu + exp(logvar/2) * eps with eps ~ N(0, 1); shape (num_samples, *mu.shape) if given."""
+    fn = "vae_fast.reparameterize"
+    V.check_tensors(fn, mu=mu, logvar=logvar)
+    V.check_same_shape(fn, "mu", mu, "logvar", logvar)
+    V.check_num_samples(fn, num_samples)
+    muf, lvf = _opmath(mu, logvar)
+    shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
+    eps = torch.randn(shape, dtype=muf.dtype, device=mu.device, generator=generator)
+    return (muf + torch.exp(0.5 * lvf) * eps).to(mu.dtype)
+
+
+def elbo(
+    x: torch.Tensor,
+    recon: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    likelihood: str = "bernoulli",
+    obs_logvar: torch.Tensor | None = None,
+    beta: float = 1.0,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(beta*KL - log-likelihood reduced, per-sample log-likelihood, per-sample KL)."""
+    V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+    if likelihood == "bernoulli":
+        ll = bernoulli_log_prob(x, recon)
+    else:
+        if obs_logvar is None:
+            obs_logvar = x.new_zeros(())
+        ll = gaussian_log_prob(x, recon, obs_logvar)
+    kl = gaussian_kl(mu, logvar)
+    per_sample = beta * kl.float() - ll.float() if x.dtype in (torch.float16, torch.bfloat16) \
+        else beta * kl - ll
+    if reduction == "mean":
+        loss = per_sample.mean()
+    elif reduction == "sum":
+        loss = per_sample.sum()
+    else:
+        loss = per_sample
+    return loss.to(x.dtype), ll, kl
