@@ -1,0 +1,63 @@
+// vae_fast::bernoulli_log_prob and its backward on CPU: checks, layout and
+// allocation; the vectorized loop is in bernoulli_kernel.cpp.
+
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/layout.h"
+#include "cpu/capability.h"
+#include "cpu/kernels.h"
+
+namespace vae_fast::cpu {
+namespace {
+
+constexpr const char* kFn = "vae_fast.bernoulli_log_prob";
+
+RowLayout checked_layout(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims) {
+  check_float(kFn, "x", x);
+  check_like(kFn, "logits", logits, "x", x);
+  check_same_shape(kFn, "x", x, "logits", logits);
+  check_event_dims(kFn, x, event_dims);
+  return row_layout(x, event_dims);
+}
+
+at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims) {
+  const RowLayout layout = checked_layout(x, logits, event_dims);
+  at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
+  if (x.numel() == 0) return log_prob.zero_();  // an empty event sums to 0
+  BernoulliArgs args;
+  args.x = as_matrix(x, layout);
+  args.logits = as_matrix(logits, layout);
+  args.log_prob = log_prob;
+  VAE_FAST_CPU_DISPATCH(bernoulli_kernel, args);
+  return log_prob;
+}
+
+std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward(const at::Tensor& grad,
+                                                               const at::Tensor& x,
+                                                               const at::Tensor& logits,
+                                                               int64_t event_dims,
+                                                               std::array<bool, 2> output_mask) {
+  const RowLayout layout = checked_layout(x, logits, event_dims);
+  check_like(kFn, "grad", grad, "x", x);
+  check_mask_tensor(kFn, "grad", grad, layout.batch_shape);
+  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_logits = output_mask[1] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
+  if (x.numel() == 0 || !(output_mask[0] || output_mask[1])) return {grad_x, grad_logits};
+  BernoulliArgs args;
+  args.x = as_matrix(x, layout);
+  args.logits = as_matrix(logits, layout);
+  args.row_weight = grad.reshape({layout.rows}).contiguous();
+  if (output_mask[0]) args.grad_x = grad_x.view({layout.rows, layout.cols});
+  if (output_mask[1]) args.grad_logits = grad_logits.view({layout.rows, layout.cols});
+  VAE_FAST_CPU_DISPATCH(bernoulli_kernel, args);
+  return {grad_x, grad_logits};
+}
+
+}  // namespace
+}  // namespace vae_fast::cpu
+
+TORCH_LIBRARY_IMPL(vae_fast, CPU, m) {
+  m.impl("bernoulli_log_prob", &vae_fast::cpu::bernoulli_log_prob);
+  m.impl("_bernoulli_log_prob_backward", &vae_fast::cpu::bernoulli_log_prob_backward);
+}

@@ -1,0 +1,25 @@
+#pragma once
+// Run-time choice among the CPU kernels compiled for several instruction sets
+// (see CMakeLists.txt): the best one the running CPU supports, as ATen does.
+
+#include <string>
+
+namespace vae_fast::cpu {
+
+enum class Capability { kDefault, kAVX2 };
+
+Capability capability();
+std::string capability_name();
+
+// Calls `fn` from the namespace of the best compiled capability:
+//   VAE_FAST_CPU_DISPATCH(bernoulli_kernel, args);
+#if defined(VAE_FAST_HAVE_AVX2)
+#define VAE_FAST_CPU_DISPATCH(fn, ...)                                   \
+  (::vae_fast::cpu::capability() == ::vae_fast::cpu::Capability::kAVX2   \
+       ? ::vae_fast::cpu::AVX2::fn(__VA_ARGS__)                          \
+       : ::vae_fast::cpu::DEFAULT::fn(__VA_ARGS__))
+#else
+#define VAE_FAST_CPU_DISPATCH(fn, ...) ::vae_fast::cpu::DEFAULT::fn(__VA_ARGS__)
+#endif
+
+}  // namespace vae_fast::cpu

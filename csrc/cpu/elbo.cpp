@@ -1,0 +1,129 @@
+// vae_fast::elbo on CPU, the fused loss. One pass over (x, recon) gives each row's
+// log-likelihood and, when compute_grad, d(loss)/d(recon) (and the reduced
+// d(loss)/d(obs_logvar)) for grad_output = 1; one pass over (mu, logvar) does the
+// same for the KL. Backward (vae_fast/ops.py) then only scales the saved gradients.
+
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "common/checks.h"
+#include "common/layout.h"
+#include "cpu/capability.h"
+#include "cpu/kernels.h"
+
+namespace vae_fast::cpu {
+namespace {
+
+constexpr const char* kFn = "vae_fast.elbo";
+
+void check_elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                std::string_view likelihood, std::string_view reduction) {
+  TORCH_CHECK(likelihood == "bernoulli" || likelihood == "gaussian", kFn, ": unknown likelihood '",
+              likelihood, "'; expected one of 'bernoulli', 'gaussian'");
+  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kFn,
+              ": unknown reduction '", reduction, "'; expected one of 'mean', 'sum', 'none'");
+  check_float(kFn, "x", x);
+  check_like(kFn, "recon", recon, "x", x);
+  check_like(kFn, "mu", mu, "x", x);
+  check_like(kFn, "logvar", logvar, "x", x);
+  check_same_shape(kFn, "x", x, "recon", recon);
+  check_same_shape(kFn, "mu", mu, "logvar", logvar);
+  TORCH_CHECK(x.dim() >= 1 && mu.dim() >= 1, kFn, ": `x` and `mu` need a leading batch dim, got shapes ",
+              x.sizes(), " and ", mu.sizes());
+  TORCH_CHECK(mu.size(0) == x.size(0), kFn, ": `mu` has batch size ", mu.size(0), " (shape ",
+              mu.sizes(), ") but `x` has ", x.size(0), " (shape ", x.sizes(), "); the first dims must match");
+  if (obs_logvar) {
+    TORCH_CHECK(likelihood == "gaussian", kFn, ": `obs_logvar` is only used with likelihood='gaussian'");
+    check_like(kFn, "obs_logvar", *obs_logvar, "x", x);
+    check_broadcastable(kFn, "obs_logvar", *obs_logvar, "x", x.sizes());
+  }
+}
+
+at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo(
+    const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, double beta,
+    c10::string_view reduction, bool compute_grad) {
+  check_elbo(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  const int64_t batch = x.size(0);
+  const int64_t x_event_dims = x.dim() - 1, z_event_dims = mu.dim() - 1;
+  const RowLayout x_layout = row_layout(x, x_event_dims);
+  const RowLayout z_layout = row_layout(mu, z_event_dims);
+  // d(loss)/d(per-sample term) for grad_output = 1.
+  const double per_sample = reduction == "mean" ? 1.0 / static_cast<double>(std::max<int64_t>(batch, 1)) : 1.0;
+
+  at::Tensor ll = at::empty({batch}, x.options());
+  at::Tensor kl = at::empty({batch}, x.options());
+  at::Tensor grad_recon = compute_grad ? at::empty(x.sizes(), x.options()) : empty_grad(x);
+  at::Tensor grad_obs = compute_grad && obs_logvar ? at::zeros(obs_logvar->sizes(), x.options())
+                                                   : empty_grad(x);
+  at::Tensor grad_mu = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
+  at::Tensor grad_lv = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
+
+  if (x.numel() == 0) {
+    ll.zero_();
+  } else if (likelihood == "bernoulli") {
+    BernoulliArgs args;
+    args.x = as_matrix(x, x_layout);
+    args.logits = as_matrix(recon, x_layout);
+    args.log_prob = ll;
+    if (compute_grad) args.grad_logits = grad_recon.view({x_layout.rows, x_layout.cols});
+    args.scale = -per_sample;  // loss = beta*kl - ll
+    VAE_FAST_CPU_DISPATCH(bernoulli_kernel, args);
+  } else {
+    const at::Tensor obs = obs_logvar ? *obs_logvar : at::zeros({}, x.options());
+    GaussianArgs args;
+    args.x = as_matrix(x, x_layout);
+    args.mean = as_matrix(recon, x_layout);
+    BroadcastOperand lv = broadcast_operand(obs, x, x_event_dims, x_layout);
+    args.logvar_kind = lv.kind;
+    args.logvar = lv.data;
+    args.log_prob = ll;
+    if (compute_grad) args.grad_mean = grad_recon.view({x_layout.rows, x_layout.cols});
+    at::Tensor grad_obs_layout;
+    if (compute_grad && obs_logvar) {
+      grad_obs_layout = at::empty_like(lv.data);
+      args.grad_logvar = grad_obs_layout;
+    }
+    args.scale = -per_sample;
+    VAE_FAST_CPU_DISPATCH(gaussian_kernel, args);
+    if (grad_obs_layout.defined()) {
+      grad_obs = lv.kind == Broadcast::kElement
+                     ? gradient_in_shape(grad_obs_layout.view(x.sizes()), *obs_logvar)
+                     : grad_obs_layout.reshape(obs_logvar->sizes());
+    }
+  }
+
+  if (mu.numel() == 0) {
+    kl.zero_();
+  } else {
+    KLArgs args;
+    args.mu = as_matrix(mu, z_layout);
+    args.logvar = as_matrix(logvar, z_layout);
+    args.kl = kl;
+    if (compute_grad) {
+      args.grad_mu = grad_mu.view({z_layout.rows, z_layout.cols});
+      args.grad_logvar = grad_lv.view({z_layout.rows, z_layout.cols});
+    }
+    args.scale = beta * per_sample;
+    VAE_FAST_CPU_DISPATCH(kl_kernel, args);
+  }
+  if (compute_grad && mu.numel() == 0) {
+    grad_mu.zero_();
+    grad_lv.zero_();
+  }
+
+  // The batch-sized combination is cheap; do it in the accumulation dtype.
+  const at::ScalarType opmath = opmath_type(x.scalar_type());
+  at::Tensor per_row = kl.to(opmath).mul(beta).sub_(ll.to(opmath));
+  at::Tensor loss = reduction == "mean" ? per_row.mean() : reduction == "sum" ? per_row.sum() : per_row;
+  return {loss.to(x.scalar_type()), ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
+}
+
+}  // namespace
+}  // namespace vae_fast::cpu
+
+TORCH_LIBRARY_IMPL(vae_fast, CPU, m) { m.impl("elbo", &vae_fast::cpu::elbo); }

@@ -1,0 +1,85 @@
+// vae_fast::gaussian_log_prob and its backward on CPU: checks, layout (including
+// how logvar broadcasts) and allocation; the loop is in gaussian_kernel.cpp.
+
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/layout.h"
+#include "cpu/capability.h"
+#include "cpu/kernels.h"
+
+namespace vae_fast::cpu {
+namespace {
+
+constexpr const char* kFn = "vae_fast.gaussian_log_prob";
+
+RowLayout checked_layout(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
+                         int64_t event_dims) {
+  check_float(kFn, "x", x);
+  check_like(kFn, "mean", mean, "x", x);
+  check_like(kFn, "logvar", logvar, "x", x);
+  check_same_shape(kFn, "x", x, "mean", mean);
+  check_broadcastable(kFn, "logvar", logvar, "x", x.sizes());
+  check_event_dims(kFn, x, event_dims);
+  return row_layout(x, event_dims);
+}
+
+GaussianArgs make_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
+                       int64_t event_dims, const RowLayout& layout) {
+  GaussianArgs args;
+  args.x = as_matrix(x, layout);
+  args.mean = as_matrix(mean, layout);
+  BroadcastOperand lv = broadcast_operand(logvar, x, event_dims, layout);
+  args.logvar_kind = lv.kind;
+  args.logvar = lv.data;
+  return args;
+}
+
+at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
+                             int64_t event_dims) {
+  const RowLayout layout = checked_layout(x, mean, logvar, event_dims);
+  at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
+  if (x.numel() == 0) return log_prob.zero_();
+  GaussianArgs args = make_args(x, mean, logvar, event_dims, layout);
+  args.log_prob = log_prob;
+  VAE_FAST_CPU_DISPATCH(gaussian_kernel, args);
+  return log_prob;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
+    int64_t event_dims, std::array<bool, 3> output_mask) {
+  const RowLayout layout = checked_layout(x, mean, logvar, event_dims);
+  check_like(kFn, "grad", grad, "x", x);
+  check_mask_tensor(kFn, "grad", grad, layout.batch_shape);
+  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_mean = output_mask[1] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_logvar = output_mask[2] ? at::zeros(logvar.sizes(), x.options()) : x.new_empty({0});
+  if (x.numel() == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) {
+    return {grad_x, grad_mean, grad_logvar};
+  }
+  GaussianArgs args = make_args(x, mean, logvar, event_dims, layout);
+  args.row_weight = grad.reshape({layout.rows}).contiguous();
+  if (output_mask[0]) args.grad_x = grad_x.view({layout.rows, layout.cols});
+  if (output_mask[1]) args.grad_mean = grad_mean.view({layout.rows, layout.cols});
+  at::Tensor grad_lv_layout;
+  if (output_mask[2]) {
+    grad_lv_layout = at::empty_like(args.logvar);
+    args.grad_logvar = grad_lv_layout;
+  }
+  VAE_FAST_CPU_DISPATCH(gaussian_kernel, args);
+  if (output_mask[2]) {
+    grad_logvar = args.logvar_kind == Broadcast::kElement
+                      ? gradient_in_shape(grad_lv_layout.view(x.sizes()), logvar)
+                      : grad_lv_layout.reshape(logvar.sizes());
+  }
+  return {grad_x, grad_mean, grad_logvar};
+}
+
+}  // namespace
+}  // namespace vae_fast::cpu
+
+TORCH_LIBRARY_IMPL(vae_fast, CPU, m) {
+  m.impl("gaussian_log_prob", &vae_fast::cpu::gaussian_log_prob);
+  m.impl("_gaussian_log_prob_backward", &vae_fast::cpu::gaussian_log_prob_backward);
+}

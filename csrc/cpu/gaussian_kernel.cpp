@@ -1,0 +1,117 @@
+// Gaussian log-likelihood rows: one pass over (x, mean[, logvar]) writes the row
+// sums of -0.5*(log(2pi) + logvar + (x-mean)^2 exp(-logvar)) and, in the same pass,
+// the gradients w.r.t. x, mean and logvar scaled by the per-row weight. A shared
+// (scalar or per-feature) logvar is read once per column and its gradient reduced
+// over rows in per-chunk buffers. Compiled once per CPU capability.
+
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/vec_math.h"
+
+namespace vae_fast::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+
+template <typename scalar_t>
+void gaussian_rows(const GaussianArgs& a) {
+  using opmath = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t rows = a.x.size(0), cols = a.x.size(1);
+  const bool shared = a.logvar_kind != Broadcast::kElement;
+  const int64_t lv_cols = a.logvar_kind == Broadcast::kScalar ? 1 : cols;
+
+  // A shared logvar: precompute logvar and exp(-logvar) per column in opmath.
+  std::vector<opmath> lv_shared, inv_var_shared;
+  if (shared) {
+    const scalar_t* lv = a.logvar.const_data_ptr<scalar_t>();
+    lv_shared.resize(cols);
+    inv_var_shared.resize(cols);
+    for (int64_t j = 0; j < cols; ++j) {
+      lv_shared[j] = static_cast<opmath>(lv[lv_cols == 1 ? 0 : j]);
+      // exp(-logvar), not 1/exp(logvar): finite (if huge) down to logvar = -80.
+      inv_var_shared[j] = std::exp(-lv_shared[j]);
+    }
+  }
+  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* mean = a.mean.const_data_ptr<scalar_t>();
+  const scalar_t* lv_elem = shared ? nullptr : a.logvar.const_data_ptr<scalar_t>();
+  const scalar_t* row_weight = ptr_or_null<scalar_t>(a.row_weight);
+  scalar_t* log_prob = mutable_ptr_or_null<scalar_t>(a.log_prob);
+  scalar_t* grad_x = mutable_ptr_or_null<scalar_t>(a.grad_x);
+  scalar_t* grad_mean = mutable_ptr_or_null<scalar_t>(a.grad_mean);
+  scalar_t* grad_lv = mutable_ptr_or_null<scalar_t>(a.grad_logvar);
+  const opmath scale = static_cast<opmath>(a.scale);
+
+  // Per-chunk accumulators for a shared logvar's gradient (chunks x cols).
+  const int64_t chunks = num_row_chunks(rows, cols);
+  std::vector<opmath> lv_partial(grad_lv && shared ? chunks * cols : 0, opmath(0));
+
+  for_each_row_chunk(rows, cols, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    opmath* partial = lv_partial.empty() ? nullptr : lv_partial.data() + chunk * cols;
+    for (int64_t r = begin; r < end; ++r) {
+      const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
+      const int64_t off = r * cols;
+      Vec sum(0);
+      for (int64_t j = 0; j < cols; j += W) {
+        const int64_t n = std::min<int64_t>(W, cols - j);
+        const Vec diff = load_n(x + off + j, n) - load_n(mean + off + j, n);
+        Vec lv, inv_var;
+        if (shared) {
+          lv = Vec::loadu(lv_shared.data() + j, n);
+          inv_var = Vec::loadu(inv_var_shared.data() + j, n);
+        } else {
+          lv = load_n(lv_elem + off + j, n);
+          inv_var = lv.neg().exp();
+        }
+        const Vec scaled_diff = diff * inv_var;  // (x - mean) / var
+        const Vec sq = diff * scaled_diff;       // (x - mean)^2 / var
+        if (log_prob) {
+          sum += keep_first(Vec(-0.5) * (Vec(static_cast<opmath>(kLog2Pi)) + lv + sq), n);
+        }
+        if (grad_mean) store_n(grad_mean + off + j, scaled_diff * weight, n);
+        if (grad_x) store_n(grad_x + off + j, scaled_diff.neg() * weight, n);
+        if (grad_lv) {
+          const Vec g = Vec(0.5) * (sq - Vec(1)) * weight;
+          if (shared) {
+            (Vec::loadu(partial + j, n) + g).store(partial + j, n);
+          } else {
+            store_n(grad_lv + off + j, g, n);
+          }
+        }
+      }
+      if (log_prob) log_prob[r] = static_cast<scalar_t>(horizontal_sum(sum));
+    }
+  });
+
+  if (grad_lv && shared) {
+    // Combine the chunks in a fixed order; a scalar logvar also sums its columns.
+    std::vector<opmath> total(cols, opmath(0));
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t j = 0; j < cols; ++j) total[j] += lv_partial[c * cols + j];
+    }
+    if (lv_cols == 1) {
+      opmath s = 0;
+      for (int64_t j = 0; j < cols; ++j) s += total[j];
+      grad_lv[0] = static_cast<scalar_t>(s);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) grad_lv[j] = static_cast<scalar_t>(total[j]);
+    }
+  }
+}
+
+}  // namespace
+
+void gaussian_kernel(const GaussianArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(),
+                                  "vae_fast::gaussian_log_prob", [&] { gaussian_rows<scalar_t>(args); });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace vae_fast::cpu

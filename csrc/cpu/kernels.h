@@ -1,0 +1,71 @@
+#pragma once
+// The CPU kernels, declared once per compiled instruction set. Each *_kernel.cpp is
+// compiled once per capability with -DCPU_CAPABILITY=<name>, which puts both ATen's
+// Vectorized<T> and these functions into a namespace of that name; the op files
+// (bernoulli.cpp, ...) pick one with VAE_FAST_CPU_DISPATCH.
+//
+// Every kernel reads contiguous (rows, cols) matrices. Optional outputs are
+// undefined tensors when not wanted. Gradients are multiplied by `scale` and, when
+// `row_weight` is defined, by row_weight[row] (the incoming per-row gradient).
+
+#include <ATen/ATen.h>
+
+#include "common/layout.h"
+
+namespace vae_fast::cpu {
+
+struct BernoulliArgs {
+  at::Tensor x, logits;            // (rows, cols)
+  at::Tensor log_prob;             // out (rows)
+  at::Tensor grad_x, grad_logits;  // out (rows, cols)
+  at::Tensor row_weight;           // (rows)
+  double scale = 1.0;
+};
+
+struct GaussianArgs {
+  at::Tensor x, mean;              // (rows, cols)
+  Broadcast logvar_kind = Broadcast::kElement;
+  at::Tensor logvar;               // 1, (cols) or (rows, cols) elements, by logvar_kind
+  at::Tensor log_prob;             // out (rows)
+  at::Tensor grad_x, grad_mean;    // out (rows, cols)
+  at::Tensor grad_logvar;          // out, logvar's layout
+  at::Tensor row_weight;           // (rows)
+  double scale = 1.0;
+};
+
+struct KLArgs {
+  at::Tensor mu, logvar;                     // (rows, cols)
+  at::Tensor prior_mu, prior_logvar;         // (rows, cols) or undefined (standard normal)
+  at::Tensor kl;                             // out (rows)
+  at::Tensor grad_mu, grad_logvar;           // out (rows, cols)
+  at::Tensor grad_prior_mu, grad_prior_logvar;
+  at::Tensor row_weight;                     // (rows)
+  double scale = 1.0;
+};
+
+struct ReparameterizeArgs {
+  at::Tensor mu, logvar;  // (n)
+  at::Tensor eps;         // (samples, n), in opmath dtype
+  at::Tensor z;           // out (samples, n)
+};
+
+struct ReparameterizeBackwardArgs {
+  at::Tensor grad_z;                // (samples, n)
+  at::Tensor logvar;                // (n)
+  at::Tensor eps;                   // (samples, n)
+  at::Tensor grad_mu, grad_logvar;  // out (n)
+};
+
+#define VAE_FAST_DECLARE_CPU_KERNELS(capability)                         \
+  namespace capability {                                                 \
+  void bernoulli_kernel(const BernoulliArgs& args);                      \
+  void gaussian_kernel(const GaussianArgs& args);                        \
+  void kl_kernel(const KLArgs& args);                                    \
+  void reparameterize_kernel(const ReparameterizeArgs& args);            \
+  void reparameterize_backward_kernel(const ReparameterizeBackwardArgs& args); \
+  }
+
+VAE_FAST_DECLARE_CPU_KERNELS(DEFAULT)
+VAE_FAST_DECLARE_CPU_KERNELS(AVX2)
+
+}  // namespace vae_fast::cpu

@@ -1,0 +1,78 @@
+// vae_fast::reparameterize and its backward on CPU. eps is drawn with
+// Tensor::normal_ from torch's CPU generator (the default one unless `generator`
+// is given), the very draw torch.randn makes, so torch.manual_seed reproduces it.
+
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/layout.h"
+#include "cpu/capability.h"
+#include "cpu/kernels.h"
+
+namespace vae_fast::cpu {
+namespace {
+
+constexpr const char* kFn = "vae_fast.reparameterize";
+
+std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at::Tensor& logvar,
+                                                  std::optional<int64_t> num_samples,
+                                                  std::optional<at::Generator> generator) {
+  check_float(kFn, "mu", mu);
+  check_like(kFn, "logvar", logvar, "mu", mu);
+  check_same_shape(kFn, "mu", mu, "logvar", logvar);
+  TORCH_CHECK(!num_samples || *num_samples >= 1, kFn,
+              ": `num_samples` must be a positive int or None, got ", *num_samples);
+  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
+  if (num_samples) shape.insert(shape.begin(), *num_samples);
+  // eps in the accumulation dtype: float32 draws for half inputs, kept for backward.
+  at::Tensor eps = at::empty(shape, mu.options().dtype(opmath_type(mu.scalar_type())));
+  eps.normal_(0.0, 1.0, generator);
+  at::Tensor z = at::empty(shape, mu.options());
+  if (mu.numel() == 0) return {z, eps};
+  const int64_t n = mu.numel();
+  ReparameterizeArgs args;
+  args.mu = mu.reshape({n}).contiguous();
+  args.logvar = logvar.reshape({n}).contiguous();
+  args.eps = eps.view({-1, n});
+  args.z = z.view({-1, n});
+  VAE_FAST_CPU_DISPATCH(reparameterize_kernel, args);
+  return {z, eps};
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& grad_z,
+                                                           const at::Tensor& logvar,
+                                                           const at::Tensor& eps,
+                                                           std::array<bool, 2> output_mask) {
+  check_float(kFn, "logvar", logvar);
+  check_like(kFn, "grad_z", grad_z, "logvar", logvar);
+  check_same_shape(kFn, "eps", eps, "grad_z", grad_z);
+  TORCH_CHECK(eps.scalar_type() == opmath_type(logvar.scalar_type()), kFn,
+              ": `eps` must have the accumulation dtype of `logvar`");
+  at::Tensor grad_mu = output_mask[0] ? at::empty(logvar.sizes(), logvar.options())
+                                      : logvar.new_empty({0});
+  at::Tensor grad_lv = output_mask[1] ? at::empty(logvar.sizes(), logvar.options())
+                                      : logvar.new_empty({0});
+  const int64_t n = logvar.numel();
+  if (!(output_mask[0] || output_mask[1])) return {grad_mu, grad_lv};
+  if (n == 0 || eps.numel() == 0) {
+    if (output_mask[0]) grad_mu.zero_();
+    if (output_mask[1]) grad_lv.zero_();
+    return {grad_mu, grad_lv};
+  }
+  ReparameterizeBackwardArgs args;
+  args.grad_z = grad_z.reshape({-1, n}).contiguous();
+  args.logvar = logvar.reshape({n}).contiguous();
+  args.eps = eps.reshape({-1, n}).contiguous();
+  if (output_mask[0]) args.grad_mu = grad_mu.view({n});
+  if (output_mask[1]) args.grad_logvar = grad_lv.view({n});
+  VAE_FAST_CPU_DISPATCH(reparameterize_backward_kernel, args);
+  return {grad_mu, grad_lv};
+}
+
+}  // namespace
+}  // namespace vae_fast::cpu
+
+TORCH_LIBRARY_IMPL(vae_fast, CPU, m) {
+  m.impl("reparameterize", &vae_fast::cpu::reparameterize);
+  m.impl("_reparameterize_backward", &vae_fast::cpu::reparameterize_backward);
+}
