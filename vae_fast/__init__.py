@@ -1,6 +1,6 @@
 """vae_fast: fused, exact VAE loss operators for PyTorch (CPU and CUDA)."""
 
-from vae_fast import reference
+from vae_fast import nn, reference
 from vae_fast._backend import backend, current_backend
 from vae_fast.ops import (
     bernoulli_log_prob,
@@ -17,6 +17,7 @@ __all__ = [
     "elbo",
     "gaussian_kl",
     "gaussian_log_prob",
+    "nn",
     "reference",
     "reparameterize",
 ]

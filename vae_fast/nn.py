@@ -1,0 +1,377 @@
+"""VAE modules over the public vae_fast functions: ELBOLoss, VAE (MLP) and ConvVAE.
+
+The modules hold configuration and parameters; the maths is in the functions
+(`vae_fast.elbo`, `vae_fast.reparameterize`, the log-densities and
+`importance_log_likelihood` below). They call only the public functions, so
+``with vae_fast.backend("reference"):`` runs the same model on plain torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+import vae_fast
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+OBS_LOGVARS = ("fixed", "scalar", "feature")
+
+__all__ = [
+    "ConvVAE",
+    "ELBOLoss",
+    "VAE",
+    "VAEOutput",
+    "importance_log_likelihood",
+]
+
+
+def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, valid))}")
+
+
+# --------------------------------------------------------------------------- functions
+
+
+def importance_log_likelihood(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    num_samples: int,
+    likelihood: str = "bernoulli",
+    obs_logvar: torch.Tensor | None = None,
+    max_rows: int = 1 << 16,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The importance-weighted estimate of log p(x) with q(z|x) as the proposal.
+
+    ``log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K`` with
+    ``z_k ~ q(z|x)``; a lower bound whose gap closes as K grows (Burda et al., 2016).
+    The K samples are drawn and decoded in chunks of at most `max_rows` decoder rows,
+    and the mean over K is taken in log space, so nothing overflows for any K.
+
+    Args:
+        x: data, shape (B, *event).
+        mu, logvar: the encoder's posterior for x, shape (B, L).
+        decode: maps z of shape (N, L) to decoder outputs of shape (N, *event) or
+            (N, prod(event)): logits for ``"bernoulli"``, means for ``"gaussian"``.
+        num_samples: K, the number of importance samples per row.
+        likelihood: ``"bernoulli"`` or ``"gaussian"``.
+        obs_logvar: the Gaussian observation log-variance, broadcastable to one row
+            of x; None means 0.
+        max_rows: the most decoder rows (K_chunk * B) evaluated at once (memory bound).
+        generator: where the samples come from (default: torch's global generator).
+
+    Returns:
+        The estimate for each row of x, shape (B,), in x's dtype (nats).
+    """
+    _check_choice("likelihood", likelihood, LIKELIHOODS)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    batch, event = x.shape[0], x.dim() - 1
+    chunk = max(1, min(num_samples, max_rows // max(batch, 1)))
+    if likelihood == "gaussian" and obs_logvar is None:
+        obs_logvar = x.new_zeros(())
+    zero = mu.new_zeros(())
+    log_w = []
+    for start in range(0, num_samples, chunk):
+        k = min(chunk, num_samples - start)
+        z = vae_fast.reparameterize(mu, logvar, num_samples=k, generator=generator)  # (k, B, L)
+        recon = decode(z.flatten(0, 1)).reshape(k, *x.shape).to(x.dtype)
+        xk = x.expand(k, *x.shape)
+        if likelihood == "bernoulli":
+            log_px = vae_fast.bernoulli_log_prob(xk, recon, event_dims=event)
+        else:
+            log_px = vae_fast.gaussian_log_prob(xk, recon, obs_logvar.to(x.dtype), event_dims=event)
+        log_pz = vae_fast.gaussian_log_prob(z, torch.zeros_like(z), zero, event_dims=1)
+        log_qz = vae_fast.gaussian_log_prob(z, mu.expand_as(z), logvar, event_dims=1)
+        log_w.append(log_px + (log_pz - log_qz).to(x.dtype))
+    return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(num_samples)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+class ELBOLoss(nn.Module):
+    """The negative ELBO, ``beta * KL(q(z|x) || N(0, I)) - log p(x|z)``, over `vae_fast.elbo`.
+
+    For the Gaussian likelihood the module owns the observation log-variance:
+    ``"fixed"`` keeps it at `init_obs_logvar` (a buffer), ``"scalar"`` learns one value
+    and ``"feature"`` one per feature (of shape `event_shape`), by gradient descent
+    along with the model.
+
+    Args:
+        likelihood: ``"bernoulli"`` (decoder outputs logits) or ``"gaussian"`` (means).
+        obs_logvar: ``"fixed"``, ``"scalar"`` or ``"feature"`` (Gaussian only).
+        beta: weight of the KL term; an attribute, so a KL warm-up can change it.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
+        event_shape: the shape of one data row, required for ``obs_logvar="feature"``.
+        init_obs_logvar: the initial (or fixed) observation log-variance.
+
+    Shape:
+        forward(x (B, *event), recon (B, *event), mu (B, L), logvar (B, L)) returns
+        ``(loss, log_likelihood (B,), kl (B,))`` with loss reduced as asked.
+    """
+
+    def __init__(
+        self,
+        likelihood: str = "bernoulli",
+        obs_logvar: str = "fixed",
+        beta: float = 1.0,
+        reduction: str = "mean",
+        *,
+        event_shape: Sequence[int] | None = None,
+        init_obs_logvar: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        _check_choice("obs_logvar", obs_logvar, OBS_LOGVARS)
+        _check_choice("reduction", reduction, ("mean", "sum", "none"))
+        if likelihood == "bernoulli" and (obs_logvar != "fixed" or init_obs_logvar != 0.0):
+            raise ValueError("obs_logvar applies to likelihood='gaussian' only")
+        if obs_logvar == "feature" and event_shape is None:
+            raise ValueError("obs_logvar='feature' needs the event_shape of one data row")
+        self.likelihood = likelihood
+        self.obs_logvar_mode = obs_logvar
+        self.beta = float(beta)
+        self.reduction = reduction
+        self.event_shape = tuple(event_shape) if event_shape is not None else None
+        self.obs_logvar: torch.Tensor | None
+        if likelihood == "bernoulli":
+            self.obs_logvar = None
+        elif obs_logvar == "fixed":
+            self.register_buffer("obs_logvar", torch.tensor(float(init_obs_logvar)))
+        else:
+            shape = () if obs_logvar == "scalar" else self.event_shape
+            self.obs_logvar = nn.Parameter(torch.full(shape, float(init_obs_logvar)))
+
+    def forward(
+        self, x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Under autocast the decoder's output is bf16 while x is float32: the loss is
+        # computed in the wider dtype, as torch's own losses are.
+        dtype = x.dtype
+        for t in (recon, mu, logvar):
+            dtype = torch.promote_types(dtype, t.dtype)
+        obs = self.obs_logvar.to(dtype) if self.obs_logvar is not None else None
+        return vae_fast.elbo(
+            x.to(dtype), recon.to(dtype), mu.to(dtype), logvar.to(dtype),
+            likelihood=self.likelihood, obs_logvar=obs, beta=self.beta, reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"likelihood={self.likelihood!r}"
+        if self.likelihood == "gaussian":
+            s += f", obs_logvar={self.obs_logvar_mode!r}"
+            if self.event_shape is not None:
+                s += f", event_shape={self.event_shape}"
+        return s + f", beta={self.beta}, reduction={self.reduction!r}"
+
+
+# --------------------------------------------------------------------------- models
+
+
+class VAEOutput(NamedTuple):
+    """What a VAE's forward returns (a NamedTuple, so DistributedDataParallel passes it on)."""
+
+    recon: torch.Tensor  # decoder output in x's shape: logits (bernoulli) or means (gaussian)
+    mu: torch.Tensor  # (B, latent_dim) posterior mean
+    logvar: torch.Tensor  # (B, latent_dim) posterior log-variance
+    z: torch.Tensor  # (B, latent_dim) the reparameterized sample that was decoded
+
+
+class _VAEBase(nn.Module):
+    """The interface VAE and ConvVAE share; subclasses define `encode` and `decode`."""
+
+    latent_dim: int
+    likelihood: str
+    event_shape: tuple[int, ...]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z|x), each (B, latent_dim)."""
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder outputs (logits or means) of shape (N, *event_shape) for z of (N, L)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> VAEOutput:
+        """Encode x (B, *event_shape), draw z ~ q(z|x) and decode it."""
+        mu, logvar = self.encode(x)
+        z = vae_fast.reparameterize(mu, logvar, generator=generator)
+        return VAEOutput(self.decode(z).reshape(x.shape), mu, logvar, z)
+
+    def _mean(self, recon: torch.Tensor) -> torch.Tensor:
+        # The mean of p(x|z): the decoder's means, or the Bernoulli probabilities.
+        return torch.sigmoid(recon) if self.likelihood == "bernoulli" else recon
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws z ~ N(0, I) decoded to the mean of p(x|z), shape (n, *event_shape)."""
+        p = next(self.parameters())
+        z = torch.randn(n, self.latent_dim, generator=generator, device=p.device, dtype=p.dtype)
+        return self._mean(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x|z) at z = the posterior mean of x: x's shape, in data space."""
+        mu, _ = self.encode(x)
+        return self._mean(self.decode(mu)).reshape(x.shape)
+
+    @torch.no_grad()
+    def log_likelihood(
+        self,
+        x: torch.Tensor,
+        num_samples: int = 1000,
+        *,
+        obs_logvar: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        max_rows: int = 1 << 16,
+    ) -> torch.Tensor:
+        """The importance-weighted estimate of log p(x) per row, shape (B,), in nats.
+
+        An evaluation metric (no gradients); see `importance_log_likelihood`.
+        `obs_logvar` is the Gaussian observation log-variance (e.g. ``ELBOLoss.obs_logvar``).
+        """
+        mu, logvar = self.encode(x)
+        return importance_log_likelihood(
+            x, mu.to(x.dtype), logvar.to(x.dtype), self.decode, num_samples=num_samples,
+            likelihood=self.likelihood, obs_logvar=obs_logvar, max_rows=max_rows,
+            generator=generator,
+        )
+
+
+def _mlp(sizes: Sequence[int], activation: Callable[[], nn.Module]) -> nn.Sequential:
+    """Linear layers through `sizes` with an activation after each but the last."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class VAE(_VAEBase):
+    """A VAE with MLP encoder and decoder and a diagonal Gaussian posterior.
+
+    Args:
+        in_features: the size of one (flattened) data row.
+        latent_dim: L, the size of z.
+        hidden: encoder layer widths; the decoder mirrors them.
+        likelihood: ``"bernoulli"`` (decoder outputs logits) or ``"gaussian"`` (means).
+        activation: the nonlinearity between layers (a module class).
+
+    Inputs of any shape (B, ...) with ``prod(...) == in_features`` are flattened;
+    `forward` returns `recon` in the input's shape, `decode` and `sample` give (N, in_features).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        latent_dim: int,
+        hidden: Sequence[int] = (512, 256),
+        likelihood: str = "bernoulli",
+        activation: Callable[[], nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        self.in_features, self.latent_dim = int(in_features), int(latent_dim)
+        self.hidden, self.likelihood = tuple(hidden), likelihood
+        self.event_shape = (self.in_features,)
+        self.encoder = _mlp((self.in_features, *self.hidden, 2 * self.latent_dim), activation)
+        self.decoder = _mlp((self.latent_dim, *reversed(self.hidden), self.in_features), activation)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x.reshape(x.shape[0], self.in_features))
+        mu, logvar = h.chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, latent_dim={self.latent_dim}, "
+            f"hidden={self.hidden}, likelihood={self.likelihood!r}"
+        )
+
+
+class ConvVAE(_VAEBase):
+    """A VAE for images: strided 3x3 convolutions down, transposed convolutions up.
+
+    Each conv halves H and W (rounding up); the decoder undoes them exactly (the
+    output padding is chosen per level), so any H and W work, e.g. 8x8 digits or 28x28.
+
+    Args:
+        in_shape: (C, H, W) of one image.
+        latent_dim: L, the size of z.
+        channels: conv widths, one stride-2 level each.
+        hidden: width of the fully connected layer between the convs and z.
+        likelihood: ``"bernoulli"`` (decoder outputs logits) or ``"gaussian"`` (means).
+        activation: the nonlinearity between layers (a module class).
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        latent_dim: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 256,
+        likelihood: str = "bernoulli",
+        activation: Callable[[], nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        if len(in_shape) != 3:
+            raise ValueError(f"in_shape must be (C, H, W), got {tuple(in_shape)}")
+        self.in_shape = self.event_shape = tuple(int(s) for s in in_shape)
+        self.latent_dim, self.channels, self.hidden = int(latent_dim), tuple(channels), int(hidden)
+        self.likelihood = likelihood
+        c, h, w = self.in_shape
+        sizes = [(h, w)]
+        down: list[nn.Module] = []
+        for c_in, c_out in zip((c, *self.channels[:-1]), self.channels):
+            down += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), activation()]
+            h, w = (h + 1) // 2, (w + 1) // 2
+            sizes.append((h, w))
+        self._bottom = (self.channels[-1], h, w)
+        flat = self.channels[-1] * h * w
+        self.encoder = nn.Sequential(
+            *down, nn.Flatten(), nn.Linear(flat, self.hidden), activation(),
+            nn.Linear(self.hidden, 2 * self.latent_dim),
+        )
+        up: list[nn.Module] = [
+            nn.Linear(self.latent_dim, self.hidden), activation(), nn.Linear(self.hidden, flat),
+            activation(), nn.Unflatten(1, self._bottom),
+        ]
+        outs = (c, *self.channels[:-1])
+        for level in reversed(range(len(self.channels))):
+            (h_out, w_out), (h_in, w_in) = sizes[level], sizes[level + 1]
+            # a stride-2, pad-1, 3x3 transposed conv gives 2n-1; output_padding adds the rest
+            pad = (h_out - (2 * h_in - 1), w_out - (2 * w_in - 1))
+            up.append(nn.ConvTranspose2d(
+                self.channels[level], outs[level], 3, stride=2, padding=1, output_padding=pad
+            ))
+            if level > 0:
+                up.append(activation())
+        self.decoder = nn.Sequential(*up)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x.reshape(x.shape[0], *self.in_shape))
+        mu, logvar = h.chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_shape={self.in_shape}, latent_dim={self.latent_dim}, channels={self.channels}, "
+            f"hidden={self.hidden}, likelihood={self.likelihood!r}"
+        )
