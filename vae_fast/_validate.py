@@ -109,8 +109,10 @@ def check_elbo(
     check_same_shape(fn, "x", x, "recon", recon)
     check_same_shape(fn, "mu", mu, "logvar", logvar)
     if x.dim() < 1 or mu.dim() < 1:
-        raise ValueError(f"{fn}: `x` and `mu` need a leading batch dim, got shapes "
-                         f"{tuple(x.shape)} and {tuple(mu.shape)}")
+        raise ValueError(
+            f"{fn}: `x` and `mu` need a leading batch dim, got shapes "
+            f"{tuple(x.shape)} and {tuple(mu.shape)}"
+        )
     if mu.shape[0] != x.shape[0]:
         raise ValueError(
             f"{fn}: `mu` has batch size {mu.shape[0]} (shape {tuple(mu.shape)}) but `x` has "

@@ -11,12 +11,29 @@ from __future__ import annotations
 
 import torch
 
-from vae_fast import _C  # noqa: F401  (loads the library that registers the ops)
 from vae_fast import _validate as V
 from vae_fast import reference
 from vae_fast._backend import current_backend
 
+try:  # loading the compiled library registers the operators with torch
+    from vae_fast import _C  # noqa: F401
+
+    _LOAD_ERROR: ImportError | None = None
+except ImportError as error:  # a source checkout that was never built
+    _LOAD_ERROR = error
+
 _ops = torch.ops.vae_fast
+
+
+def _require_extension() -> None:
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(
+            f"vae_fast's compiled extension (vae_fast._C) is not available ({_LOAD_ERROR}); "
+            "build it with `make build` (or `pip install --no-build-isolation -e .`), "
+            "or use `with vae_fast.backend('reference'):`"
+        )
+
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -50,6 +67,7 @@ def bernoulli_log_prob(
     """
     if current_backend() == "reference":
         return reference.bernoulli_log_prob(x, logits, event_dims=event_dims)
+    _require_extension()
     fn = "vae_fast.bernoulli_log_prob"
     V.check_tensors(fn, x=x, logits=logits)
     V.check_same_shape(fn, "x", x, "logits", logits)
@@ -74,6 +92,7 @@ def gaussian_log_prob(
     """
     if current_backend() == "reference":
         return reference.gaussian_log_prob(x, mean, logvar, event_dims=event_dims)
+    _require_extension()
     fn = "vae_fast.gaussian_log_prob"
     V.check_tensors(fn, x=x, mean=mean, logvar=logvar)
     V.check_same_shape(fn, "x", x, "mean", mean)
@@ -103,6 +122,7 @@ def gaussian_kl(
     """
     if current_backend() == "reference":
         return reference.gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims=event_dims)
+    _require_extension()
     fn = "vae_fast.gaussian_kl"
     V.check_tensors(fn, mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
     V.check_same_shape(fn, "mu", mu, "logvar", logvar)
@@ -136,6 +156,7 @@ def reparameterize(
     """
     if current_backend() == "reference":
         return reference.reparameterize(mu, logvar, num_samples=num_samples, generator=generator)
+    _require_extension()
     fn = "vae_fast.reparameterize"
     V.check_tensors(fn, mu=mu, logvar=logvar)
     V.check_same_shape(fn, "mu", mu, "logvar", logvar)
@@ -175,9 +196,16 @@ def elbo(
     """
     if current_backend() == "reference":
         return reference.elbo(
-            x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, beta=beta,
+            x,
+            recon,
+            mu,
+            logvar,
+            likelihood=likelihood,
+            obs_logvar=obs_logvar,
+            beta=beta,
             reduction=reduction,
         )
+    _require_extension()
     V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, recon, mu, logvar, obs_logvar)
@@ -190,82 +218,76 @@ def elbo(
 
 # --------------------------------------------------------------------------- fake kernels
 # torch.compile traces with fake tensors; these give output shapes and dtypes only.
+# Registered only when the compiled library (which defines the ops) is loaded.
 
 
-@torch.library.register_fake("vae_fast::bernoulli_log_prob")
-def _(x, logits, event_dims):
-    return x.new_empty(_batch_shape(x, event_dims))
+def _register_fake_kernels() -> None:
 
+    @torch.library.register_fake("vae_fast::bernoulli_log_prob")
+    def _(x, logits, event_dims):
+        return x.new_empty(_batch_shape(x, event_dims))
 
-@torch.library.register_fake("vae_fast::_bernoulli_log_prob_backward")
-def _(grad, x, logits, event_dims, output_mask):
-    return (
-        torch.empty_like(x) if output_mask[0] else _empty_grad(x),
-        torch.empty_like(logits) if output_mask[1] else _empty_grad(x),
-    )
+    @torch.library.register_fake("vae_fast::_bernoulli_log_prob_backward")
+    def _(grad, x, logits, event_dims, output_mask):
+        return (
+            torch.empty_like(x) if output_mask[0] else _empty_grad(x),
+            torch.empty_like(logits) if output_mask[1] else _empty_grad(x),
+        )
 
+    @torch.library.register_fake("vae_fast::gaussian_log_prob")
+    def _(x, mean, logvar, event_dims):
+        return x.new_empty(_batch_shape(x, event_dims))
 
-@torch.library.register_fake("vae_fast::gaussian_log_prob")
-def _(x, mean, logvar, event_dims):
-    return x.new_empty(_batch_shape(x, event_dims))
+    @torch.library.register_fake("vae_fast::_gaussian_log_prob_backward")
+    def _(grad, x, mean, logvar, event_dims, output_mask):
+        return (
+            torch.empty_like(x) if output_mask[0] else _empty_grad(x),
+            torch.empty_like(mean) if output_mask[1] else _empty_grad(x),
+            torch.empty_like(logvar) if output_mask[2] else _empty_grad(x),
+        )
 
+    @torch.library.register_fake("vae_fast::gaussian_kl")
+    def _(mu, logvar, prior_mu, prior_logvar, event_dims):
+        return mu.new_empty(_batch_shape(mu, event_dims))
 
-@torch.library.register_fake("vae_fast::_gaussian_log_prob_backward")
-def _(grad, x, mean, logvar, event_dims, output_mask):
-    return (
-        torch.empty_like(x) if output_mask[0] else _empty_grad(x),
-        torch.empty_like(mean) if output_mask[1] else _empty_grad(x),
-        torch.empty_like(logvar) if output_mask[2] else _empty_grad(x),
-    )
+    @torch.library.register_fake("vae_fast::_gaussian_kl_backward")
+    def _(grad, mu, logvar, prior_mu, prior_logvar, event_dims, output_mask):
+        like = (mu, logvar, prior_mu, prior_logvar)
+        return tuple(
+            torch.empty_like(t) if m and t is not None else _empty_grad(mu)
+            for m, t in zip(output_mask, like)
+        )
 
+    def _eps_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if dtype in _HALF else dtype
 
-@torch.library.register_fake("vae_fast::gaussian_kl")
-def _(mu, logvar, prior_mu, prior_logvar, event_dims):
-    return mu.new_empty(_batch_shape(mu, event_dims))
+    @torch.library.register_fake("vae_fast::reparameterize")
+    def _(mu, logvar, num_samples=None, *, generator=None):
+        shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
+        return mu.new_empty(shape), mu.new_empty(shape, dtype=_eps_dtype(mu.dtype))
 
+    @torch.library.register_fake("vae_fast::_reparameterize_backward")
+    def _(grad_z, logvar, eps, output_mask):
+        return (
+            torch.empty_like(logvar) if output_mask[0] else _empty_grad(logvar),
+            torch.empty_like(logvar) if output_mask[1] else _empty_grad(logvar),
+        )
 
-@torch.library.register_fake("vae_fast::_gaussian_kl_backward")
-def _(grad, mu, logvar, prior_mu, prior_logvar, event_dims, output_mask):
-    like = (mu, logvar, prior_mu, prior_logvar)
-    return tuple(
-        torch.empty_like(t) if m and t is not None else _empty_grad(mu)
-        for m, t in zip(output_mask, like)
-    )
-
-
-def _eps_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _HALF else dtype
-
-
-@torch.library.register_fake("vae_fast::reparameterize")
-def _(mu, logvar, num_samples=None, *, generator=None):
-    shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
-    return mu.new_empty(shape), mu.new_empty(shape, dtype=_eps_dtype(mu.dtype))
-
-
-@torch.library.register_fake("vae_fast::_reparameterize_backward")
-def _(grad_z, logvar, eps, output_mask):
-    return (
-        torch.empty_like(logvar) if output_mask[0] else _empty_grad(logvar),
-        torch.empty_like(logvar) if output_mask[1] else _empty_grad(logvar),
-    )
-
-
-@torch.library.register_fake("vae_fast::elbo")
-def _(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad):
-    V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
-    batch = x.shape[0]
-    loss = x.new_empty((batch,) if reduction == "none" else ())
-    wants_obs = compute_grad and obs_logvar is not None
-    return (
-        loss,
-        x.new_empty((batch,)),
-        x.new_empty((batch,)),
-        torch.empty_like(recon) if compute_grad else _empty_grad(x),
-        torch.empty_like(obs_logvar) if wants_obs else _empty_grad(x),
-        torch.empty_like(mu) if compute_grad else _empty_grad(x),
-        torch.empty_like(logvar) if compute_grad else _empty_grad(x),
-    )
+    @torch.library.register_fake("vae_fast::elbo")
+    def _(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad):
+        V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+        batch = x.shape[0]
+        loss = x.new_empty((batch,) if reduction == "none" else ())
+        wants_obs = compute_grad and obs_logvar is not None
+        return (
+            loss,
+            x.new_empty((batch,)),
+            x.new_empty((batch,)),
+            torch.empty_like(recon) if compute_grad else _empty_grad(x),
+            torch.empty_like(obs_logvar) if wants_obs else _empty_grad(x),
+            torch.empty_like(mu) if compute_grad else _empty_grad(x),
+            torch.empty_like(logvar) if compute_grad else _empty_grad(x),
+        )
 
 
 # --------------------------------------------------------------------------- autograd
@@ -285,11 +307,6 @@ def _backward_bernoulli(ctx, grad):
     return _grad_or_none(gx), _grad_or_none(gl), None
 
 
-torch.library.register_autograd(
-    "vae_fast::bernoulli_log_prob", _backward_bernoulli, setup_context=_setup_bernoulli
-)
-
-
 def _setup_gaussian(ctx, inputs, output):
     x, mean, logvar, event_dims = inputs
     ctx.save_for_backward(x, mean, logvar)
@@ -302,11 +319,6 @@ def _backward_gaussian(ctx, grad):
         grad, x, mean, logvar, ctx.event_dims, list(ctx.needs_input_grad[:3])
     )
     return _grad_or_none(gx), _grad_or_none(gm), _grad_or_none(glv), None
-
-
-torch.library.register_autograd(
-    "vae_fast::gaussian_log_prob", _backward_gaussian, setup_context=_setup_gaussian
-)
 
 
 def _setup_kl(ctx, inputs, output):
@@ -323,9 +335,6 @@ def _backward_kl(ctx, grad):
     return (*(_grad_or_none(g) for g in grads), None)
 
 
-torch.library.register_autograd("vae_fast::gaussian_kl", _backward_kl, setup_context=_setup_kl)
-
-
 def _setup_reparameterize(ctx, inputs, output):
     _, logvar, *_ = inputs
     _, eps = output
@@ -337,11 +346,6 @@ def _backward_reparameterize(ctx, grad_z, grad_eps):
     logvar, eps = ctx.saved_tensors
     gm, glv = _ops._reparameterize_backward(grad_z, logvar, eps, list(ctx.needs_input_grad[:2]))
     return _grad_or_none(gm), _grad_or_none(glv), None, None
-
-
-torch.library.register_autograd(
-    "vae_fast::reparameterize", _backward_reparameterize, setup_context=_setup_reparameterize
-)
 
 
 def _setup_elbo(ctx, inputs, output):
@@ -371,9 +375,15 @@ def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
             scaled = tuple(g * grad_loss.to(g.dtype) for g in (g_recon, g_mu, g_logvar, g_obs))
         g_recon, g_mu, g_logvar, g_obs = (_grad_or_none(g) for g in scaled)
         return (
-            None, g_recon if needs[1] else None, g_mu if needs[2] else None,
-            g_logvar if needs[3] else None, g_obs if needs[4] else None,
-            None, None, None, None,
+            None,
+            g_recon if needs[1] else None,
+            g_mu if needs[2] else None,
+            g_logvar if needs[3] else None,
+            g_obs if needs[4] else None,
+            None,
+            None,
+            None,
+            None,
         )
     # General case (per-sample weights from reduction="none" or from gradients of the
     # returned log_likelihood / kl): one backward pass per term with per-row weights.
@@ -387,7 +397,9 @@ def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
     w_kl = ctx.beta * row_loss + (grad_kl.to(opmath) if grad_kl is not None else 0.0)
     w_ll, w_kl = w_ll.to(x.dtype), w_kl.to(x.dtype)
     if ctx.likelihood == "bernoulli":
-        gx, gr = _ops._bernoulli_log_prob_backward(w_ll, x, recon, x.dim() - 1, [needs[0], needs[1]])
+        gx, gr = _ops._bernoulli_log_prob_backward(
+            w_ll, x, recon, x.dim() - 1, [needs[0], needs[1]]
+        )
         gobs = None
     else:
         obs = obs_logvar if obs_logvar is not None else x.new_zeros(())
@@ -399,14 +411,36 @@ def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
     )
     gobs = _grad_or_none(gobs) if gobs is not None else None
     return (
-        _grad_or_none(gx), _grad_or_none(gr), _grad_or_none(gmu), _grad_or_none(glv), gobs,
-        None, None, None, None,
+        _grad_or_none(gx),
+        _grad_or_none(gr),
+        _grad_or_none(gmu),
+        _grad_or_none(glv),
+        gobs,
+        None,
+        None,
+        None,
+        None,
     )
 
 
-torch.library.register_autograd("vae_fast::elbo", _backward_elbo, setup_context=_setup_elbo)
+def _register_autograd() -> None:
+    torch.library.register_autograd(
+        "vae_fast::bernoulli_log_prob", _backward_bernoulli, setup_context=_setup_bernoulli
+    )
+    torch.library.register_autograd(
+        "vae_fast::gaussian_log_prob", _backward_gaussian, setup_context=_setup_gaussian
+    )
+    torch.library.register_autograd("vae_fast::gaussian_kl", _backward_kl, setup_context=_setup_kl)
+    torch.library.register_autograd(
+        "vae_fast::reparameterize", _backward_reparameterize, setup_context=_setup_reparameterize
+    )
+    torch.library.register_autograd("vae_fast::elbo", _backward_elbo, setup_context=_setup_elbo)
+    # Under autocast     the losses run in float32, as torch's own losses do.
+    for _name in ("bernoulli_log_prob", "gaussian_log_prob", "gaussian_kl", "elbo"):
+        for _device in ("cpu", "cuda"):
+            torch.library.register_autocast(f"vae_fast::{_name}", _device, torch.float32)
 
-# Under autocast the losses run in float32, as torch's own losses do.
-for _name in ("bernoulli_log_prob", "gaussian_log_prob", "gaussian_kl", "elbo"):
-    for _device in ("cpu", "cuda"):
-        torch.library.register_autocast(f"vae_fast::{_name}", _device, torch.float32)
+
+if _LOAD_ERROR is None:
+    _register_fake_kernels()
+    _register_autograd()
