@@ -335,7 +335,7 @@ def _backward_kl(ctx, grad):
     return (*(_grad_or_none(g) for g in grads), None)
 
 
-def _setup_reparameterize(ctx, inputs, output):
+def _setup_reparameterize(ctx, inputs, keyword_only_inputs, output):
     _, logvar, *_ = inputs
     _, eps = output
     ctx.save_for_backward(logvar, eps)
@@ -345,7 +345,7 @@ def _setup_reparameterize(ctx, inputs, output):
 def _backward_reparameterize(ctx, grad_z, grad_eps):
     logvar, eps = ctx.saved_tensors
     gm, glv = _ops._reparameterize_backward(grad_z, logvar, eps, list(ctx.needs_input_grad[:2]))
-    return _grad_or_none(gm), _grad_or_none(glv), None, None
+    return _grad_or_none(gm), _grad_or_none(glv), None
 
 
 def _setup_elbo(ctx, inputs, output):
