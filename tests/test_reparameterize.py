@@ -1,0 +1,306 @@
+"""vae_fast.reparameterize: z = mu + exp(logvar/2) * eps with eps from torch's generator.
+
+eps is drawn as ``torch.randn(shape, dtype=opmath)`` would draw it (opmath is float32
+for half inputs), so re-seeding and calling torch.randn recovers it exactly; the
+tests use that to check values and gradients element by element.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import (
+    DEVICES,
+    EXACT_DTYPES,
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    HAS_CUDA,
+    check_against_truth,
+    leaf,
+    make,
+)
+
+import vae_fast
+
+op = vae_fast.reparameterize
+SEED = 1234
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def out_shape(shape, num_samples):
+    return tuple(shape) if num_samples is None else (num_samples, *shape)
+
+
+def draw_eps(shape, dtype, device, num_samples=None, seed=SEED):
+    """The eps a call on `dtype` inputs made right after ``torch.manual_seed(seed)`` uses."""
+    torch.manual_seed(seed)
+    return torch.randn(out_shape(shape, num_samples), dtype=opmath(dtype), device=device)
+
+
+def seeded_op(mu, logvar, num_samples=None):
+    torch.manual_seed(SEED)
+    return op(mu, logvar, num_samples=num_samples)
+
+
+def seeded_truth(dtype):
+    """mu + exp(logvar/2) * eps with the eps `seeded_op` draws for `dtype` inputs, computed
+    in the dtype of the (fp64 truth or eager) inputs it is given."""
+
+    def truth(mu, logvar, num_samples=None):
+        eps = draw_eps(mu.shape, dtype, mu.device, num_samples)
+        return mu + torch.exp(0.5 * logvar) * eps.to(mu.dtype)
+
+    return truth
+
+
+def assert_z(z, mu, logvar, eps):
+    """z is mu + exp(logvar/2) * eps up to a few roundings in z's dtype."""
+    want = mu.detach().double() + torch.exp(0.5 * logvar.detach().double()) * eps.double()
+    tol = 4 * torch.finfo(z.dtype).eps
+    torch.testing.assert_close(z.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def inputs(shape, dtype, device, gen, layouts=("contiguous", "contiguous"), grad=(True, True)):
+    mu = make(shape, dtype, device, layouts[0], kind="normal", gen=gen)
+    logvar = make(shape, dtype, device, layouts[1], low=-3.0, high=2.0, gen=gen)
+    return {"mu": leaf(mu, grad[0]), "logvar": leaf(logvar, grad[1])}
+
+
+# --------------------------------------------------------------------------- values and gradients
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (3, 5, 17), (64, 100)])
+@pytest.mark.parametrize("num_samples", [None, 1, 3])
+def test_matches_formula(device, dtype, shape, num_samples, gen):
+    # Value and both gradients (summed over the K samples) against the fp64 formula.
+    ins = inputs(shape, dtype, device, gen)
+    z = check_against_truth(seeded_op, seeded_truth(dtype), ins, dtype, gen=gen,
+                            kwargs={"num_samples": num_samples})
+    assert z.shape == out_shape(shape, num_samples)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("layouts", [
+    ("transposed", "transposed"),
+    ("strided", "contiguous"),
+    ("contiguous", "expanded"),  # one logvar row for the whole batch (stride 0)
+    ("expanded", "strided"),
+])
+def test_layouts(device, dtype, layouts, gen):
+    # eps follows the logical (row-major) order of mu, whatever its memory layout: the
+    # same values under the same seed give the same z.
+    ins = inputs((7, 13), dtype, device, gen, layouts=layouts)
+    check_against_truth(seeded_op, seeded_truth(dtype), ins, dtype, gen=gen)
+    contiguous = seeded_op(ins["mu"].detach().contiguous(), ins["logvar"].detach().contiguous())
+    assert torch.equal(seeded_op(ins["mu"].detach(), ins["logvar"].detach()), contiguous)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("grad", [(True, False), (False, True)], ids=["mu", "logvar"])
+def test_grad_of_one_input(device, dtype, grad, gen):
+    ins = inputs((5, 11), dtype, device, gen, grad=grad)
+    check_against_truth(seeded_op, seeded_truth(dtype), ins, dtype, gen=gen,
+                        kwargs={"num_samples": 2})
+    seeded_op(**ins).sum().backward()
+    for name, g in zip(("mu", "logvar"), grad):
+        assert (ins[name].grad is not None) == g
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_tiny_sigma_gradient(device, dtype):
+    # sigma = exp(-30) ~ 1e-13 is far below the spacing of floats near mu = 1e4, so
+    # z == mu exactly and (z - mu) / sigma recovers eps as 0: backward must use the eps
+    # it drew. (float16 is left out: exp(-30) underflows there and the gradient is 0.)
+    shape = (4, 33)
+    mu = torch.full(shape, 1e4, dtype=dtype, device=device, requires_grad=True)
+    logvar = torch.full(shape, -60.0, dtype=dtype, device=device, requires_grad=True)
+    grad_out = torch.linspace(-2.0, 3.0, math.prod(shape), dtype=dtype, device=device)
+    grad_out = grad_out.reshape(shape)
+    torch.manual_seed(SEED)
+    z = op(mu, logvar)
+    assert torch.equal(z.detach(), mu.detach()), "the test needs z to round to mu"
+    g_mu, g_logvar = torch.autograd.grad(z, [mu, logvar], grad_out)
+    eps = draw_eps(shape, dtype, device).double()
+    want = 0.5 * math.exp(-30.0) * eps * grad_out.double()
+    assert torch.equal(g_mu, grad_out)
+    assert (g_logvar != 0).all()
+    ulps = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(g_logvar.double(), want.to(dtype).double(), rtol=ulps, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("logvar_value", [80.0, -80.0])
+def test_extreme_logvar(device, dtype, logvar_value, gen):
+    # sigma = exp(+-40): finite in float32; exp(logvar/2) must not be formed as sqrt(exp(logvar)).
+    mu = make((3, 17), dtype, device, kind="normal", gen=gen)
+    logvar = torch.full((3, 17), logvar_value, dtype=dtype, device=device)
+    logvar = logvar + make((3, 17), dtype, device, low=-0.5, high=0.5, gen=gen)
+    ins = {"mu": leaf(mu), "logvar": leaf(logvar)}
+    z = check_against_truth(seeded_op, seeded_truth(dtype), ins, dtype, gen=gen)
+    assert torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("num_samples", [None, 3])
+def test_empty(device, dtype, num_samples, gen):
+    ins = inputs((0, 4), dtype, device, gen)
+    z = op(**ins, num_samples=num_samples)
+    assert z.shape == out_shape((0, 4), num_samples) and z.dtype == dtype
+    g_mu, g_lv = torch.autograd.grad(z, [ins["mu"], ins["logvar"]], torch.ones_like(z))
+    assert g_mu.shape == (0, 4) and g_lv.shape == (0, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad(device, gen):
+    ins = inputs((4, 9), torch.float64, device, gen)
+    with torch.no_grad():
+        z = seeded_op(**ins)
+    assert z.grad_fn is None and not z.requires_grad
+    assert_z(z, ins["mu"], ins["logvar"], draw_eps((4, 9), torch.float64, device))
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+def _moments(e: torch.Tensor) -> tuple[float, float, float, float]:
+    e = e.double().flatten()
+    m = e.mean()
+    c = e - m
+    var = c.square().mean()
+    return float(m), float(var), float(c.pow(3).mean() / var**1.5), float(c.pow(4).mean() / var**2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("num_samples", [None, 4])
+def test_eps_statistics(device, dtype, num_samples, gen):
+    # ~1e6 draws, standardized back to eps with a mu and sigma of order one (so that
+    # (z - mu) / sigma is accurate here). Each moment must be within 5 standard errors
+    # of N(0, 1)'s: mean 0 (se 1/sqrt(n)), variance 1 (sqrt(2/n)), skewness 0
+    # (sqrt(6/n)), kurtosis 3 (sqrt(24/n)); and the CDF at a few points (sqrt(p(1-p)/n)).
+    shape = (1000, 1000) if num_samples is None else (250, 1000)
+    mu = make(shape, dtype, device, kind="normal", gen=gen)
+    logvar = make(shape, dtype, device, low=-1.0, high=1.0, gen=gen)
+    torch.manual_seed(7)
+    z = op(mu, logvar, num_samples=num_samples)
+    eps = (z.double() - mu.double()) / torch.exp(0.5 * logvar.double())
+    n = eps.numel()
+    assert n == 1_000_000
+    mean, var, skew, kurt = _moments(eps)
+    se = 1 / math.sqrt(n)
+    assert abs(mean) < 5 * se, mean
+    assert abs(var - 1) < 5 * math.sqrt(2) * se, var
+    assert abs(skew) < 5 * math.sqrt(6) * se, skew
+    assert abs(kurt - 3) < 5 * math.sqrt(24) * se, kurt
+    for q in (-2.0, -1.0, 0.0, 1.0, 2.0):
+        p = 0.5 * math.erfc(-q / math.sqrt(2))
+        frac = float((eps < q).double().mean())
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n), (q, frac, p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_samples_independent(device, gen):
+    # num_samples=K draws K independent eps: no two samples are equal or correlated,
+    # and the K samples of one element are not a shifted copy of each other.
+    K, shape = 4, (200, 500)
+    mu, logvar = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+    z = op(mu, logvar, num_samples=K).double().reshape(K, -1)
+    n = z.shape[1]
+    corr = torch.corrcoef(z)
+    off = corr[~torch.eye(K, dtype=torch.bool, device=corr.device)]
+    assert off.abs().max() < 5 / math.sqrt(n), corr
+    # across elements too: neighbouring elements of one sample are uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([z[0, :-1], z[0, 1:]]))[0, 1])) < 5 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("num_samples", [None, 2])
+def test_manual_seed_reproduces(device, dtype, num_samples, gen):
+    ins = inputs((6, 35), dtype, device, gen, grad=(False, False))
+    torch.manual_seed(SEED)
+    a = op(**ins, num_samples=num_samples)
+    after_a = torch.rand(4, device=device)  # the generator advanced exactly as torch.randn's
+    torch.manual_seed(SEED)
+    b = op(**ins, num_samples=num_samples)
+    assert torch.equal(a, b)
+    c = op(**ins, num_samples=num_samples)  # the next call draws new eps
+    assert not torch.equal(a, c)
+    torch.manual_seed(SEED)
+    eps = torch.randn(out_shape((6, 35), num_samples), dtype=opmath(dtype), device=device)
+    assert torch.equal(torch.rand(4, device=device), after_a)
+    assert_z(a, ins["mu"], ins["logvar"], eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_generator_reproduces(device, dtype, gen):
+    ins = inputs((6, 35), dtype, device, gen, grad=(False, False))
+    default_state = torch.get_rng_state()
+    g = torch.Generator(device=device).manual_seed(99)
+    a = op(**ins, generator=g)
+    b = op(**ins, generator=g)  # the generator advances
+    assert not torch.equal(a, b)
+    g2 = torch.Generator(device=device).manual_seed(99)
+    assert torch.equal(op(**ins, generator=g2), a)
+    assert torch.equal(op(**ins, generator=g2), b)
+    # the default generator is untouched by a call with its own generator
+    assert torch.equal(torch.get_rng_state(), default_state)
+    # and eps is what torch.randn draws from that generator
+    eps = torch.randn((6, 35), dtype=dtype, device=device,
+                      generator=torch.Generator(device=device).manual_seed(99))
+    assert_z(a, ins["mu"], ins["logvar"], eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generator_state_restores(device, gen):
+    # Saving and restoring a generator's state replays a draw (checkpoint-style recompute).
+    ins = inputs((5, 9), torch.float32, device, gen, grad=(False, False))
+    g = torch.Generator(device=device).manual_seed(5)
+    state = g.get_state()
+    a = op(**ins, num_samples=3, generator=g)
+    g.set_state(state)
+    assert torch.equal(op(**ins, num_samples=3, generator=g), a)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("num_samples", [0, -1, True, 1.5, "2"])
+def test_bad_num_samples(num_samples):
+    with pytest.raises(ValueError, match=r"`num_samples` must be a positive int or None"):
+        op(torch.zeros(3, 4), torch.zeros(3, 4), num_samples=num_samples)
+
+
+def test_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"`logvar` has shape \(4,\) but `mu` has shape \(3, 4\)"):
+        op(torch.zeros(3, 4), torch.zeros(4))
+
+
+def test_integer_dtype():
+    with pytest.raises(TypeError, match=r"`mu` has dtype torch.int64; expected a floating"):
+        op(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, 4))
+
+
+def test_mixed_dtypes():
+    with pytest.raises(TypeError,
+                       match=r"`logvar` has dtype torch.float16 but `mu` has torch.float32"):
+        op(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+def test_mixed_devices():
+    with pytest.raises(ValueError, match=r"`logvar` is on cuda:0 but `mu` is on cpu"):
+        op(torch.zeros(3, 4), torch.zeros(3, 4, device="cuda"))
