@@ -603,7 +603,7 @@ def plot(run: dict, path: str) -> None:
             if i == 0 and j == 0:
                 ax_t.legend(fontsize=8)
     meta = run["meta"]
-    fig.suptitle(f"vae_fast ops on {meta['device_name']} ({meta['threads']} threads), "
+    fig.suptitle(f"vae_fast ops on {meta['device_name']} (threads={meta['threads']}), "
                  f"backend {meta['vae_fast_backend']}", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -633,7 +633,7 @@ def parse_args(argv=None):
     p.add_argument("--ops", nargs="+", choices=list(OPS), default=None, help="default: all")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
-                   help=f"default: {' '.join(DEFAULT_PROVIDERS)}")
+                   help=f"default: {' '.join(DEFAULT_PROVIDERS)} (--quick: without compile)")
     p.add_argument("--vae-backend", choices=("auto", "fused", "reference"), default="auto",
                    help="what the vae_fast provider runs; auto: fused if vae_fast._C is built, "
                         "else the reference as a labelled stand-in")
@@ -666,7 +666,9 @@ def parse_args(argv=None):
     defaults = {
         "sizes": [(256, 784, 32)] if quick else [(8192, 784, 32), (4096, 12288, 128)],
         "ops": list(OPS),
-        "providers": list(DEFAULT_PROVIDERS),
+        # torch.compile's cold compiles alone (one per op, pass and shape) take minutes
+        "providers": [p for p in DEFAULT_PROVIDERS if p != "compile"] if quick
+        else list(DEFAULT_PROVIDERS),
         "batch_sizes": [64, 256] if quick else (
             [256, 1024, 4096, 16384, 65536, 262144] if cuda else [256, 1024, 4096, 16384, 65536]
         ),
