@@ -1,0 +1,186 @@
+#pragma once
+// The per-element maths of the log-likelihoods and the KL, as ops for the row driver
+// (cuda/rows.cuh). Shared by the single ops and the fused elbo. Each op computes
+// in the accumulation type; a gradient is written only where its pointer is set and
+// is scaled by `scale` times the row's weight (the incoming per-row gradient) when
+// `row_weight` is set. The formulas are those of vae_fast/reference.py.
+
+#include "cuda/rows.cuh"
+
+namespace vae_fast::cuda {
+
+template <typename scalar_t>
+struct RowWeight {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* row_weight = nullptr;  // (rows) or null
+  acc scale = acc(1);
+
+  __device__ __forceinline__ acc operator()(int64_t row) const {
+    return row_weight != nullptr ? scale * static_cast<acc>(row_weight[row]) : scale;
+  }
+};
+
+// Bernoulli(logits): x*l - softplus(l); d/dx = l, d/dl = x - sigmoid(l).
+template <typename scalar_t, bool kLogProb>
+struct BernoulliRows {
+  using acc = acc_t<scalar_t>;
+  static constexpr int kRowSums = kLogProb ? 1 : 0;
+  static constexpr int kFeatSums = 0;
+
+  const scalar_t* x = nullptr;
+  const scalar_t* logits = nullptr;
+  RowWeight<scalar_t> weight;
+  scalar_t* grad_x = nullptr;
+  scalar_t* grad_logits = nullptr;
+  scalar_t* log_prob = nullptr;
+  int64_t cols = 0;
+
+  template <int V>
+  __device__ __forceinline__ void apply(int64_t row, int64_t col, acc (&sums)[1], acc (&)[1][V]) const {
+    const int64_t off = row * cols + col;
+    acc xv[V], lv[V], gx[V], gl[V];
+    load_vec<V>(x + off, xv);
+    load_vec<V>(logits + off, lv);
+    const acc w = (grad_x != nullptr || grad_logits != nullptr) ? weight(row) : acc(0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const SoftplusSigmoid<acc> s = softplus_sigmoid(lv[i]);
+      if constexpr (kLogProb) sums[0] += xv[i] * lv[i] - s.softplus;
+      gl[i] = (xv[i] - s.sigmoid) * w;
+      gx[i] = lv[i] * w;
+    }
+    if (grad_logits != nullptr) store_vec<V>(grad_logits + off, gl);
+    if (grad_x != nullptr) store_vec<V>(grad_x + off, gx);
+  }
+
+  __device__ __forceinline__ void finish_row(int64_t row, const acc (&sums)[1]) const {
+    log_prob[row] = static_cast<scalar_t>(sums[0]);
+  }
+};
+
+// Normal(mean, exp(logvar)): -0.5*(log(2pi) + lv + (x-m)^2 exp(-lv)). The row sum
+// accumulates lv + (x-m)^2 exp(-lv); finish_row adds cols*log(2pi) and scales.
+// A per-element logvar gradient is written to grad_logvar; a scalar or per-feature
+// one (kPerColumn) is accumulated per column by the driver.
+template <typename scalar_t, bool kLogProb, bool kPerColumn>
+struct GaussianRows {
+  using acc = acc_t<scalar_t>;
+  static constexpr int kRowSums = kLogProb ? 1 : 0;
+  static constexpr int kFeatSums = kPerColumn ? 1 : 0;
+
+  const scalar_t* x = nullptr;
+  const scalar_t* mean = nullptr;
+  Operand<scalar_t> logvar;
+  RowWeight<scalar_t> weight;
+  scalar_t* grad_x = nullptr;
+  scalar_t* grad_mean = nullptr;
+  scalar_t* grad_logvar = nullptr;  // kElement logvar only: (rows, cols)
+  scalar_t* log_prob = nullptr;
+  int64_t cols = 0;
+
+  template <int V>
+  __device__ __forceinline__ void apply(int64_t row, int64_t col, acc (&sums)[1], acc (&feat)[1][V]) const {
+    const int64_t off = row * cols + col;
+    acc xv[V], mv[V], lv[V], gx[V], gm[V], gl[V];
+    load_vec<V>(x + off, xv);
+    load_vec<V>(mean + off, mv);
+    load_operand<V>(logvar, off, col, lv);
+    const bool grads = kPerColumn || grad_x != nullptr || grad_mean != nullptr || grad_logvar != nullptr;
+    const acc w = grads ? weight(row) : acc(0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const acc diff = xv[i] - mv[i];
+      // (x - mean) * exp(-logvar), not / exp(logvar): no inf/inf at logvar = +-80.
+      const acc scaled = diff * exp_(-lv[i]);
+      const acc sq = diff * scaled;
+      if constexpr (kLogProb) sums[0] += lv[i] + sq;
+      gm[i] = scaled * w;
+      gx[i] = -gm[i];
+      gl[i] = acc(0.5) * (sq - acc(1)) * w;
+      if constexpr (kPerColumn) feat[0][i] += gl[i];
+    }
+    if (grad_mean != nullptr) store_vec<V>(grad_mean + off, gm);
+    if (grad_x != nullptr) store_vec<V>(grad_x + off, gx);
+    if (grad_logvar != nullptr) store_vec<V>(grad_logvar + off, gl);
+  }
+
+  __device__ __forceinline__ void finish_row(int64_t row, const acc (&sums)[1]) const {
+    const acc log_norm = static_cast<acc>(cols) * static_cast<acc>(kLog2Pi);
+    log_prob[row] = static_cast<scalar_t>(acc(-0.5) * (log_norm + sums[0]));
+  }
+};
+
+// KL(N(mu, e^lv) || N(pm, e^plv)) = 0.5*(expm1(d) - d + (mu-pm)^2 e^-plv), d = lv - plv.
+// Absent priors read as 0 (the standard normal). Prior gradients of a scalar or
+// per-feature prior are accumulated per column (slot 0: prior_mu, 1: prior_logvar).
+template <typename scalar_t, bool kKL, bool kPerColumn>
+struct KLRows {
+  using acc = acc_t<scalar_t>;
+  static constexpr int kRowSums = kKL ? 1 : 0;
+  static constexpr int kFeatSums = kPerColumn ? 2 : 0;
+
+  const scalar_t* mu = nullptr;
+  const scalar_t* logvar = nullptr;
+  Operand<scalar_t> prior_mu, prior_logvar;
+  RowWeight<scalar_t> weight;
+  scalar_t* grad_mu = nullptr;
+  scalar_t* grad_logvar = nullptr;
+  scalar_t* grad_prior_mu = nullptr;      // kElement prior only
+  scalar_t* grad_prior_logvar = nullptr;  // kElement prior only
+  scalar_t* kl = nullptr;
+  int64_t cols = 0;
+
+  template <int V>
+  __device__ __forceinline__ void apply(int64_t row, int64_t col, acc (&sums)[1],
+                                        acc (&feat)[kPerColumn ? 2 : 1][V]) const {
+    const int64_t off = row * cols + col;
+    acc mv[V], lv[V], pm[V], pl[V];
+    load_vec<V>(mu + off, mv);
+    load_vec<V>(logvar + off, lv);
+    load_operand<V>(prior_mu, off, col, pm);
+    load_operand<V>(prior_logvar, off, col, pl);
+    const bool has_prior_var = prior_logvar.ptr != nullptr;
+    const bool grads = kPerColumn || grad_mu != nullptr || grad_logvar != nullptr ||
+                       grad_prior_mu != nullptr || grad_prior_logvar != nullptr;
+    const acc w = grads ? weight(row) : acc(0);
+    acc gm[V], gl[V], gpm[V], gpl[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const acc diff = mv[i] - pm[i];
+      const acc d = lv[i] - pl[i];
+      const acc scaled = has_prior_var ? diff * exp_(-pl[i]) : diff;
+      const acc sq = diff * scaled;
+      // expm1(d) - d, not exp(d) - 1 - d: no cancellation when the variances are close.
+      const acc em1 = expm1_(d);
+      if constexpr (kKL) sums[0] += em1 - d + sq;
+      gm[i] = scaled * w;
+      gl[i] = acc(0.5) * em1 * w;
+      gpm[i] = -gm[i];
+      gpl[i] = acc(-0.5) * (em1 + sq) * w;
+      if constexpr (kPerColumn) {
+        feat[0][i] += gpm[i];
+        feat[1][i] += gpl[i];
+      }
+    }
+    if (grad_mu != nullptr) store_vec<V>(grad_mu + off, gm);
+    if (grad_logvar != nullptr) store_vec<V>(grad_logvar + off, gl);
+    if (grad_prior_mu != nullptr) store_vec<V>(grad_prior_mu + off, gpm);
+    if (grad_prior_logvar != nullptr) store_vec<V>(grad_prior_logvar + off, gpl);
+  }
+
+  __device__ __forceinline__ void finish_row(int64_t row, const acc (&sums)[1]) const {
+    kl[row] = static_cast<scalar_t>(acc(0.5) * sums[0]);
+  }
+};
+
+template <typename T>
+T* mutable_ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+}  // namespace vae_fast::cuda
