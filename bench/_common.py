@@ -41,11 +41,13 @@ DTYPES = {
 # --------------------------------------------------------------------------- set-up
 
 
-def setup_torch(device: str, threads: int | None) -> None:
+def setup_torch(device: str, threads: int | None, compile: bool) -> None:
     """All cores by default; enough torch.compile cache for one graph per shape."""
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     torch.set_num_threads(threads or available_cores())
+    if not compile:  # importing torch._dynamo alone takes seconds
+        return
     import torch._dynamo.config as dynamo_config
 
     # One compiled graph per (shape, grad mode): the default limit of 8 would

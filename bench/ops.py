@@ -331,7 +331,7 @@ def run_case(case: Case, args, providers, compiled, vae_backend) -> list[dict]:
         "reference": op.reference,
         "eager": op.eager,
         "distributions": op.distributions,
-        "compile": compiled[op.name],
+        "compile": compiled.get(op.name),
     }
     steps = {p: make_step(op, impls[p], inputs, mode) for p in providers if p != "roof"}
     roof_bytes, roof_name = None, None
@@ -691,11 +691,13 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    C.setup_torch(args.device, args.threads)
+    C.setup_torch(args.device, args.threads, compile="compile" in args.providers)
     vae_backend, _ = C.resolve_vae_backend(args.vae_backend)
     meta = C.machine_meta(args.device, vae_backend)
     C.warn_if_busy(meta)
-    compiled = {name: torch.compile(op.eager, dynamic=False) for name, op in OPS.items()}
+    compiled = {
+        name: torch.compile(op.eager, dynamic=False) for name, op in OPS.items()
+    } if "compile" in args.providers else {}
     cases = build_cases(args)
     records: list[dict] = []
     for i, case in enumerate(cases, 1):

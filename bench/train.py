@@ -220,7 +220,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    C.setup_torch(args.device, args.threads)
+    C.setup_torch(args.device, args.threads, compile="compile" in args.modes)
     vae_backend, _ = C.resolve_vae_backend(args.vae_backend)
     meta = C.machine_meta(args.device, vae_backend)
     C.warn_if_busy(meta)

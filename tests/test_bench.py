@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--quick", "--threads", "1", *args],
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--threads", "1",
+         "--min-time", "0.01", "--rounds", "2", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
