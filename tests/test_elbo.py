@@ -1,0 +1,429 @@
+"""vae_fast.elbo against torch.distributions and against vae_fast.reference.
+
+The fused op computes d(loss)/d(inputs) in its forward pass; backward scales those
+saved gradients (or returns them untouched when grad_output is exactly 1). The
+other backward route (per-sample weights from reduction="none" or from gradients
+of the returned log_likelihood / kl) runs the single-op backward kernels. Both are
+checked here, each against autograd through torch.distributions in fp64.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import (
+    DEVICES,
+    EXACT_DTYPES,
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    HAS_CUDA,
+    assert_close_dtype,
+    assert_close_exact,
+    cast,
+    fp64,
+    leaf,
+    make,
+    truth_elbo,
+)
+
+import vae_fast
+
+op = vae_fast.elbo
+NAMES = ("x", "recon", "mu", "logvar", "obs_logvar")
+
+
+def inputs(x_shape, z_shape, dtype, device, gen, *, likelihood="bernoulli", obs_shape=None,
+           grad=("recon", "mu", "logvar", "obs_logvar"), layouts=None, soft=False):
+    layouts = layouts or {}
+    lay = lambda name: layouts.get(name, "contiguous")  # noqa: E731
+    if likelihood == "bernoulli":
+        x = make(x_shape, dtype, device, lay("x"), kind="uniform" if soft else "binary",
+                 low=0.0, high=1.0, gen=gen)
+        recon = make(x_shape, dtype, device, lay("recon"), kind="normal", high=3.0, gen=gen)
+    else:
+        x = make(x_shape, dtype, device, lay("x"), kind="normal", gen=gen)
+        recon = make(x_shape, dtype, device, lay("recon"), kind="normal", gen=gen)
+    mu = make(z_shape, dtype, device, lay("mu"), kind="normal", gen=gen)
+    logvar = make(z_shape, dtype, device, lay("logvar"), low=-3.0, high=2.0, gen=gen)
+    obs = None
+    if obs_shape is not None:
+        obs = make(obs_shape, dtype, device, lay("obs_logvar") if obs_shape else "contiguous",
+                   low=-1.0, high=1.0, gen=gen)
+    ins = {"x": x, "recon": recon, "mu": mu, "logvar": logvar, "obs_logvar": obs}
+    return {k: None if v is None else leaf(v, k in grad) for k, v in ins.items()}
+
+
+def call(fn, ins, **kw):
+    return fn(ins["x"], ins["recon"], ins["mu"], ins["logvar"], obs_logvar=ins["obs_logvar"], **kw)
+
+
+def truth(x, recon, mu, logvar, obs_logvar=None, **kw):
+    return truth_elbo(x, recon, mu, logvar, obs_logvar=obs_logvar, **kw)
+
+
+# Which outputs receive a gradient, and what it is: "one" is exactly 1 (loss.backward()),
+# a float is a constant, "rand" a random tensor.
+COMBOS = {
+    "loss": {"loss": "one"},  # the usual loss.backward(): saved gradients, unscaled
+    "3*loss": {"loss": 3.0},  # grad_output != 1 scales the saved gradients
+    "loss+ll": {"loss": "one", "ll": "one"},  # (loss + ll.sum()).backward(): the general route
+    "ll": {"ll": "rand"},  # only through the returned log-likelihood
+    "kl": {"kl": "rand"},  # only through the returned KL
+    "all": {"loss": "rand", "ll": "rand", "kl": "rand"},
+}
+
+
+def _grad_outputs(outs, combo, gen):
+    picked, grads = [], []
+    for i, name in enumerate(("loss", "ll", "kl")):
+        spec = COMBOS[combo].get(name)
+        if spec is None:
+            continue
+        o = outs[i]
+        if spec == "one":
+            g = torch.ones_like(o)
+        elif spec == "rand":
+            g = torch.randn(o.shape, dtype=torch.float64, generator=gen).to(o.dtype).to(o.device)
+        else:
+            g = torch.full_like(o, spec)
+        picked.append(i)
+        grads.append(g)
+    return picked, grads
+
+
+def check_elbo(ins, dtype, gen, *, combo="loss", **kw):
+    """Values of (loss, ll, kl) and the gradients of every input that requires grad, for the
+    outputs and grad_outputs of `combo`, against torch.distributions in fp64 (and eager torch
+    in the same dtype for half types). Returns the op's outputs."""
+    outs = call(op, ins, **kw)
+    assert all(o.dtype == dtype for o in outs), [o.dtype for o in outs]
+    batch = ins["x"].shape[0]
+    assert outs[1].shape == (batch,) and outs[2].shape == (batch,)
+    assert outs[0].shape == ((batch,) if kw.get("reduction") == "none" else ())
+    leaves = [n for n in NAMES if ins[n] is not None and ins[n].requires_grad]
+    picked, gouts = _grad_outputs(outs, combo, gen)
+    got = torch.autograd.grad([outs[i] for i in picked], [ins[n] for n in leaves], gouts,
+                              allow_unused=True) if leaves else ()
+
+    def reference_grads(fn_ins, dt):
+        ref = call(truth, fn_ins, **kw)
+        gs = torch.autograd.grad([ref[i] for i in picked], [fn_ins[n] for n in leaves],
+                                 [g.to(dt) for g in gouts], allow_unused=True) if leaves else ()
+        return ref, gs
+
+    want, want_g = reference_grads({k: fp64(v) for k, v in ins.items()}, torch.float64)
+    eager = eager_g = (None,) * 5
+    if dtype in HALF_DTYPES:
+        eager, eager_g = reference_grads({k: cast(v, dtype) for k, v in ins.items()}, dtype)
+    for name, o, w, e in zip(("loss", "log_likelihood", "kl"), outs, want, eager):
+        assert_close_dtype(o, w, dtype, eager=e, what=name)
+    for name, g, w, e in zip(leaves, got, want_g, eager_g):
+        if w is None:  # no path from the picked outputs to this input: no gradient
+            assert g is None or not g.any(), f"grad of {name} should be zero"
+            continue
+        assert g is not None, f"no gradient for {name}"
+        assert g.shape == ins[name].shape and g.dtype == dtype, (name, g.shape, g.dtype)
+        assert_close_dtype(g, w, dtype, eager=e, what=f"grad of {name}")
+    return outs
+
+
+# (x shape, z shape): the batch is the first dim of both.
+SHAPES = [
+    ((1, 1), (1, 1)),  # one sample, one pixel, one latent
+    ((7, 13), (7, 3)),  # odd sizes everywhere
+    ((3, 5, 17), (3, 2, 5)),  # image-like x and a 2-d latent: sums over all but the batch dim
+    ((257, 1000), (257, 32)),  # several vectors / chunks per row, an odd batch
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("x_shape, z_shape", SHAPES)
+def test_matches_distributions(device, dtype, likelihood, reduction, x_shape, z_shape, gen):
+    ins = inputs(x_shape, z_shape, dtype, device, gen, likelihood=likelihood)
+    check_elbo(ins, dtype, gen, likelihood=likelihood, reduction=reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("combo", list(COMBOS))
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_grad_routes(device, dtype, combo, likelihood, gen):
+    obs = (13,) if likelihood == "gaussian" else None
+    ins = inputs((9, 13), (9, 4), dtype, device, gen, likelihood=likelihood, obs_shape=obs)
+    check_elbo(ins, dtype, gen, combo=combo, likelihood=likelihood)
+    check_elbo(ins, dtype, gen, combo=combo, likelihood=likelihood, reduction="none")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("obs_shape", [
+    None,  # None means logvar 0 (unit variance)
+    (),  # one learnable scalar variance
+    (13,),  # per feature
+    (1, 13),  # per feature, batch dim kept as 1
+    (6, 13),  # per element (e.g. predicted by the decoder)
+    (6, 1),  # per sample
+])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_obs_logvar(device, dtype, obs_shape, reduction, gen):
+    ins = inputs((6, 13), (6, 5), dtype, device, gen, likelihood="gaussian", obs_shape=obs_shape)
+    check_elbo(ins, dtype, gen, likelihood="gaussian", reduction=reduction)
+    check_elbo(ins, dtype, gen, combo="all", likelihood="gaussian", reduction=reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_obs_logvar_image_shape(device, gen):
+    # x of shape (B, C, H, W) with a per-channel or per-pixel observation variance.
+    for obs_shape in [(3, 1, 1), (4, 5), (3, 4, 5)]:
+        ins = inputs((2, 3, 4, 5), (2, 6), torch.float64, device, gen, likelihood="gaussian",
+                     obs_shape=obs_shape)
+        check_elbo(ins, torch.float64, gen, likelihood="gaussian")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.25, 4.0])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_beta(device, dtype, beta, likelihood, gen):
+    ins = inputs((8, 21), (8, 6), dtype, device, gen, likelihood=likelihood)
+    check_elbo(ins, dtype, gen, beta=beta, likelihood=likelihood)
+    check_elbo(ins, dtype, gen, combo="all", beta=beta, likelihood=likelihood, reduction="none")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("grad", [
+    ("recon",), ("mu",), ("logvar",), ("obs_logvar",), ("mu", "logvar"),
+    ("x", "recon"),  # x requiring grad leaves the saved-gradient route
+    ("x",),
+], ids=lambda g: "+".join(g))
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_grad_subsets(device, dtype, grad, likelihood, gen):
+    if "obs_logvar" in grad and likelihood == "bernoulli":
+        pytest.skip("obs_logvar is a Gaussian parameter")
+    obs = (11,) if likelihood == "gaussian" else None
+    ins = inputs((5, 11), (5, 3), dtype, device, gen, likelihood=likelihood, obs_shape=obs,
+                 grad=grad, soft=True)
+    check_elbo(ins, dtype, gen, likelihood=likelihood)
+    check_elbo(ins, dtype, gen, combo="3*loss", likelihood=likelihood, reduction="sum")
+    loss, _, _ = call(op, ins, likelihood=likelihood)
+    loss.backward()
+    for name in NAMES:
+        if ins[name] is not None:
+            assert (ins[name].grad is not None) == (name in grad), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("layouts", [
+    {"x": "transposed", "recon": "transposed", "mu": "transposed", "logvar": "transposed"},
+    {"x": "strided", "recon": "contiguous", "mu": "strided", "logvar": "contiguous"},
+    {"x": "expanded", "recon": "strided", "mu": "contiguous", "logvar": "expanded"},
+    {"obs_logvar": "strided", "recon": "transposed", "logvar": "strided"},
+    {"obs_logvar": "expanded", "x": "transposed"},
+], ids=lambda d: "-".join(f"{k}:{v[:5]}" for k, v in d.items()))
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_layouts(device, dtype, layouts, likelihood, gen):
+    obs = (7, 13) if likelihood == "gaussian" else None
+    ins = inputs((7, 13), (7, 5), dtype, device, gen, likelihood=likelihood, obs_shape=obs,
+                 layouts=layouts)
+    check_elbo(ins, dtype, gen, likelihood=likelihood)
+    check_elbo(ins, dtype, gen, combo="all", likelihood=likelihood)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_soft_targets(device, dtype, gen):
+    ins = inputs((10, 40), (10, 8), dtype, device, gen, soft=True)
+    check_elbo(ins, dtype, gen)
+    check_elbo(ins, dtype, gen, combo="all", reduction="sum")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_extremes(device, dtype, gen):
+    # logits of +-1e4, latent logvar of +-80, and an observation logvar of +-80.
+    ins = inputs((4, 16), (4, 6), dtype, device, gen, soft=True)
+    with torch.no_grad():
+        ins["recon"].copy_(torch.tensor([1e4, -1e4], dtype=dtype).repeat(32).reshape(4, 16))
+        ins["logvar"].copy_(torch.tensor([80.0, -80.0, 0.0], dtype=dtype).repeat(8).reshape(4, 6))
+    outs = check_elbo(ins, dtype, gen)
+    assert all(torch.isfinite(o).all() for o in outs)
+    check_elbo(ins, dtype, gen, combo="all", reduction="none")
+
+    ins = inputs((4, 16), (4, 6), dtype, device, gen, likelihood="gaussian", obs_shape=(16,))
+    with torch.no_grad():
+        ins["obs_logvar"].copy_(torch.tensor([80.0, -80.0], dtype=dtype).repeat(8))
+        ins["x"].copy_(ins["recon"] + 1e-17 * ins["x"])  # residuals tiny enough for logvar=-80
+    outs = check_elbo(ins, dtype, gen, likelihood="gaussian")
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_empty_batch(device, dtype, reduction, likelihood, gen):
+    obs = (5,) if likelihood == "gaussian" else None
+    ins = inputs((0, 5), (0, 3), dtype, device, gen, likelihood=likelihood, obs_shape=obs)
+    loss, ll, kl = call(op, ins, likelihood=likelihood, reduction=reduction)
+    assert ll.shape == (0,) and kl.shape == (0,)
+    if reduction == "none":
+        assert loss.shape == (0,)
+    elif reduction == "sum":
+        assert loss.shape == () and loss.item() == 0
+    else:  # the mean of nothing, as torch's own losses give it
+        assert loss.shape == () and torch.isnan(loss)
+    leaves = [ins[n] for n in NAMES if ins[n] is not None and ins[n].requires_grad]
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    for g, t in zip(grads, leaves):
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_no_grad(device, likelihood, gen):
+    ins = inputs((6, 20), (6, 4), torch.float32, device, gen, likelihood=likelihood)
+    want = call(op, ins, likelihood=likelihood)
+    with torch.no_grad():
+        outs = call(op, ins, likelihood=likelihood)
+    for o, w in zip(outs, want):
+        assert o.grad_fn is None and not o.requires_grad
+        torch.testing.assert_close(o, w.detach(), rtol=0, atol=0)
+    # inputs that do not require grad: no graph either
+    plain = {k: None if v is None else v.detach() for k, v in ins.items()}
+    for o, w in zip(call(op, plain, likelihood=likelihood), want):
+        assert o.grad_fn is None
+        torch.testing.assert_close(o, w.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_repeated(device, gen):
+    # With retain_graph the saved gradients are handed out again: they must not have been
+    # accumulated into (three backwards give three times the gradient).
+    ins = inputs((5, 12), (5, 3), torch.float64, device, gen)
+    loss, _, _ = call(op, ins)
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    ref_ins = {k: fp64(v) for k, v in ins.items()}
+    ref_loss = call(truth, ref_ins)[0]
+    ref_grads = torch.autograd.grad(ref_loss, [ref_ins[n] for n in ("recon", "mu", "logvar")])
+    for n, w in zip(("recon", "mu", "logvar"), ref_grads):
+        assert_close_exact(ins[n].grad, 3 * w, 1e-10, what=f"grad of {n}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_fused_matches_reference_in_a_model(device, dtype, likelihood, vae_backend, gen):
+    # A small encoder/decoder: gradients reach the weights through recon, mu and logvar,
+    # and the public function agrees with `vae_fast.backend("reference")`.
+    torch.manual_seed(0)
+    D, Z, H = 24, 4, 16
+    enc = torch.nn.Linear(D, 2 * Z).to(device, dtype)
+    dec = torch.nn.Linear(Z, D).to(device, dtype)
+    obs = torch.zeros(D, dtype=dtype, device=device, requires_grad=True)
+    x = make((H, D), dtype, device, low=0.0, high=1.0, gen=gen)
+    params = [*enc.parameters(), *dec.parameters(), obs]
+
+    def step(backend):
+        with vae_fast.backend(backend):
+            mu, logvar = enc(x).chunk(2, dim=-1)
+            z = vae_fast.reparameterize(mu, logvar, generator=torch.Generator(device).manual_seed(3))
+            kw = {"obs_logvar": obs} if likelihood == "gaussian" else {}
+            loss, ll, kl = vae_fast.elbo(x, dec(z), mu, logvar, likelihood=likelihood, beta=0.5,
+                                         **kw)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss, grads
+
+    loss_f, grads_f = step(vae_backend)
+    loss_r, grads_r = step("reference")
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert_close_exact(loss_f, loss_r, rtol, what="loss")
+    for i, (gf, gr) in enumerate(zip(grads_f, grads_r)):
+        if gr is None:
+            assert gf is None
+            continue
+        assert_close_exact(gf, gr, rtol, what=f"grad of parameter {i}")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _ok():
+    return torch.rand(3, 8), torch.randn(3, 8), torch.randn(3, 2), torch.randn(3, 2)
+
+
+def test_unknown_likelihood():
+    with pytest.raises(
+        ValueError,
+        match=re.escape("unknown likelihood 'poisson'; expected one of 'bernoulli', 'gaussian'"),
+    ):
+        op(*_ok(), likelihood="poisson")
+
+
+def test_unknown_reduction():
+    with pytest.raises(
+        ValueError,
+        match=re.escape("unknown reduction 'avg'; expected one of 'mean', 'sum', 'none'"),
+    ):
+        op(*_ok(), reduction="avg")
+
+
+def test_mismatched_shapes():
+    x, recon, mu, logvar = _ok()
+    with pytest.raises(ValueError, match=r"`recon` has shape \(3, 7\) but `x` has shape \(3, 8\)"):
+        op(x, recon[:, :7], mu, logvar)
+    with pytest.raises(ValueError,
+                       match=r"`logvar` has shape \(3, 3\) but `mu` has shape \(3, 2\)"):
+        op(x, recon, mu, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"`mu` has batch size 2 \(shape \(2, 2\)\) but `x` has 3"):
+        op(x, recon, mu[:2], logvar[:2])
+
+
+def test_missing_batch_dim():
+    with pytest.raises(ValueError, match=r"`x` and `mu` need a leading batch dim"):
+        op(torch.tensor(0.5), torch.tensor(0.1), torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+def test_obs_logvar_with_bernoulli():
+    with pytest.raises(ValueError, match=r"`obs_logvar` is only used with likelihood='gaussian'"):
+        op(*_ok(), obs_logvar=torch.zeros(()))
+
+
+def test_obs_logvar_not_broadcastable():
+    with pytest.raises(
+        ValueError,
+        match=re.escape("`obs_logvar` has shape (3,), which does not broadcast to `x`'s shape (3, 8)"),
+    ):
+        op(*_ok(), likelihood="gaussian", obs_logvar=torch.zeros(3))
+
+
+@pytest.mark.parametrize("name", ["x", "recon", "mu", "logvar"])
+def test_integer_dtype(name):
+    args = dict(zip(("x", "recon", "mu", "logvar"), _ok()))
+    args[name] = args[name].to(torch.int64)
+    with pytest.raises(TypeError, match=rf"`{name}` has dtype torch.int64; expected a floating"):
+        op(*args.values())
+
+
+def test_mixed_dtypes():
+    x, recon, mu, logvar = _ok()
+    with pytest.raises(TypeError, match=r"`mu` has dtype torch.float64 but `x` has torch.float32"):
+        op(x, recon, mu.double(), logvar.double())
+    with pytest.raises(TypeError,
+                       match=r"`obs_logvar` has dtype torch.bfloat16 but `x` has torch.float32"):
+        op(x, recon, mu, logvar, likelihood="gaussian",
+           obs_logvar=torch.zeros((), dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+def test_mixed_devices():
+    x, recon, mu, logvar = _ok()
+    with pytest.raises(ValueError, match=r"`mu` is on cuda:0 but `x` is on cpu"):
+        op(x, recon, mu.cuda(), logvar.cuda())
