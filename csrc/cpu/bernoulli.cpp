@@ -5,6 +5,7 @@
 
 #include "common/checks.h"
 #include "common/layout.h"
+#include "cpu/allocation.h"
 #include "cpu/capability.h"
 #include "cpu/kernels.h"
 
@@ -41,8 +42,8 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward(const at::Tensor&
   const RowLayout layout = checked_layout(x, logits, event_dims);
   check_like(kFn, "grad", grad, "x", x);
   check_mask_tensor(kFn, "grad", grad, layout.batch_shape);
-  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
-  at::Tensor grad_logits = output_mask[1] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_x = output_mask[0] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_logits = output_mask[1] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
   if (x.numel() == 0 || !(output_mask[0] || output_mask[1])) return {grad_x, grad_logits};
   BernoulliArgs args;
   args.x = as_matrix(x, layout);

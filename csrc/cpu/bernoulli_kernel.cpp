@@ -11,7 +11,8 @@ namespace vae_fast::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-template <typename scalar_t>
+// The outputs wanted are template flags, so the hot loop carries no dead work.
+template <typename scalar_t, bool kLogProb, bool kGradLogits, bool kGradX>
 void bernoulli_rows(const BernoulliArgs& a) {
   using opmath = opmath_t<scalar_t>;
   using Vec = OpVec<scalar_t>;
@@ -37,33 +38,45 @@ void bernoulli_rows(const BernoulliArgs& a) {
         const Vec l = load_n(lr + j, n);
         // e = exp(-|l|) is in (0, 1]: exp never overflows, even at |l| = 1e4.
         const Vec e = exp_nonpositive(l.abs().neg());
-        if (log_prob) {
+        if constexpr (kLogProb) {
           // softplus(l) = max(l, 0) + log1p(exp(-|l|)), exact at both tails.
           const Vec softplus = at::vec::maximum(l, Vec(0)) + log1p_unit(e);
           sum += keep_first(xv * l - softplus, n);
         }
-        if (grad_logits) {
+        if constexpr (kGradLogits) {
           // sigmoid(l) from the same e: 1/(1+e) for l >= 0, e/(1+e) otherwise.
-          const Vec inv = Vec(1) / (Vec(1) + e);
+          const Vec inv = reciprocal_1_2(Vec(1) + e);
           const Vec sigmoid = Vec::blendv(e * inv, inv, l >= Vec(0));
           store_n(grad_logits + r * cols + j, (xv - sigmoid) * weight, n);
         }
-        if (grad_x) {
+        if constexpr (kGradX) {
           store_n(grad_x + r * cols + j, l * weight, n);
         }
       }
-      if (log_prob) {
+      if constexpr (kLogProb) {
         log_prob[r] = static_cast<scalar_t>(horizontal_sum(sum));
       }
     }
   });
 }
 
+template <typename scalar_t>
+void bernoulli_dispatch_outputs(const BernoulliArgs& a) {
+  const bool ll = a.log_prob.defined(), gl = a.grad_logits.defined(), gx = a.grad_x.defined();
+  if (ll && gl && !gx) return bernoulli_rows<scalar_t, true, true, false>(a);  // fused elbo
+  if (ll && !gl && !gx) return bernoulli_rows<scalar_t, true, false, false>(a);  // forward
+  if (!ll && gl && !gx) return bernoulli_rows<scalar_t, false, true, false>(a);  // backward
+  if (!ll && gl && gx) return bernoulli_rows<scalar_t, false, true, true>(a);
+  if (!ll && !gl && gx) return bernoulli_rows<scalar_t, false, false, true>(a);
+  TORCH_CHECK(false, "vae_fast: unsupported bernoulli kernel outputs");
+}
+
 }  // namespace
 
 void bernoulli_kernel(const BernoulliArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(),
-                                  "vae_fast::bernoulli_log_prob", [&] { bernoulli_rows<scalar_t>(args); });
+                                  "vae_fast::bernoulli_log_prob",
+                                  [&] { bernoulli_dispatch_outputs<scalar_t>(args); });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -9,6 +9,7 @@
 
 #include "common/checks.h"
 #include "common/layout.h"
+#include "cpu/allocation.h"
 #include "cpu/capability.h"
 #include "cpu/kernels.h"
 
@@ -57,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor ll = at::empty({batch}, x.options());
   at::Tensor kl = at::empty({batch}, x.options());
-  at::Tensor grad_recon = compute_grad ? at::empty(x.sizes(), x.options()) : empty_grad(x);
+  at::Tensor grad_recon = compute_grad ? empty_output(x.sizes(), x.options()) : empty_grad(x);
   at::Tensor grad_obs = compute_grad && obs_logvar ? at::zeros(obs_logvar->sizes(), x.options())
                                                    : empty_grad(x);
   at::Tensor grad_mu = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);

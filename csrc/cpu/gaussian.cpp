@@ -5,6 +5,7 @@
 
 #include "common/checks.h"
 #include "common/layout.h"
+#include "cpu/allocation.h"
 #include "cpu/capability.h"
 #include "cpu/kernels.h"
 
@@ -52,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
   const RowLayout layout = checked_layout(x, mean, logvar, event_dims);
   check_like(kFn, "grad", grad, "x", x);
   check_mask_tensor(kFn, "grad", grad, layout.batch_shape);
-  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
-  at::Tensor grad_mean = output_mask[1] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_x = output_mask[0] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_mean = output_mask[1] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_logvar = output_mask[2] ? at::zeros(logvar.sizes(), x.options()) : x.new_empty({0});
   if (x.numel() == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) {
     return {grad_x, grad_mean, grad_logvar};

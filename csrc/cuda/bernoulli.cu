@@ -22,11 +22,9 @@ RowLayout checked_layout(const at::Tensor& x, const at::Tensor& logits, int64_t 
 }
 
 template <bool kLogProb, typename scalar_t>
-void run(BernoulliRows<scalar_t, kLogProb> op, const RowLayout& layout, const at::TensorOptions& options) {
-  op.cols = layout.cols;
-  with_vector_width<scalar_t>(layout.cols, {op.x, op.logits, op.grad_x, op.grad_logits}, [&](auto vec) {
-    launch_rows<decltype(vec)::value>(op, layout.rows, layout.cols, options);
-  });
+void run(const BernoulliRows<scalar_t, kLogProb>& op, const RowLayout& layout,
+         const at::TensorOptions& options) {
+  run_rows<scalar_t>(op, layout, {op.x, op.logits, op.grad_x, op.grad_logits}, options);
 }
 
 at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims) {

@@ -173,6 +173,35 @@ struct KLRows {
   }
 };
 
+// Runs a row op over the layout with the widest vector width its pointers allow;
+// returns its per-column sums (see launch_rows).
+template <typename scalar_t, class Op>
+at::Tensor run_rows(Op op, const RowLayout& layout, std::initializer_list<const void*> ptrs,
+                    const at::TensorOptions& options) {
+  op.cols = layout.cols;
+  at::Tensor per_column;
+  with_vector_width<scalar_t>(layout.cols, ptrs, [&](auto vec) {
+    per_column = launch_rows<decltype(vec)::value>(op, layout.rows, layout.cols, options);
+  });
+  return per_column;
+}
+
+// The pointer a kernel reads an operand through when it loads vectors from it.
+template <typename T>
+const void* vector_ptr(const Operand<T>& op) {
+  return op.kind == Broadcast::kScalar ? nullptr : op.ptr;
+}
+
+// Calls body(std::bool_constant<flag>()).
+template <class Body>
+void with_bool(bool flag, const Body& body) {
+  if (flag) {
+    body(std::true_type());
+  } else {
+    body(std::false_type());
+  }
+}
+
 template <typename T>
 T* mutable_ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;

@@ -1,0 +1,74 @@
+#include "cpu/allocation.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace vae_fast::cpu {
+namespace {
+
+constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kHugeThreshold = size_t{32} << 20;
+
+// The block's size travels with its DataPtr so that freeing it can be reported
+// to torch's profiler (memory profiles and benchmarks see these allocations).
+struct Block {
+  void* ptr;
+  size_t nbytes;
+};
+
+std::atomic<size_t> allocated_bytes{0};
+
+void report(void* ptr, int64_t delta) {
+  const size_t total = allocated_bytes.fetch_add(delta) + delta;
+  if (c10::memoryProfilingEnabled()) {
+    c10::reportMemoryUsageToProfiler(ptr, delta, total, total, c10::Device(c10::DeviceType::CPU));
+  }
+}
+
+void free_huge(void* context) {
+  auto* block = static_cast<Block*>(context);
+  report(block->ptr, -static_cast<int64_t>(block->nbytes));
+  std::free(block->ptr);
+  delete block;
+}
+
+class HugePageAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t nbytes) override {
+    void* ptr = nullptr;
+    const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    if (posix_memalign(&ptr, kHugePage, rounded) != 0 || ptr == nullptr) {
+      TORCH_CHECK(false, "vae_fast: out of memory allocating ", nbytes, " bytes");
+    }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(ptr, rounded, MADV_HUGEPAGE);  // advice only: a refusal is harmless
+#endif
+    report(ptr, static_cast<int64_t>(rounded));
+    return {ptr, new Block{ptr, rounded}, &free_huge, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    std::memcpy(dest, src, count);
+  }
+};
+
+HugePageAllocator huge_page_allocator;
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (nbytes < kHugeThreshold) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, &huge_page_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
+}
+
+}  // namespace vae_fast::cpu

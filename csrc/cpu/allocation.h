@@ -1,0 +1,16 @@
+#pragma once
+// Allocation of the large full-size gradients the CPU kernels write.
+
+#include <ATen/ATen.h>
+
+namespace vae_fast::cpu {
+
+// An uninitialised tensor like at::empty. Blocks of 32 MiB and more come from
+// 2 MiB-aligned memory advised for transparent huge pages: glibc maps blocks
+// that large afresh on every call, and first-touch page faults on 4 KiB pages
+// cost more than the kernel itself (about 100 ms for a 4096 x 12288 float
+// gradient, against ~20 ms with huge pages). Torch does the same for every
+// allocation under THP_MEM_ALLOC_ENABLE=1; this applies it to our outputs only.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+}  // namespace vae_fast::cpu
