@@ -122,3 +122,46 @@ def check_elbo(
         if likelihood != "gaussian":
             raise ValueError(f"{fn}: `obs_logvar` is only used with likelihood='gaussian'")
         check_broadcastable(fn, "obs_logvar", obs_logvar, "x", x.shape)
+
+
+def check_bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor, event_dims: int | None) -> int:
+    """Checks the arguments; returns the resolved event_dims."""
+    fn = "vae_fast.bernoulli_log_prob"
+    check_tensors(fn, x=x, logits=logits)
+    check_same_shape(fn, "x", x, "logits", logits)
+    return resolve_event_dims(fn, x, event_dims)
+
+
+def check_gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, event_dims: int | None
+) -> int:
+    """Checks the arguments; returns the resolved event_dims."""
+    fn = "vae_fast.gaussian_log_prob"
+    check_tensors(fn, x=x, mean=mean, logvar=logvar)
+    check_same_shape(fn, "x", x, "mean", mean)
+    check_broadcastable(fn, "logvar", logvar, "x", x.shape)
+    return resolve_event_dims(fn, x, event_dims)
+
+
+def check_gaussian_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
+    event_dims: int | None,
+) -> int:
+    """Checks the arguments; returns the resolved event_dims."""
+    fn = "vae_fast.gaussian_kl"
+    check_tensors(fn, mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    check_same_shape(fn, "mu", mu, "logvar", logvar)
+    for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if prior is not None:
+            check_broadcastable(fn, name, prior, "mu", mu.shape)
+    return resolve_event_dims(fn, mu, event_dims)
+
+
+def check_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, num_samples: int | None) -> None:
+    fn = "vae_fast.reparameterize"
+    check_tensors(fn, mu=mu, logvar=logvar)
+    check_same_shape(fn, "mu", mu, "logvar", logvar)
+    check_num_samples(fn, num_samples)

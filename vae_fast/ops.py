@@ -68,10 +68,7 @@ def bernoulli_log_prob(
     if current_backend() == "reference":
         return reference.bernoulli_log_prob(x, logits, event_dims=event_dims)
     _require_extension()
-    fn = "vae_fast.bernoulli_log_prob"
-    V.check_tensors(fn, x=x, logits=logits)
-    V.check_same_shape(fn, "x", x, "logits", logits)
-    k = V.resolve_event_dims(fn, x, event_dims)
+    k = V.check_bernoulli_log_prob(x, logits, event_dims)
     return _ops.bernoulli_log_prob(x, logits, k)
 
 
@@ -93,11 +90,7 @@ def gaussian_log_prob(
     if current_backend() == "reference":
         return reference.gaussian_log_prob(x, mean, logvar, event_dims=event_dims)
     _require_extension()
-    fn = "vae_fast.gaussian_log_prob"
-    V.check_tensors(fn, x=x, mean=mean, logvar=logvar)
-    V.check_same_shape(fn, "x", x, "mean", mean)
-    V.check_broadcastable(fn, "logvar", logvar, "x", x.shape)
-    k = V.resolve_event_dims(fn, x, event_dims)
+    k = V.check_gaussian_log_prob(x, mean, logvar, event_dims)
     return _ops.gaussian_log_prob(x, mean, logvar, k)
 
 
@@ -123,13 +116,7 @@ def gaussian_kl(
     if current_backend() == "reference":
         return reference.gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims=event_dims)
     _require_extension()
-    fn = "vae_fast.gaussian_kl"
-    V.check_tensors(fn, mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
-    V.check_same_shape(fn, "mu", mu, "logvar", logvar)
-    for name, p in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
-        if p is not None:
-            V.check_broadcastable(fn, name, p, "mu", mu.shape)
-    k = V.resolve_event_dims(fn, mu, event_dims)
+    k = V.check_gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims)
     return _ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, k)
 
 
@@ -157,10 +144,7 @@ def reparameterize(
     if current_backend() == "reference":
         return reference.reparameterize(mu, logvar, num_samples=num_samples, generator=generator)
     _require_extension()
-    fn = "vae_fast.reparameterize"
-    V.check_tensors(fn, mu=mu, logvar=logvar)
-    V.check_same_shape(fn, "mu", mu, "logvar", logvar)
-    V.check_num_samples(fn, num_samples)
+    V.check_reparameterize(mu, logvar, num_samples)
     z, _ = _ops.reparameterize(mu, logvar, num_samples, generator=generator)
     return z
 

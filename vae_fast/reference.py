@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from vae_fast import _validate as V
 
@@ -34,10 +33,7 @@ def bernoulli_log_prob(
     x: torch.Tensor, logits: torch.Tensor, *, event_dims: int | None = None
 ) -> torch.Tensor:
     """Sum over the event dims of x*logits - softplus(logits)."""
-    fn = "vae_fast.bernoulli_log_prob"
-    V.check_tensors(fn, x=x, logits=logits)
-    V.check_same_shape(fn, "x", x, "logits", logits)
-    k = V.resolve_event_dims(fn, x, event_dims)
+    k = V.check_bernoulli_log_prob(x, logits, event_dims)
     xf, lf = _opmath(x, logits)
     # softplus(l) = max(l, 0) + log1p(exp(-|l|)): exp never sees a positive argument.
     log_p = xf * lf - (lf.clamp_min(0) + torch.log1p(torch.exp(-lf.abs())))
@@ -48,11 +44,7 @@ def gaussian_log_prob(
     x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, *, event_dims: int | None = None
 ) -> torch.Tensor:
     """Sum over the event dims of -0.5*(log(2pi) + logvar + (x-mean)^2 exp(-logvar))."""
-    fn = "vae_fast.gaussian_log_prob"
-    V.check_tensors(fn, x=x, mean=mean, logvar=logvar)
-    V.check_same_shape(fn, "x", x, "mean", mean)
-    V.check_broadcastable(fn, "logvar", logvar, "x", x.shape)
-    k = V.resolve_event_dims(fn, x, event_dims)
+    k = V.check_gaussian_log_prob(x, mean, logvar, event_dims)
     xf, mf, lvf = _opmath(x, mean, logvar)
     # (x-mean)^2 * exp(-logvar) rather than / exp(logvar): no overflow to inf/inf at logvar=+-80.
     log_p = -0.5 * (LOG_2PI + lvf + (xf - mf).square() * torch.exp(-lvf))
@@ -68,13 +60,7 @@ def gaussian_kl(
     event_dims: int | None = None,
 ) -> torch.Tensor:
     """KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)), summed over the event dims."""
-    fn = "vae_fast.gaussian_kl"
-    V.check_tensors(fn, mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
-    V.check_same_shape(fn, "mu", mu, "logvar", logvar)
-    for name, p in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
-        if p is not None:
-            V.check_broadcastable(fn, name, p, "mu", mu.shape)
-    k = V.resolve_event_dims(fn, mu, event_dims)
+    k = V.check_gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims)
     muf, lvf, pmf, plvf = _opmath(mu, logvar, prior_mu, prior_logvar)
     diff = muf if pmf is None else muf - pmf
     dlv = lvf if plvf is None else lvf - plvf
@@ -92,10 +78,7 @@ def reparameterize(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """mu + exp(logvar/2) * eps with eps ~ N(0, 1); shape (num_samples, *mu.shape) if given."""
-    fn = "vae_fast.reparameterize"
-    V.check_tensors(fn, mu=mu, logvar=logvar)
-    V.check_same_shape(fn, "mu", mu, "logvar", logvar)
-    V.check_num_samples(fn, num_samples)
+    V.check_reparameterize(mu, logvar, num_samples)
     muf, lvf = _opmath(mu, logvar)
     shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
     eps = torch.randn(shape, dtype=muf.dtype, device=mu.device, generator=generator)
