@@ -176,6 +176,8 @@ def peak_extra_memory(fn: Callable[[], object], device: str) -> dict[str, int]:
 
     peak_bytes: the most that was live at once (on CUDA torch.cuda.max_memory_allocated,
     on the CPU the running sum of the torch profiler's allocation records);
+    retained_bytes: what is still live after the call (the gradients left in .grad);
+    transient_bytes: peak_bytes - retained_bytes, what the call needed only while it ran;
     total_bytes: everything allocated during the call, freed or not.
     """
     if device == "cuda":
@@ -186,10 +188,10 @@ def peak_extra_memory(fn: Callable[[], object], device: str) -> dict[str, int]:
         fn()
         torch.cuda.synchronize()
         stats = torch.cuda.memory_stats()
-        return {
-            "peak_bytes": int(torch.cuda.max_memory_allocated() - base),
-            "total_bytes": int(stats.get("allocated_bytes.all.allocated", 0) - allocated_before),
-        }
+        return _memory_record(
+            torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base,
+            stats.get("allocated_bytes.all.allocated", 0) - allocated_before,
+        )
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -210,7 +212,17 @@ def peak_extra_memory(fn: Callable[[], object], device: str) -> dict[str, int]:
         live += size
         peak = max(peak, live)
         total += max(size, 0)
-    return {"peak_bytes": peak, "total_bytes": total}
+    return _memory_record(peak, live, total)
+
+
+def _memory_record(peak: int, retained: int, total: int) -> dict[str, int]:
+    peak, retained = int(peak), max(int(retained), 0)
+    return {
+        "peak_bytes": peak,
+        "retained_bytes": retained,
+        "transient_bytes": max(peak - retained, 0),
+        "total_bytes": int(total),
+    }
 
 
 # --------------------------------------------------------------------------- machine facts

@@ -448,6 +448,12 @@ def _mb(b):
     return "–" if b is None else f"{b / 2**20:.1f}"
 
 
+def _peak_cell(rec: dict | None) -> str:
+    if not rec or "peak_bytes" not in rec:
+        return "–"
+    return f"{_mb(rec['peak_bytes'])} ({_mb(rec['transient_bytes'])})"
+
+
 def markdown(run: dict) -> str:
     meta, records = run["meta"], run["results"]
     providers = [p for p in run["config"]["providers"]]
@@ -514,12 +520,13 @@ def markdown(run: dict) -> str:
         )
         mem_rows.append(
             [k[0], f"{fmt_size(k[2], k[3], k[4])} {k[1]}", _mb(any_rec["one_grad_bytes"])]
-            + [_mb(recs[p].get("peak_bytes")) if recs[p] else "–" for p in mem_providers]
+            + [_peak_cell(recs[p]) for p in mem_providers]
             + [C.fmt_ratio(ratio)]
         )
     if mem_rows:
         out += [
-            "### Peak extra memory of forward+backward (MiB)", "",
+            "### Peak extra memory of forward+backward, MiB (in brackets: the part freed "
+            "by the end of the call; the rest is the gradients left in .grad)", "",
             C.md_table(
                 ["op", "B×D×Z", "one gradient"] + [titles[p] for p in mem_providers]
                 + ["eager / vae_fast"], mem_rows,
