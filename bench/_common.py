@@ -189,7 +189,8 @@ def peak_extra_memory(fn: Callable[[], object], device: str) -> dict[str, int]:
         torch.cuda.synchronize()
         stats = torch.cuda.memory_stats()
         return _memory_record(
-            torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base,
+            torch.cuda.max_memory_allocated() - base,
+            torch.cuda.memory_allocated() - base,
             stats.get("allocated_bytes.all.allocated", 0) - allocated_before,
         )
     from torch._C._profiler import _EventType
@@ -242,12 +243,18 @@ def cpu_model() -> str:
 def git_commit() -> str:
     try:
         rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-            capture_output=True, text=True, check=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

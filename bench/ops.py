@@ -202,52 +202,90 @@ def _elbo_gaussian(api):
 # Elements the ideal kernel must move (B-sized outputs are left out): each input read
 # once, each output and gradient written once; forward+backward reads the inputs a
 # single time, as a kernel that writes the gradient in the forward pass does.
+def _elbo_elements(B, D, Z, mode):
+    forward = 2 * B * D + 2 * B * Z
+    return forward + (B * D + 2 * B * Z if mode == "full" else 0)
+
+
+def _elbo_gaussian_elements(B, D, Z, mode):
+    return _elbo_elements(B, D, Z, mode) + (2 * D if mode == "full" else D)
+
+
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
         Op(
-            "elbo_bernoulli", "D", _make_elbo_bernoulli,
-            vae_fast.elbo, vae_fast.reference.elbo, eager_elbo_bernoulli, dist_elbo_bernoulli,
-            "loss",
-            lambda B, D, Z, m: 2 * B * D + 2 * B * Z + (B * D + 2 * B * Z if m == "full" else 0),
-            "read x, recon, mu, logvar; fwd+bwd also writes d/d recon, mu, logvar",
+            name="elbo_bernoulli",
+            feature="D",
+            make=_make_elbo_bernoulli,
+            vae_fast=vae_fast.elbo,
+            reference=vae_fast.reference.elbo,
+            eager=eager_elbo_bernoulli,
+            distributions=dist_elbo_bernoulli,
+            backward="loss",
+            elements=_elbo_elements,
+            bytes_note="read x, recon, mu, logvar; fwd+bwd also writes d/d recon, mu, logvar",
         ),
         Op(
-            "elbo_gaussian", "D", _make_elbo_gaussian,
-            _elbo_gaussian(vae_fast), _elbo_gaussian(vae_fast.reference), eager_elbo_gaussian,
-            dist_elbo_gaussian, "loss",
-            lambda B, D, Z, m: 2 * B * D + 2 * B * Z + D
-            + (B * D + 2 * B * Z + D if m == "full" else 0),
-            "as elbo_bernoulli, plus the per-feature obs_logvar (D) and its gradient",
+            name="elbo_gaussian",
+            feature="D",
+            make=_make_elbo_gaussian,
+            vae_fast=_elbo_gaussian(vae_fast),
+            reference=_elbo_gaussian(vae_fast.reference),
+            eager=eager_elbo_gaussian,
+            distributions=dist_elbo_gaussian,
+            backward="loss",
+            elements=_elbo_gaussian_elements,
+            bytes_note="as elbo_bernoulli, plus the per-feature obs_logvar (D) and its gradient",
         ),
         Op(
-            "gaussian_kl", "Z", _make_kl,
-            vae_fast.gaussian_kl, vae_fast.reference.gaussian_kl, eager_gaussian_kl,
-            dist_gaussian_kl, "sum",
-            lambda B, D, Z, m: 2 * B * Z + (2 * B * Z if m == "full" else 0),
-            "read mu, logvar; fwd+bwd also writes their gradients",
+            name="gaussian_kl",
+            feature="Z",
+            make=_make_kl,
+            vae_fast=vae_fast.gaussian_kl,
+            reference=vae_fast.reference.gaussian_kl,
+            eager=eager_gaussian_kl,
+            distributions=dist_gaussian_kl,
+            backward="sum",
+            elements=lambda B, D, Z, mode: (4 if mode == "full" else 2) * B * Z,
+            bytes_note="read mu, logvar; fwd+bwd also writes their gradients",
         ),
         Op(
-            "reparameterize", "Z", _make_reparameterize,
-            vae_fast.reparameterize, vae_fast.reference.reparameterize, eager_reparameterize,
-            dist_reparameterize, "grad",
-            lambda B, D, Z, m: 3 * B * Z + (3 * B * Z if m == "full" else 0),
-            "read mu, logvar, write z (eps made in registers); bwd reads dz, logvar, writes "
-            "d/d logvar (d/d mu is dz itself)",
+            name="reparameterize",
+            feature="Z",
+            make=_make_reparameterize,
+            vae_fast=vae_fast.reparameterize,
+            reference=vae_fast.reference.reparameterize,
+            eager=eager_reparameterize,
+            distributions=dist_reparameterize,
+            backward="grad",
+            elements=lambda B, D, Z, mode: (6 if mode == "full" else 3) * B * Z,
+            bytes_note="read mu, logvar, write z (eps made in registers); bwd reads dz, "
+            "logvar, writes d/d logvar (d/d mu is dz itself)",
         ),
         Op(
-            "bernoulli_log_prob", "D", _make_bernoulli_log_prob,
-            vae_fast.bernoulli_log_prob, vae_fast.reference.bernoulli_log_prob,
-            eager_bernoulli_log_prob, dist_bernoulli_log_prob, "sum",
-            lambda B, D, Z, m: 2 * B * D + (B * D if m == "full" else 0),
-            "read x, logits; fwd+bwd also writes d/d logits",
+            name="bernoulli_log_prob",
+            feature="D",
+            make=_make_bernoulli_log_prob,
+            vae_fast=vae_fast.bernoulli_log_prob,
+            reference=vae_fast.reference.bernoulli_log_prob,
+            eager=eager_bernoulli_log_prob,
+            distributions=dist_bernoulli_log_prob,
+            backward="sum",
+            elements=lambda B, D, Z, mode: (3 if mode == "full" else 2) * B * D,
+            bytes_note="read x, logits; fwd+bwd also writes d/d logits",
         ),
         Op(
-            "gaussian_log_prob", "D", _make_gaussian_log_prob,
-            vae_fast.gaussian_log_prob, vae_fast.reference.gaussian_log_prob,
-            eager_gaussian_log_prob, dist_gaussian_log_prob, "sum",
-            lambda B, D, Z, m: 2 * B * D + D + (B * D + D if m == "full" else 0),
-            "read x, mean, per-feature logvar; fwd+bwd also writes d/d mean, d/d logvar",
+            name="gaussian_log_prob",
+            feature="D",
+            make=_make_gaussian_log_prob,
+            vae_fast=vae_fast.gaussian_log_prob,
+            reference=vae_fast.reference.gaussian_log_prob,
+            eager=eager_gaussian_log_prob,
+            distributions=dist_gaussian_log_prob,
+            backward="sum",
+            elements=lambda B, D, Z, mode: (3 * B * D + 2 * D) if mode == "full" else 2 * B * D + D,
+            bytes_note="read x, mean, per-feature logvar; fwd+bwd also writes d/d mean, d/d logvar",
         ),
     )
 }
@@ -347,9 +385,17 @@ def run_case(case: Case, args, providers, compiled, vae_backend) -> list[dict]:
     if "roof" in timings and "median_s" in timings["roof"]:
         roof_gbps = roof_bytes / timings["roof"]["median_s"] / 1e9
     base = {
-        "op": op.name, "mode": mode, "B": B, "D": D, "Z": Z, "dtype": str(dtype).split(".")[1],
-        "device": device, "suites": case.suites, "ideal_bytes": ideal_bytes,
-        "one_grad_bytes": grad_bytes, "roof_gbps": roof_gbps,
+        "op": op.name,
+        "mode": mode,
+        "B": B,
+        "D": D,
+        "Z": Z,
+        "dtype": str(dtype).split(".")[1],
+        "device": device,
+        "suites": case.suites,
+        "ideal_bytes": ideal_bytes,
+        "one_grad_bytes": grad_bytes,
+        "roof_gbps": roof_gbps,
     }
     records = []
     for provider, timing in timings.items():
@@ -409,10 +455,7 @@ def build_cases(args) -> list[Case]:
 
 
 def _ok(records, **match):
-    return [
-        r for r in records
-        if "median_s" in r and all(r.get(k) == v for k, v in match.items())
-    ]
+    return [r for r in records if "median_s" in r and all(r.get(k) == v for k, v in match.items())]
 
 
 def _get(records, provider, **match):
@@ -439,8 +482,12 @@ def provider_titles(meta: dict) -> dict[str, str]:
     roof = "roof (copy)" if meta["device"] == "cuda" else "roof (triad)"
     label = "vae_fast" if meta["vae_fast_backend"] == "fused" else "vae_fast [reference stand-in]"
     return {
-        "vae_fast": label, "reference": "reference", "eager": "eager",
-        "distributions": "torch.distributions", "compile": "torch.compile", "roof": roof,
+        "vae_fast": label,
+        "reference": "reference",
+        "eager": "eager",
+        "distributions": "torch.distributions",
+        "compile": "torch.compile",
+        "roof": roof,
     }
 
 
@@ -451,7 +498,7 @@ def _mb(b):
 def _peak_cell(rec: dict | None) -> str:
     if not rec or "peak_bytes" not in rec:
         return "–"
-    return f"{_mb(rec['peak_bytes'])} ({_mb(rec['transient_bytes'])})"
+    return f"{_mb(rec['peak_bytes'])} ({_mb(rec.get('transient_bytes'))})"
 
 
 def markdown(run: dict) -> str:
@@ -463,7 +510,8 @@ def markdown(run: dict) -> str:
     if meta["vae_fast_backend"] != "fused":
         out += [
             "**vae_fast._C was not built: the vae_fast column ran the reference (plain torch) "
-            "backend as a stand-in. These numbers say nothing about the fused kernels.**", "",
+            "backend as a stand-in. These numbers say nothing about the fused kernels.**",
+            "",
         ]
 
     def time_row(r_key):
@@ -482,8 +530,10 @@ def markdown(run: dict) -> str:
         return cells
 
     time_header = (
-        ["B×D×Z"] + [f"{titles[p]} ms" for p in providers]
-        + ["vae_fast GB/s", "of roof"] + [f"vs {titles[p]}" for p in peers]
+        ["B×D×Z"]
+        + [f"{titles[p]} ms" for p in providers]
+        + ["vae_fast GB/s", "of roof"]
+        + [f"vs {titles[p]}" for p in peers]
     )
 
     headline = _configs(records, "sizes", op="elbo_bernoulli", mode="full")
@@ -516,7 +566,8 @@ def markdown(run: dict) -> str:
         mine, eager = recs.get("vae_fast"), recs.get("eager")
         ratio = (
             eager["peak_bytes"] / mine["peak_bytes"]
-            if mine and eager and mine.get("peak_bytes") and eager.get("peak_bytes") else None
+            if mine and eager and mine.get("peak_bytes") and eager.get("peak_bytes")
+            else None
         )
         mem_rows.append(
             [k[0], f"{fmt_size(k[2], k[3], k[4])} {k[1]}", _mb(any_rec["one_grad_bytes"])]
@@ -526,11 +577,15 @@ def markdown(run: dict) -> str:
     if mem_rows:
         out += [
             "### Peak extra memory of forward+backward, MiB (in brackets: the part freed "
-            "by the end of the call; the rest is the gradients left in .grad)", "",
+            "by the end of the call; the rest is the gradients left in .grad)",
+            "",
             C.md_table(
-                ["op", "B×D×Z", "one gradient"] + [titles[p] for p in mem_providers]
-                + ["eager / vae_fast"], mem_rows,
-            ), "",
+                ["op", "B×D×Z", "one gradient"]
+                + [titles[p] for p in mem_providers]
+                + ["eager / vae_fast"],
+                mem_rows,
+            ),
+            "",
         ]
 
     for suite, axis in (("batch_sweep", "B"), ("feature_sweep", "D")):
@@ -547,7 +602,91 @@ def markdown(run: dict) -> str:
                 for row, k in zip(rows, keys):
                     row[0] = f"{row[0]} {k[1]}"
                 out += [C.md_table(time_header, rows), ""]
+    checks = targets(records)
+    if checks:
+        out += ["### Targets of issues 3 and 5 in this run", "", *checks, ""]
     return "\n".join(out)
+
+
+def targets(records: list[dict]) -> list[str]:
+    """The issues' targets, checked against this run's float32 results where it has them."""
+    lines = []
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    def mine(op, B, D, Z, mode="full"):
+        return _get(records, "vae_fast", op=op, B=B, D=D, Z=Z, mode=mode, dtype="float32")
+
+    def ratio_check(rec, peer, least):
+        r = rec.get("speedup", {}).get(peer)
+        return None if r is None else (f"{r:.1f}× {peer} (≥ {least}×)", r >= least)
+
+    for (B, D, Z), wants in (
+        ((8192, 784, 32), [("frac_roof", 0.5), ("eager", 8), ("compile", 3)]),
+        ((4096, 12288, 128), [("eager", 4), ("compile", 1.5)]),
+    ):
+        rec = mine("elbo_bernoulli", B, D, Z)
+        if rec is None:
+            continue
+        parts = []
+        for what, least in wants:
+            if what == "frac_roof":
+                if rec.get("frac_roof") is not None:
+                    frac = rec["frac_roof"]
+                    parts.append((f"{100 * frac:.0f}% of the roof (≥ 50%)", frac >= least))
+            else:
+                found = ratio_check(rec, what, least)
+                if found:
+                    parts.append(found)
+        if parts:
+            text = "; ".join(f"{t}: {mark(ok)}" for t, ok in parts)
+            lines.append(f"- elbo fwd+bwd {fmt_size(B, D, Z)}: {text}")
+
+    for suite in ("batch_sweep", "feature_sweep"):
+        keys = _configs(records, suite, op="elbo_bernoulli", mode="full", dtype="float32")
+        behind = []
+        for k in keys:
+            rec = _get(records, "vae_fast", **_match(k))
+            if rec and "speedup" in rec and any(v < 1 for v in rec["speedup"].values()):
+                slower = [p for p, v in rec["speedup"].items() if v < 1]
+                behind.append(f"{fmt_size(*k[2:5])} (behind {', '.join(slower)})")
+        if keys:
+            lines.append(
+                f"- elbo fwd+bwd ahead of every peer over the {suite.replace('_', ' ')} "
+                f"({len(keys)} sizes): {mark(not behind)}"
+                + (f"; behind at {'; '.join(behind)}" if behind else "")
+            )
+
+    for k in _configs(records, "sizes", op="elbo_bernoulli", mode="full", dtype="float32"):
+        rec = _get(records, "vae_fast", **_match(k))
+        eager = _get(records, "eager", **_match(k))
+        if rec and eager and rec.get("peak_bytes") and eager.get("peak_bytes"):
+            B, D, Z = k[2:5]
+            grads = rec["peak_bytes"] / rec["one_grad_bytes"]
+            allowed = 1 + 2 * Z / D  # the B×D gradient and the two B×Z ones of mu, logvar
+            less = eager["peak_bytes"] / rec["peak_bytes"]
+            lines.append(
+                f"- elbo fwd+bwd {fmt_size(B, D, Z)} peak extra memory: {grads:.3f} B×D "
+                f"gradients (≤ {allowed:.3f} with the mu/logvar ones): "
+                f"{mark(grads <= allowed * 1.01)}; {less:.1f}× less than eager (≥ 3×): "
+                f"{mark(less >= 3)}; transient {_mb(rec.get('transient_bytes'))} MiB against "
+                f"eager's {_mb(eager.get('transient_bytes'))} MiB"
+            )
+
+    for op in ("reparameterize", "gaussian_kl"):
+        for k in _configs(records, "sizes", op=op, mode="full", dtype="float32"):
+            rec = _get(records, "vae_fast", **_match(k))
+            got = [
+                (p, rec["speedup"][p]) for p in ("eager", "compile") if p in rec.get("speedup", {})
+            ]
+            if got:
+                text = ", ".join(f"{v:.1f}× {p}" for p, v in got)
+                lines.append(
+                    f"- {op} fwd+bwd {fmt_size(*k[2:5])}: {text} (ahead of each): "
+                    f"{mark(all(v >= 1 for _, v in got))}"
+                )
+    return lines
 
 
 def fmt_size(B, D, Z):
@@ -572,16 +711,14 @@ def plot(run: dict, path: str) -> None:
         print("--plot: no sweep in this run, nothing to plot", file=sys.stderr)
         return
     suites = [("batch_sweep", "B", "batch size B"), ("feature_sweep", "D", "feature size D")]
-    fig, axes = plt.subplots(
-        2 * len(panels), 2, figsize=(11, 4.2 * 2 * len(panels)), squeeze=False
-    )
+    fig, axes = plt.subplots(2 * len(panels), 2, figsize=(11, 4.2 * 2 * len(panels)), squeeze=False)
     for i, (op, mode, dtype) in enumerate(panels):
         for j, (suite, axis, xlabel) in enumerate(suites):
             ax_t, ax_g = axes[2 * i][j], axes[2 * i + 1][j]
             for provider in run["config"]["providers"]:
                 pts = sorted(
-                    (r[axis], r) for r in _ok(records, op=op, mode=mode, dtype=dtype,
-                                              provider=provider)
+                    (r[axis], r)
+                    for r in _ok(records, op=op, mode=mode, dtype=dtype, provider=provider)
                     if suite in r["suites"]
                 )
                 if not pts:
@@ -591,14 +728,20 @@ def plot(run: dict, path: str) -> None:
                 lo = [m - r["p20_s"] * 1e3 for m, (_, r) in zip(med, pts)]
                 hi = [r["p80_s"] * 1e3 - m for m, (_, r) in zip(med, pts)]
                 style = "--" if provider == "roof" else "-"
-                ax_t.errorbar(xs, med, yerr=[lo, hi], marker="o", ls=style, capsize=2,
-                              label=titles[provider])
-                ax_g.plot(xs, [r["gbps"] for _, r in pts], marker="o", ls=style,
-                          label=titles[provider])
+                ax_t.errorbar(
+                    xs, med, yerr=[lo, hi], marker="o", ls=style, capsize=2, label=titles[provider]
+                )
+                ax_g.plot(
+                    xs, [r["gbps"] for _, r in pts], marker="o", ls=style, label=titles[provider]
+                )
             fixed = ", ".join(
-                f"{k}={v}" for k, v in (("B", run["config"]["sweep_b"]),
-                                        ("D", run["config"]["sweep_d"]),
-                                        ("Z", run["config"]["sweep_z"])) if k != axis
+                f"{k}={v}"
+                for k, v in (
+                    ("B", run["config"]["sweep_b"]),
+                    ("D", run["config"]["sweep_d"]),
+                    ("Z", run["config"]["sweep_z"]),
+                )
+                if k != axis
             )
             for ax, ylabel in ((ax_t, "median time (ms)"), (ax_g, "GB/s (ideal bytes / time)")):
                 ax.set_xscale("log", base=2)
@@ -610,8 +753,11 @@ def plot(run: dict, path: str) -> None:
             if i == 0 and j == 0:
                 ax_t.legend(fontsize=8)
     meta = run["meta"]
-    fig.suptitle(f"vae_fast ops on {meta['device_name']} (threads={meta['threads']}), "
-                 f"backend {meta['vae_fast_backend']}", fontsize=10)
+    fig.suptitle(
+        f"vae_fast ops on {meta['device_name']} (threads={meta['threads']}), "
+        f"backend {meta['vae_fast_backend']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -625,37 +771,67 @@ def parse_size(text: str) -> tuple[int, int, int]:
     try:
         B, D, Z = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected BxDxZ, e.g. 8192x784x32")
+        raise argparse.ArgumentTypeError(
+            f"size {text!r}: expected BxDxZ, e.g. 8192x784x32"
+        ) from None
     return B, D, Z
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(C.DTYPES))
-    p.add_argument("--sizes", nargs="+", type=parse_size, default=None,
-                   help="BxDxZ (batch x data features x latent); "
-                        "default 8192x784x32 4096x12288x128")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        default=None,
+        help="BxDxZ (batch x data features x latent); default 8192x784x32 4096x12288x128",
+    )
     p.add_argument("--ops", nargs="+", choices=list(OPS), default=None, help="default: all")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
-                   help=f"default: {' '.join(DEFAULT_PROVIDERS)} (--quick: without compile)")
-    p.add_argument("--vae-backend", choices=("auto", "fused", "reference"), default="auto",
-                   help="what the vae_fast provider runs; auto: fused if vae_fast._C is built, "
-                        "else the reference as a labelled stand-in")
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        choices=ALL_PROVIDERS,
+        default=None,
+        help=f"default: {' '.join(DEFAULT_PROVIDERS)} (--quick: without compile)",
+    )
+    p.add_argument(
+        "--vae-backend",
+        choices=("auto", "fused", "reference"),
+        default="auto",
+        help="what the vae_fast provider runs; auto: fused if vae_fast._C is built, "
+        "else the reference as a labelled stand-in",
+    )
     p.add_argument("--no-sweep", action="store_true", help="only the --sizes")
     p.add_argument("--sweep-ops", nargs="+", choices=list(OPS), default=["elbo_bernoulli"])
     p.add_argument("--sweep-modes", nargs="+", choices=MODES, default=["full"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
-                   help="batch sweep (D, Z fixed); default 256..65536 (CPU), ..262144 (CUDA)")
-    p.add_argument("--feature-sizes", nargs="+", type=int, default=None,
-                   help="feature sweep over D (B, Z fixed); default 64 256 784 3072 12288")
+    p.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        help="batch sweep (D, Z fixed); default 256..65536 (CPU), ..262144 (CUDA)",
+    )
+    p.add_argument(
+        "--feature-sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        help="feature sweep over D (B, Z fixed); default 64 256 784 3072 12288",
+    )
     p.add_argument("--sweep-b", type=int, default=None, help="B of the feature sweep (4096)")
     p.add_argument("--sweep-d", type=int, default=None, help="D of the batch sweep (784)")
     p.add_argument("--sweep-z", type=int, default=None, help="Z of both sweeps (32)")
-    p.add_argument("--min-time", type=float, default=None,
-                   help="seconds of timed calls per provider and case (default 1.0)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds of timed calls per provider and case (default 1.0)",
+    )
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
@@ -664,8 +840,11 @@ def parse_args(argv=None):
     p.add_argument("--append", action="store_true", help="add this run to the --json file")
     p.add_argument("--plot", help="PNG of the sweeps: time and GB/s against size")
     p.add_argument("--markdown", help="write the tables here (they are printed anyway)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes and short timings: checks the script, not the kernels")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and short timings: checks the script, not the kernels",
+    )
     args = p.parse_args(argv)
 
     cuda = args.device == "cuda"
@@ -674,11 +853,12 @@ def parse_args(argv=None):
         "sizes": [(256, 784, 32)] if quick else [(8192, 784, 32), (4096, 12288, 128)],
         "ops": list(OPS),
         # torch.compile's cold compiles alone (one per op, pass and shape) take minutes
-        "providers": [p for p in DEFAULT_PROVIDERS if p != "compile"] if quick
+        "providers": [p for p in DEFAULT_PROVIDERS if p != "compile"]
+        if quick
         else list(DEFAULT_PROVIDERS),
-        "batch_sizes": [64, 256] if quick else (
-            [256, 1024, 4096, 16384, 65536, 262144] if cuda else [256, 1024, 4096, 16384, 65536]
-        ),
+        "batch_sizes": [64, 256]
+        if quick
+        else ([256, 1024, 4096, 16384, 65536, 262144] if cuda else [256, 1024, 4096, 16384, 65536]),
         "feature_sizes": [64, 256] if quick else [64, 256, 784, 3072, 12288],
         "sweep_b": 64 if quick else 4096,
         "sweep_d": 784,
@@ -702,9 +882,11 @@ def main(argv=None) -> dict:
     vae_backend, _ = C.resolve_vae_backend(args.vae_backend)
     meta = C.machine_meta(args.device, vae_backend)
     C.warn_if_busy(meta)
-    compiled = {
-        name: torch.compile(op.eager, dynamic=False) for name, op in OPS.items()
-    } if "compile" in args.providers else {}
+    compiled = (
+        {name: torch.compile(op.eager, dynamic=False) for name, op in OPS.items()}
+        if "compile" in args.providers
+        else {}
+    )
     cases = build_cases(args)
     records: list[dict] = []
     for i, case in enumerate(cases, 1):
@@ -713,7 +895,8 @@ def main(argv=None) -> dict:
         records += recs
         mine = next((r for r in recs if r["provider"] == "vae_fast"), {})
         summary = " ".join(
-            f"{r['provider']}={C.fmt_ms(r['median_s'])}ms" if "median_s" in r
+            f"{r['provider']}={C.fmt_ms(r['median_s'])}ms"
+            if "median_s" in r
             else f"{r['provider']}=ERROR({r['error']})"
             for r in recs
         )
@@ -723,11 +906,13 @@ def main(argv=None) -> dict:
             f"{str(case.dtype).split('.')[1]}: {summary}"
             + (f" | vae_fast {100 * frac:.0f}% of roof" if frac else "")
             + f" ({time.perf_counter() - t0:.1f}s)",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
     C.finish_meta(meta, started)
     config = {
-        k: v for k, v in vars(args).items()
+        k: v
+        for k, v in vars(args).items()
         if k not in ("dtypes", "json", "plot", "markdown", "append")
     }
     config["sizes"] = ["x".join(map(str, s)) for s in args.sizes]

@@ -27,7 +27,6 @@ import argparse
 import copy
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,8 +111,12 @@ def run_config(kind: str, batch: int, args, vae_backend: str) -> list[dict]:
     for name in [*variants, *errors]:
         backend, mode = name.split("/")
         rec = {
-            "model": kind, "batch": batch, "backend": backend, "mode": mode,
-            "dtype": args.dtype, "device": device,
+            "model": kind,
+            "batch": batch,
+            "backend": backend,
+            "mode": mode,
+            "dtype": args.dtype,
+            "device": device,
         }
         timing = steps.get(name, {"error": errors.get(name)})
         rec.update(timing)
@@ -142,23 +145,33 @@ def markdown(run: dict) -> str:
     if meta["vae_fast_backend"] != "fused":
         out += [
             "**vae_fast._C was not built: the fused columns ran the reference backend as a "
-            "stand-in. These numbers say nothing about the fused kernels.**", "",
+            "stand-in. These numbers say nothing about the fused kernels.**",
+            "",
         ]
     header = ["model", "batch"]
     for mode in args["modes"]:
-        header += [f"{fused_title} {mode} samples/s", f"reference {mode} samples/s",
-                   f"{mode}: fused / reference", f"{mode}: loss share fused / ref"]
+        header += [
+            f"{fused_title} {mode} samples/s",
+            f"reference {mode} samples/s",
+            f"{mode}: fused / reference",
+            f"{mode}: loss share fused / ref",
+        ]
     rows = []
     for kind, batch in dict.fromkeys((r["model"], r["batch"]) for r in records):
         row = [kind, str(batch)]
         for mode in args["modes"]:
             get = {
-                r["backend"]: r for r in records
+                r["backend"]: r
+                for r in records
                 if r["model"] == kind and r["batch"] == batch and r["mode"] == mode
             }
             f, r = get.get("fused", {}), get.get("reference", {})
-            row += [_rate(f), _rate(r), C.fmt_ratio(f.get("speedup_vs_reference")),
-                    f"{_pct(f.get('loss_fraction'))} / {_pct(r.get('loss_fraction'))}"]
+            row += [
+                _rate(f),
+                _rate(r),
+                C.fmt_ratio(f.get("speedup_vs_reference")),
+                f"{_pct(f.get('loss_fraction'))} / {_pct(r.get('loss_fraction'))}",
+            ]
         rows.append(row)
     out += ["### Training step (forward, loss, backward, Adam)", "", C.md_table(header, rows), ""]
     return "\n".join(out)
@@ -175,32 +188,59 @@ def _pct(frac: float | None) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=sorted(C.DTYPES), default="float32")
     p.add_argument("--models", nargs="+", choices=("mlp", "conv"), default=["mlp", "conv"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
-                   help="MLP VAE batches (default 256 1024 4096 16384)")
-    p.add_argument("--conv-batch-sizes", nargs="+", type=int, default=None,
-                   help="ConvVAE batches (default 256 1024)")
+    p.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        help="MLP VAE batches (default 256 1024 4096 16384)",
+    )
+    p.add_argument(
+        "--conv-batch-sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        help="ConvVAE batches (default 256 1024)",
+    )
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                   help="default: eager compile (--quick: eager)")
-    p.add_argument("--vae-backend", choices=("auto", "fused", "reference"), default="auto",
-                   help="what the 'fused' variants run; auto: the kernels if vae_fast._C is "
-                        "built, else the reference as a labelled stand-in")
-    p.add_argument("--min-time", type=float, default=None,
-                   help="seconds of timed steps per variant and config (default 2.0)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=None,
+        help="default: eager compile (--quick: eager)",
+    )
+    p.add_argument(
+        "--vae-backend",
+        choices=("auto", "fused", "reference"),
+        default="auto",
+        help="what the 'fused' variants run; auto: the kernels if vae_fast._C is "
+        "built, else the reference as a labelled stand-in",
+    )
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds of timed steps per variant and config (default 2.0)",
+    )
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
     p.add_argument("--threads", type=int, default=None, help="default: every available core")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--append", action="store_true", help="add this run to the --json file")
     p.add_argument("--markdown", help="write the table here (it is printed anyway)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny batches, eager only, short timings: checks the script")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny batches, eager only, short timings: checks the script",
+    )
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -234,11 +274,15 @@ def main(argv=None) -> dict:
         summary = " ".join(
             f"{r['backend']}/{r['mode']}={r['samples_per_s']:,.0f}/s"
             f" (loss {_pct(r.get('loss_fraction'))})"
-            if "samples_per_s" in r else f"{r['backend']}/{r['mode']}=ERROR({r.get('error')})"
+            if "samples_per_s" in r
+            else f"{r['backend']}/{r['mode']}=ERROR({r.get('error')})"
             for r in recs
         )
-        print(f"[{i}/{len(configs)}] {kind} B={batch}: {summary} "
-              f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
+        print(
+            f"[{i}/{len(configs)}] {kind} B={batch}: {summary} ({time.perf_counter() - t0:.1f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
     C.finish_meta(meta, started)
     config = {k: v for k, v in vars(args).items() if k not in ("json", "markdown", "append")}
     run = {"kind": "train", "meta": meta, "config": config, "results": records}

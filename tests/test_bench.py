@@ -21,9 +21,22 @@ pytestmark = pytest.mark.slow
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--quick", "--threads", "1",
-         "--min-time", "0.01", "--rounds", "2", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "bench" / script),
+            "--quick",
+            "--threads",
+            "1",
+            "--min-time",
+            "0.01",
+            "--rounds",
+            "2",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -45,11 +58,34 @@ def test_ops_quick(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         extra = ["--plot", str(tmp_path / "ops.png")]
     proc = _run(
-        "ops.py", "--sizes", "64x48x8", "--ops", "elbo_bernoulli", "reparameterize",
-        "--providers", "vae_fast", "eager", "distributions", "roof",
-        "--batch-sizes", "16", "64", "--feature-sizes", "16", "48", "--sweep-b", "16",
-        "--sweep-d", "48", "--sweep-z", "8",
-        "--json", str(out), "--markdown", str(tmp_path / "ops.md"), *extra,
+        "ops.py",
+        "--sizes",
+        "64x48x8",
+        "--ops",
+        "elbo_bernoulli",
+        "reparameterize",
+        "--providers",
+        "vae_fast",
+        "eager",
+        "distributions",
+        "roof",
+        "--batch-sizes",
+        "16",
+        "64",
+        "--feature-sizes",
+        "16",
+        "48",
+        "--sweep-b",
+        "16",
+        "--sweep-d",
+        "48",
+        "--sweep-z",
+        "8",
+        "--json",
+        str(out),
+        "--markdown",
+        str(tmp_path / "ops.md"),
+        *extra,
     )
     run = _only_run(out)
     results = run["results"]
