@@ -174,6 +174,19 @@ def markdown(run: dict) -> str:
             ]
         rows.append(row)
     out += ["### Training step (forward, loss, backward, Adam)", "", C.md_table(header, rows), ""]
+    ratios = [r for r in records if "speedup_vs_reference" in r]
+    if ratios:
+        slower = [r for r in ratios if r["speedup_vs_reference"] < 1]
+        text = "; ".join(
+            f"{r['model']} B={r['batch']} {r['mode']} {r['speedup_vs_reference']:.2f}×"
+            for r in slower
+        )
+        out += [
+            "Target of issue 5, a step with the fused loss at least as fast as the reference "
+            f"everywhere ({len(ratios)} cases): "
+            + ("met" if not slower else f"**not met** at {text}"),
+            "",
+        ]
     return "\n".join(out)
 
 
