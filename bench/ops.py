@@ -9,6 +9,8 @@ For each op, size and pass (forward only, forward+backward) the providers are
   compile        torch.compile of the eager function (compiled during the warm-up),
   roof           the memory-bandwidth roof on the op's main element count: a triad
                  torch.add(p, q, out=r) on the CPU, a device-to-device copy on CUDA,
+  roof_alloc     the same into a fresh output (torch.add(p, q), p.clone()): the
+                 difference is what allocating a B x D result costs,
 
 timed interleaved (median, 20th/80th percentiles), with the bytes the ideal kernel
 must move, GB/s, the fraction of the roof, speedups of vae_fast over each peer and the
@@ -43,8 +45,9 @@ import vae_fast  # noqa: E402
 
 LOG_2PI = math.log(2.0 * math.pi)
 PEERS = ("eager", "distributions", "compile")
-ALL_PROVIDERS = ("vae_fast", *PEERS, "roof", "reference")
-DEFAULT_PROVIDERS = ("vae_fast", *PEERS, "roof")
+ROOFS = ("roof", "roof_alloc")
+ALL_PROVIDERS = ("vae_fast", *PEERS, *ROOFS, "reference")
+DEFAULT_PROVIDERS = ("vae_fast", *PEERS, *ROOFS)
 MODES = ("forward", "full")
 MODE_TITLE = {"forward": "fwd", "full": "fwd+bwd"}
 
@@ -346,15 +349,19 @@ def make_step(op: Op, fn: Callable, inputs: Inputs, mode: str) -> Callable[[], o
     return step
 
 
-def make_roof(n: int, dtype: torch.dtype, device: str) -> tuple[Callable[[], object], int, str]:
-    """The bandwidth roof on n elements: (callable, bytes it moves, name)."""
+def make_roofs(n: int, dtype: torch.dtype, device: str) -> tuple[dict[str, Callable], int, str]:
+    """The bandwidth roof on n elements, into a reused and into a fresh output.
+
+    Returns ({"roof": ..., "roof_alloc": ...}, the bytes each moves, its name).
+    """
     p = torch.rand(n, dtype=dtype, device=device)
     q = torch.rand(n, dtype=dtype, device=device)
     r = torch.empty(n, dtype=dtype, device=device)
     size = torch.empty((), dtype=dtype).element_size()
     if device == "cuda":
-        return (lambda: r.copy_(p)), 2 * n * size, "copy"
-    return (lambda: torch.add(p, q, out=r)), 3 * n * size, "triad"
+        return {"roof": lambda: r.copy_(p), "roof_alloc": lambda: p.clone()}, 2 * n * size, "copy"
+    fns = {"roof": lambda: torch.add(p, q, out=r), "roof_alloc": lambda: torch.add(p, q)}
+    return fns, 3 * n * size, "triad"
 
 
 # --------------------------------------------------------------------------- running
@@ -371,10 +378,11 @@ def run_case(case: Case, args, providers, compiled, vae_backend) -> list[dict]:
         "distributions": op.distributions,
         "compile": compiled.get(op.name),
     }
-    steps = {p: make_step(op, impls[p], inputs, mode) for p in providers if p != "roof"}
+    steps = {p: make_step(op, impls[p], inputs, mode) for p in providers if p not in ROOFS}
     roof_bytes, roof_name = None, None
-    if "roof" in providers:
-        steps["roof"], roof_bytes, roof_name = make_roof(roof_elements(op, B, D, Z), dtype, device)
+    if set(ROOFS) & set(providers):
+        roofs, roof_bytes, roof_name = make_roofs(roof_elements(op, B, D, Z), dtype, device)
+        steps.update({p: fn for p, fn in roofs.items() if p in providers})
     timings = C.measure_interleaved(
         steps, device=device, min_time=args.min_time, rounds=args.rounds, warmup=args.warmup
     )
@@ -401,11 +409,11 @@ def run_case(case: Case, args, providers, compiled, vae_backend) -> list[dict]:
     for provider, timing in timings.items():
         rec = {**base, "provider": provider, **timing}
         if "median_s" in timing:
-            moved = roof_bytes if provider == "roof" else ideal_bytes
+            moved = roof_bytes if provider in ROOFS else ideal_bytes
             rec["bytes"] = moved
             rec["gbps"] = moved / timing["median_s"] / 1e9
             rec["frac_roof"] = rec["gbps"] / roof_gbps if roof_gbps else None
-            if provider == "roof":
+            if provider in ROOFS:
                 rec["roof_kind"] = roof_name
             elif not args.no_memory:
                 for t in inputs.leaves:
@@ -479,7 +487,7 @@ def _match(key) -> dict:
 
 
 def provider_titles(meta: dict) -> dict[str, str]:
-    roof = "roof (copy)" if meta["device"] == "cuda" else "roof (triad)"
+    kind = "copy" if meta["device"] == "cuda" else "triad"
     label = "vae_fast" if meta["vae_fast_backend"] == "fused" else "vae_fast [reference stand-in]"
     return {
         "vae_fast": label,
@@ -487,7 +495,8 @@ def provider_titles(meta: dict) -> dict[str, str]:
         "eager": "eager",
         "distributions": "torch.distributions",
         "compile": "torch.compile",
-        "roof": roof,
+        "roof": f"roof ({kind})",
+        "roof_alloc": f"{kind}, fresh out",
     }
 
 
@@ -555,7 +564,7 @@ def markdown(run: dict) -> str:
         rows.append([k[0], MODE_TITLE[k[5]]] + row)
     out += [C.md_table(header, rows), ""]
 
-    mem_providers = [p for p in providers if p != "roof"]
+    mem_providers = [p for p in providers if p not in ROOFS]
     mem_rows = []
     for k in _configs(records, "sizes", mode="full"):
         match = _match(k)
@@ -727,7 +736,7 @@ def plot(run: dict, path: str) -> None:
                 med = [r["median_s"] * 1e3 for _, r in pts]
                 lo = [m - r["p20_s"] * 1e3 for m, (_, r) in zip(med, pts)]
                 hi = [r["p80_s"] * 1e3 - m for m, (_, r) in zip(med, pts)]
-                style = "--" if provider == "roof" else "-"
+                style = "--" if provider in ROOFS else "-"
                 ax_t.errorbar(
                     xs, med, yerr=[lo, hi], marker="o", ls=style, capsize=2, label=titles[provider]
                 )
