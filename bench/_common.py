@@ -276,6 +276,7 @@ def machine_meta(device: str, vae_backend: str) -> dict:
         "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
         "cpu_model": cpu_model(),
         "cpu_cores": available_cores(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's vector ISA
         "threads": torch.get_num_threads(),
         "cuda_version": torch.version.cuda,
         "load_average_start": _loadavg(),
