@@ -200,7 +200,10 @@ def truth_elbo(x, recon, mu, logvar, likelihood="bernoulli", obs_logvar=None, be
 
 
 def _max_abs(t: torch.Tensor) -> float:
-    return float(t.detach().abs().max()) if t.numel() else 0.0
+    """The largest finite magnitude in `t` (0 if none): the scale of its absolute tolerance."""
+    t = t.detach().abs()
+    t = t[torch.isfinite(t)]
+    return float(t.max()) if t.numel() else 0.0
 
 
 def assert_close_exact(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str = "") -> None:
