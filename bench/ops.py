@@ -736,7 +736,7 @@ def plot(run: dict, path: str) -> None:
                 med = [r["median_s"] * 1e3 for _, r in pts]
                 lo = [m - r["p20_s"] * 1e3 for m, (_, r) in zip(med, pts)]
                 hi = [r["p80_s"] * 1e3 - m for m, (_, r) in zip(med, pts)]
-                style = "--" if provider in ROOFS else "-"
+                style = {"roof": "--", "roof_alloc": ":"}.get(provider, "-")
                 ax_t.errorbar(
                     xs, med, yerr=[lo, hi], marker="o", ls=style, capsize=2, label=titles[provider]
                 )
