@@ -109,8 +109,9 @@ def test_elbo_loss_owns_the_observation_logvar(mode, shape, learnable):
     mu, logvar = torch.randn(5, 2), torch.randn(5, 2)
     with vae_fast.backend("reference"):
         loss, ll, kl = loss_fn(x, recon, mu, logvar)
-        want, _, _ = vae_fast.elbo(x, recon, mu, logvar, likelihood="gaussian",
-                                   obs_logvar=torch.full(shape, -1.0))
+        want, _, _ = vae_fast.elbo(
+            x, recon, mu, logvar, likelihood="gaussian", obs_logvar=torch.full(shape, -1.0)
+        )
     torch.testing.assert_close(loss, want)
     if learnable:
         loss.backward()
@@ -198,8 +199,9 @@ def test_log_likelihood_is_exact_with_the_true_posterior(backend, num_samples, m
     model, loss_fn, log_px = _linear_gaussian(d=6, latent=3, sigma2=0.3)
     x = torch.randn(4, 6, generator=_seeded(4), dtype=torch.float64) * 2
     with vae_fast.backend(backend):
-        got = model.log_likelihood(x, num_samples, obs_logvar=loss_fn.obs_logvar,
-                                   max_rows=max_rows, generator=_seeded())
+        got = model.log_likelihood(
+            x, num_samples, obs_logvar=loss_fn.obs_logvar, max_rows=max_rows, generator=_seeded()
+        )
     torch.testing.assert_close(got, log_px(x), rtol=1e-10, atol=1e-10)
 
 
@@ -271,8 +273,7 @@ def _loss_and_grads(backend, model, loss_fn, x):
         (lambda: VAE(64, 4, hidden=(32, 16)), "bernoulli", "fixed"),
         (lambda: VAE(64, 4, hidden=(32,), likelihood="gaussian"), "gaussian", "feature"),
         (lambda: ConvVAE((1, 8, 8), 4, channels=(4, 8), hidden=16), "bernoulli", "fixed"),
-        (lambda: ConvVAE((1, 8, 8), 4, channels=(4,), likelihood="gaussian"), "gaussian",
-         "scalar"),
+        (lambda: ConvVAE((1, 8, 8), 4, channels=(4,), likelihood="gaussian"), "gaussian", "scalar"),
     ],
 )
 def test_fused_and_reference_give_the_same_loss_and_gradients(make, likelihood, obs):
@@ -290,8 +291,9 @@ def test_fused_and_reference_give_the_same_loss_and_gradients(make, likelihood, 
     for what, a, b in zip(("loss", "log-likelihood", "kl"), fused[:3], ref[:3]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
     for name, g in ref[3].items():
-        torch.testing.assert_close(fused[3][name], g, rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+        torch.testing.assert_close(
+            fused[3][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad of {n}: {m}"
+        )
 
 
 @pytest.mark.fused_only

@@ -43,8 +43,7 @@ def save_grid(
     height, width = grid.shape[:2]
     scale = 6.0 / max(height, width)
     fig, ax = plt.subplots(figsize=(max(width * scale, 3.0), max(height * scale, 1.0) + 0.4))
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad("#4060a0")  # the padding between images
+    cmap = plt.get_cmap("gray").with_extremes(bad="#4060a0")  # bad (nan): the padding
     ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.axis("off")

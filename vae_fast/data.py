@@ -91,8 +91,9 @@ def _digits() -> Dataset:
 def _synthetic(spec: str) -> Dataset:
     m = re.fullmatch(r"synthetic:(\d+)[x×X*](\d+)", spec)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise DataError(f"--data {spec}: expected synthetic:NxD with positive N and D, "
-                        "e.g. synthetic:65536x784")
+        raise DataError(
+            f"--data {spec}: expected synthetic:NxD with positive N and D, e.g. synthetic:65536x784"
+        )
     n, d = int(m.group(1)), int(m.group(2))
     # Probabilities from a random 16-dim latent model: data a VAE can learn something of.
     g = torch.Generator().manual_seed(SPLIT_SEED)
@@ -154,6 +155,8 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX header is truncated ({len(raw)} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     count = math.prod(dims)
@@ -181,8 +184,9 @@ def _idx_directory(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     images = sorted(p for p in path.iterdir() if "images" in p.name and _looks_like_idx(p))
     train = [p for p in images if "train" in p.name]
     if not train:
-        raise DataError(f"{path}: no IDX image file with 'train' in its name "
-                        "(e.g. train-images-idx3-ubyte)")
+        raise DataError(
+            f"{path}: no IDX image file with 'train' in its name (e.g. train-images-idx3-ubyte)"
+        )
     return _read_idx(train[0]), _idx_test_sibling(train[0])
 
 
@@ -242,8 +246,10 @@ def _prepare(name: str, where: str, train: np.ndarray, test: np.ndarray | None) 
         test, _ = _event_layout(f"{where} (test)", test)
         test, test_binary = _as_float(f"{where} (test)", test)
         if test.shape[1:] != train.shape[1:] or test.shape[0] < 1:
-            raise DataError(f"{where}: test rows have shape {test.shape[1:]} (n={test.shape[0]}) "
-                            f"but training rows {train.shape[1:]}; they must match")
+            raise DataError(
+                f"{where}: test rows have shape {test.shape[1:]} (n={test.shape[0]}) "
+                f"but training rows {train.shape[1:]}; they must match"
+            )
         binary = binary and test_binary
         x_train, x_test = x, torch.from_numpy(np.ascontiguousarray(test))
     return Dataset(name, x_train, x_test, binary=binary, image_shape=image)

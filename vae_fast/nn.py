@@ -161,8 +161,14 @@ class ELBOLoss(nn.Module):
             dtype = torch.promote_types(dtype, t.dtype)
         obs = self.obs_logvar.to(dtype) if self.obs_logvar is not None else None
         return vae_fast.elbo(
-            x.to(dtype), recon.to(dtype), mu.to(dtype), logvar.to(dtype),
-            likelihood=self.likelihood, obs_logvar=obs, beta=self.beta, reduction=self.reduction,
+            x.to(dtype),
+            recon.to(dtype),
+            mu.to(dtype),
+            logvar.to(dtype),
+            likelihood=self.likelihood,
+            obs_logvar=obs,
+            beta=self.beta,
+            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:
@@ -241,8 +247,14 @@ class _VAEBase(nn.Module):
         """
         mu, logvar = self.encode(x)
         return importance_log_likelihood(
-            x, mu.to(x.dtype), logvar.to(x.dtype), self.decode, num_samples=num_samples,
-            likelihood=self.likelihood, obs_logvar=obs_logvar, max_rows=max_rows,
+            x,
+            mu.to(x.dtype),
+            logvar.to(x.dtype),
+            self.decode,
+            num_samples=num_samples,
+            likelihood=self.likelihood,
+            obs_logvar=obs_logvar,
+            max_rows=max_rows,
             generator=generator,
         )
 
@@ -343,21 +355,29 @@ class ConvVAE(_VAEBase):
         self._bottom = (self.channels[-1], h, w)
         flat = self.channels[-1] * h * w
         self.encoder = nn.Sequential(
-            *down, nn.Flatten(), nn.Linear(flat, self.hidden), activation(),
+            *down,
+            nn.Flatten(),
+            nn.Linear(flat, self.hidden),
+            activation(),
             nn.Linear(self.hidden, 2 * self.latent_dim),
         )
         up: list[nn.Module] = [
-            nn.Linear(self.latent_dim, self.hidden), activation(), nn.Linear(self.hidden, flat),
-            activation(), nn.Unflatten(1, self._bottom),
+            nn.Linear(self.latent_dim, self.hidden),
+            activation(),
+            nn.Linear(self.hidden, flat),
+            activation(),
+            nn.Unflatten(1, self._bottom),
         ]
         outs = (c, *self.channels[:-1])
         for level in reversed(range(len(self.channels))):
             (h_out, w_out), (h_in, w_in) = sizes[level], sizes[level + 1]
             # a stride-2, pad-1, 3x3 transposed conv gives 2n-1; output_padding adds the rest
             pad = (h_out - (2 * h_in - 1), w_out - (2 * w_in - 1))
-            up.append(nn.ConvTranspose2d(
-                self.channels[level], outs[level], 3, stride=2, padding=1, output_padding=pad
-            ))
+            up.append(
+                nn.ConvTranspose2d(
+                    self.channels[level], outs[level], 3, stride=2, padding=1, output_padding=pad
+                )
+            )
             if level > 0:
                 up.append(activation())
         self.decoder = nn.Sequential(*up)

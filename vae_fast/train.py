@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import vae_fast
-from vae_fast._backend import BACKENDS
 from vae_fast import _plots
+from vae_fast._backend import BACKENDS
 from vae_fast.data import DataError, Dataset, load_dataset
 from vae_fast.nn import VAE, ConvVAE, ELBOLoss
 
@@ -42,9 +42,25 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # Options that define the run: --resume refuses a checkpoint written with other values.
 IDENTITY = (
-    "data", "model", "latent_dim", "hidden", "channels", "activation", "likelihood",
-    "obs_logvar", "batch_size", "epochs", "steps", "lr", "lr_scaling", "lr_batch",
-    "warmup_steps", "beta", "kl_warmup_steps", "weight_decay", "seed",
+    "data",
+    "model",
+    "latent_dim",
+    "hidden",
+    "channels",
+    "activation",
+    "likelihood",
+    "obs_logvar",
+    "batch_size",
+    "epochs",
+    "steps",
+    "lr",
+    "lr_scaling",
+    "lr_batch",
+    "warmup_steps",
+    "beta",
+    "kl_warmup_steps",
+    "weight_decay",
+    "seed",
 )
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
 
@@ -60,7 +76,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -107,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data")
     g.add_argument(
-        "--data", default="digits",
+        "--data",
+        default="digits",
         help="'digits' (scikit-learn's 8x8 handwritten digits, split 80/20 with a fixed seed), "
         "'synthetic:NxD' (N random rows of D features, for throughput runs), a .npz "
         "(x_train/x_test, train/test, or one array) or .npy file, an IDX file (MNIST's "
@@ -116,83 +135,197 @@ def build_parser() -> argparse.ArgumentParser:
         "(N, D), (N, H, W) or (N, C, H, W); bytes are scaled to [0, 1]",
     )
     g.add_argument(
-        "--likelihood", choices=("auto", "bernoulli", "gaussian"), default="auto",
+        "--likelihood",
+        choices=("auto", "bernoulli", "gaussian"),
+        default="auto",
         help="'auto': Bernoulli for data in [0, 1] (dynamically binarized each step; the test "
         "set is binarized once with a fixed seed), Gaussian for other real data "
         "(standardized; losses are reported in nats of the original units)",
     )
-    g.add_argument("--workers", type=_non_negative(int), default=0,
-                   help="DataLoader worker processes (0 loads batches in the main process)")
+    g.add_argument(
+        "--workers",
+        type=_non_negative(int),
+        default=0,
+        help="DataLoader worker processes (0 loads batches in the main process)",
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=("mlp", "conv"), default="mlp",
-                   help="MLP encoder/decoder, or strided convolutions for image data")
+    g.add_argument(
+        "--model",
+        choices=("mlp", "conv"),
+        default="mlp",
+        help="MLP encoder/decoder, or strided convolutions for image data",
+    )
     g.add_argument("--latent-dim", type=_positive(int), default=16, help="size of z")
-    g.add_argument("--hidden", type=_int_list, default=(512, 256),
-                   help="MLP layer widths (the decoder mirrors them); with --model conv the "
-                   "first value is the fully connected width")
-    g.add_argument("--channels", type=_int_list, default=(32, 64),
-                   help="--model conv: channels of each stride-2 convolution")
-    g.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu",
-                   help="nonlinearity between layers")
-    g.add_argument("--obs-logvar", choices=("fixed", "scalar", "feature"), default="feature",
-                   help="Gaussian likelihood: observation log-variance fixed at 0, or learned "
-                   "as one scalar or one value per feature")
+    g.add_argument(
+        "--hidden",
+        type=_int_list,
+        default=(512, 256),
+        help="MLP layer widths (the decoder mirrors them); with --model conv the "
+        "first value is the fully connected width",
+    )
+    g.add_argument(
+        "--channels",
+        type=_int_list,
+        default=(32, 64),
+        help="--model conv: channels of each stride-2 convolution",
+    )
+    g.add_argument(
+        "--activation",
+        choices=tuple(ACTIVATIONS),
+        default="relu",
+        help="nonlinearity between layers",
+    )
+    g.add_argument(
+        "--obs-logvar",
+        choices=("fixed", "scalar", "feature"),
+        default="feature",
+        help="Gaussian likelihood: observation log-variance fixed at 0, or learned "
+        "as one scalar or one value per feature",
+    )
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=_positive(int), default=128,
-                   help="global batch (split evenly across processes and --accumulate steps)")
-    g.add_argument("--accumulate", type=_positive(int), default=1,
-                   help="split each process's batch into this many micro-batches "
-                   "(same result, less memory)")
-    g.add_argument("--epochs", type=_positive(int), default=150,
-                   help="passes over the training set")
-    g.add_argument("--steps", type=_positive(int), default=None,
-                   help="total optimizer steps (overrides --epochs; the last epoch is cut short)")
-    g.add_argument("--lr", type=_positive(float), default=1e-3,
-                   help="Adam learning rate for a batch of --lr-batch examples")
-    g.add_argument("--lr-scaling", choices=("linear", "sqrt", "none"), default="linear",
-                   help="how the learning rate grows with the batch: lr * (batch / lr-batch), "
-                   "its square root, or not at all")
-    g.add_argument("--lr-batch", type=_positive(int), default=128,
-                   help="the batch size that --lr is meant for")
-    g.add_argument("--warmup-steps", type=_non_negative(int), default=None,
-                   help="linear learning-rate warm-up steps (default: 5%% of the steps, at "
-                   "most 500); a cosine decay to zero follows")
-    g.add_argument("--weight-decay", type=_non_negative(float), default=0.0,
-                   help="AdamW weight decay")
-    g.add_argument("--beta", type=_non_negative(float), default=1.0,
-                   help="weight of the KL term (1 is the ELBO)")
-    g.add_argument("--kl-warmup-steps", type=_non_negative(int), default=0,
-                   help="ramp the KL weight linearly from 0 to --beta over this many steps")
+    g.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        default=128,
+        help="global batch (split evenly across processes and --accumulate steps)",
+    )
+    g.add_argument(
+        "--accumulate",
+        type=_positive(int),
+        default=1,
+        help="split each process's batch into this many micro-batches (same result, less memory)",
+    )
+    g.add_argument(
+        "--epochs",
+        type=_positive(int),
+        default=None,
+        help="passes over the training set (default: 300 on digits, 20 otherwise)",
+    )
+    g.add_argument(
+        "--steps",
+        type=_positive(int),
+        default=None,
+        help="total optimizer steps (overrides --epochs; the last epoch is cut short)",
+    )
+    g.add_argument(
+        "--lr",
+        type=_positive(float),
+        default=1e-3,
+        help="Adam learning rate for a batch of --lr-batch examples",
+    )
+    g.add_argument(
+        "--lr-scaling",
+        choices=("linear", "sqrt", "none"),
+        default="linear",
+        help="how the learning rate grows with the batch: lr * (batch / lr-batch), "
+        "its square root, or not at all",
+    )
+    g.add_argument(
+        "--lr-batch", type=_positive(int), default=128, help="the batch size that --lr is meant for"
+    )
+    g.add_argument(
+        "--warmup-steps",
+        type=_non_negative(int),
+        default=None,
+        help="linear learning-rate warm-up steps (default: 5%% of the steps, at "
+        "most 500); a cosine decay to zero follows",
+    )
+    g.add_argument(
+        "--weight-decay", type=_non_negative(float), default=0.0, help="AdamW weight decay"
+    )
+    g.add_argument(
+        "--beta",
+        type=_non_negative(float),
+        default=1.0,
+        help="weight of the KL term (1 is the ELBO)",
+    )
+    g.add_argument(
+        "--kl-warmup-steps",
+        type=_non_negative(int),
+        default=None,
+        help="ramp the KL weight linearly from 0 to --beta over this many steps, "
+        "which keeps the posterior from collapsing early (default: 1500, at most "
+        "half the steps)",
+    )
     g = p.add_argument_group("execution")
-    g.add_argument("--backend", choices=BACKENDS, default="fused",
-                   help="vae_fast's compiled kernels, or its plain-torch reference")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="'auto' picks CUDA when available")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="autocast the networks (the losses stay float32); fp16 needs CUDA "
-                   "and uses a gradient scaler")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the encoder and decoder")
-    g.add_argument("--seed", type=_non_negative(int), default=0,
-                   help="seed of the initialization, data order and noise")
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="fused",
+        help="vae_fast's compiled kernels, or its plain-torch reference",
+    )
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="'auto' picks CUDA when available",
+    )
+    g.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="autocast the networks (the losses stay float32); fp16 needs CUDA "
+        "and uses a gradient scaler",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
+    g.add_argument(
+        "--seed",
+        type=_non_negative(int),
+        default=0,
+        help="seed of the initialization, data order and noise",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=None,
+        help="CPU threads per process (default: torch's choice; small models on a "
+        "busy machine often run faster with 1)",
+    )
     g = p.add_argument_group("output and evaluation")
-    g.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: runs/<data>-<time>) for metrics.jsonl, "
-                   "samples.png, reconstructions.png and checkpoint.pt")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from --out's checkpoint; reaches the same result as an "
-                   "uninterrupted run")
-    g.add_argument("--checkpoint-every", type=_positive(int), default=10,
-                   help="write the checkpoint every this many epochs (and at the end)")
-    g.add_argument("--stop-after", type=_positive(int), default=None, metavar="EPOCHS",
-                   help="stop (with a checkpoint) once this many epochs are done, e.g. to fit "
-                   "a job's time limit; --resume continues")
-    g.add_argument("--eval-samples", type=_non_negative(int), default=1000,
-                   help="importance samples k for the final test log-likelihood (0 skips it)")
-    g.add_argument("--log-every", type=_positive(int), default=None,
-                   help="print every this many epochs' metrics (default: about 10 lines a run)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show a tqdm progress bar")
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: runs/<data>-<time>) for metrics.jsonl, "
+        "samples.png, reconstructions.png and checkpoint.pt",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --out's checkpoint; reaches the same result as an uninterrupted run",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=_positive(int),
+        default=10,
+        help="write the checkpoint every this many epochs (and at the end)",
+    )
+    g.add_argument(
+        "--stop-after",
+        type=_positive(int),
+        default=None,
+        metavar="EPOCHS",
+        help="stop (with a checkpoint) once this many epochs are done, e.g. to fit "
+        "a job's time limit; --resume continues",
+    )
+    g.add_argument(
+        "--eval-samples",
+        type=_non_negative(int),
+        default=1000,
+        help="importance samples k for the final test log-likelihood (0 skips it)",
+    )
+    g.add_argument(
+        "--log-every",
+        type=_positive(int),
+        default=None,
+        help="print every this many epochs' metrics (default: about 10 lines a run)",
+    )
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show a tqdm progress bar",
+    )
     return p
 
 
@@ -269,8 +402,13 @@ def _prepare(data: Dataset, likelihood: str) -> Prepared:
     # Constant features would get a zero scale: leave those unscaled.
     scale = torch.where(std > 1e-6 * float(std.max().clamp_min(1e-30)), std, torch.ones_like(std))
     return Prepared(
-        (data.train - shift) / scale, (data.test - shift) / scale, data.test, "gaussian",
-        shift, scale, float(scale.log().sum()),
+        (data.train - shift) / scale,
+        (data.test - shift) / scale,
+        data.test,
+        "gaussian",
+        shift,
+        scale,
+        float(scale.log().sum()),
     )
 
 
@@ -282,8 +420,9 @@ def _build_model(args: argparse.Namespace, data: Dataset, likelihood: str) -> nn
                 f"--model conv: {data.name} rows of shape {data.event_shape} are not images; "
                 "use --model mlp"
             )
-        return ConvVAE(data.image_shape, args.latent_dim, args.channels, args.hidden[0],
-                       likelihood, activation)
+        return ConvVAE(
+            data.image_shape, args.latent_dim, args.channels, args.hidden[0], likelihood, activation
+        )
     return VAE(math.prod(data.event_shape), args.latent_dim, args.hidden, likelihood, activation)
 
 
@@ -351,8 +490,10 @@ def _schedule(args: argparse.Namespace, total_steps: int) -> Schedule:
     warmup = args.warmup_steps
     if warmup is None:
         warmup = min(500, max(1, total_steps // 20))
-    return Schedule(args.lr * factor, total_steps, min(warmup, total_steps), args.beta,
-                    args.kl_warmup_steps)
+    kl_warmup = args.kl_warmup_steps
+    if kl_warmup is None:
+        kl_warmup = min(1500, total_steps // 2)
+    return Schedule(args.lr * factor, total_steps, min(warmup, total_steps), args.beta, kl_warmup)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -374,8 +515,9 @@ def _set_rng_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     np_state = dict(state["numpy"])
-    np_state["state"] = dict(np_state["state"], key=np.asarray(np_state["state"]["key"],
-                                                               dtype=np.uint32))
+    np_state["state"] = dict(
+        np_state["state"], key=np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    )
     np.random.set_state(np_state)
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -397,8 +539,9 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _identity(args: argparse.Namespace) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-            if k in IDENTITY}
+    return {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in IDENTITY
+    }
 
 
 def _load_checkpoint(args: argparse.Namespace, rt: Runtime) -> dict:
@@ -431,8 +574,9 @@ def _load_checkpoint(args: argparse.Namespace, rt: Runtime) -> dict:
 
 
 @torch.no_grad()
-def evaluate(objective: Objective, x: torch.Tensor, seed: int, device: torch.device,
-             batch: int = 4096) -> dict[str, float]:
+def evaluate(
+    objective: Objective, x: torch.Tensor, seed: int, device: torch.device, batch: int = 4096
+) -> dict[str, float]:
     """The test negative ELBO (beta = 1) and its two terms, averaged over rows, in nats."""
     g = torch.Generator(device=device).manual_seed(seed)
     total_ll = total_kl = 0.0
@@ -443,13 +587,22 @@ def evaluate(objective: Objective, x: torch.Tensor, seed: int, device: torch.dev
         total_ll += float(ll.double().sum())
         total_kl += float(kl.double().sum())
     n = x.shape[0]
-    return {"test_loss": (total_kl - total_ll) / n, "test_recon": -total_ll / n,
-            "test_kl": total_kl / n}
+    return {
+        "test_loss": (total_kl - total_ll) / n,
+        "test_recon": -total_ll / n,
+        "test_kl": total_kl / n,
+    }
 
 
 @torch.no_grad()
-def test_log_likelihood(objective: Objective, x: torch.Tensor, k: int, seed: int,
-                        device: torch.device, batch: int = 1024) -> float:
+def test_log_likelihood(
+    objective: Objective,
+    x: torch.Tensor,
+    k: int,
+    seed: int,
+    device: torch.device,
+    batch: int = 1024,
+) -> float:
     """Mean importance-weighted log p(x) over the rows of x (k samples each), in nats."""
     g = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
@@ -461,8 +614,9 @@ def test_log_likelihood(objective: Objective, x: torch.Tensor, k: int, seed: int
     return total / x.shape[0]
 
 
-def _pictures(objective: Objective, prep: Prepared, data: Dataset, out: Path, seed: int,
-              device: torch.device) -> tuple[Path, Path]:
+def _pictures(
+    objective: Objective, prep: Prepared, data: Dataset, out: Path, seed: int, device: torch.device
+) -> tuple[Path, Path]:
     model = objective.model
     image = data.image_shape or (1, 1, math.prod(data.event_shape))
     g = torch.Generator(device=device).manual_seed(seed)
@@ -471,13 +625,21 @@ def _pictures(objective: Objective, prep: Prepared, data: Dataset, out: Path, se
         t = t.float().cpu() * prep.scale + prep.shift
         return t.reshape(-1, *image)
 
-    lo, hi = (0.0, 1.0) if prep.likelihood == "bernoulli" else (
-        float(data.train.min()), float(data.train.max()))
+    lo, hi = (
+        (0.0, 1.0)
+        if prep.likelihood == "bernoulli"
+        else (float(data.train.min()), float(data.train.max()))
+    )
     ncol = 10 if image[2] <= 64 else 4
     samples = to_data(model.sample(ncol * ncol, generator=g))
-    s = _plots.save_grid(samples, out / "samples.png",
-                         f"{data.name}: {ncol * ncol} samples (mean of p(x|z), z ~ N(0, I))",
-                         ncol=ncol, vmin=lo, vmax=hi)
+    s = _plots.save_grid(
+        samples,
+        out / "samples.png",
+        f"{data.name}: {ncol * ncol} samples (mean of p(x|z), z ~ N(0, I))",
+        ncol=ncol,
+        vmin=lo,
+        vmax=hi,
+    )
     n = min(ncol * (ncol // 2), prep.test.shape[0])
     shown = prep.test_shown[:n]
     model_in = shown if prep.likelihood == "bernoulli" else prep.test[:n]
@@ -485,9 +647,14 @@ def _pictures(objective: Objective, prep: Prepared, data: Dataset, out: Path, se
     pairs = []
     for r in range(0, n, ncol):  # alternating rows: test images, then their reconstructions
         pairs += [shown[r : r + ncol].reshape(-1, *image), recon[r : r + ncol]]
-    r = _plots.save_grid(torch.cat(pairs), out / "reconstructions.png",
-                         f"{data.name}: test images (odd rows) and reconstructions (even rows)",
-                         ncol=ncol, vmin=lo, vmax=hi)
+    r = _plots.save_grid(
+        torch.cat(pairs),
+        out / "reconstructions.png",
+        f"{data.name}: test images (odd rows) and reconstructions (even rows)",
+        ncol=ncol,
+        vmin=lo,
+        vmax=hi,
+    )
     return s, r
 
 
@@ -534,12 +701,16 @@ def run(argv: Sequence[str] | None = None) -> dict:
         rt = _start_runtime(args)
     except (DataError, ConfigError) as error:
         parser.error(str(error))
+    threads = torch.get_num_threads()
     try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         with vae_fast.backend(args.backend):
             return _train(args, data, prep, rt)
     except (DataError, ConfigError) as error:
         parser.error(str(error))
     finally:
+        torch.set_num_threads(threads)  # callers in the same process keep their setting
         if rt.distributed:
             dist.destroy_process_group()
 
@@ -557,8 +728,10 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
     torch.manual_seed(args.seed)
     model = _build_model(args, data, prep.likelihood)
     loss_fn = ELBOLoss(
-        prep.likelihood, args.obs_logvar if prep.likelihood == "gaussian" else "fixed",
-        beta=args.beta, event_shape=data.event_shape,
+        prep.likelihood,
+        args.obs_logvar if prep.likelihood == "gaussian" else "fixed",
+        beta=args.beta,
+        event_shape=data.event_shape,
     )
     objective = Objective(model, loss_fn).to(device)
     random.seed(args.seed + rt.rank)
@@ -566,11 +739,14 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
     torch.manual_seed(args.seed + rt.rank)
 
     steps_per_epoch = prep.train.shape[0] // args.batch_size
+    if args.epochs is None:  # digits is small: it takes many passes (~3300 steps)
+        args.epochs = 300 if args.data == "digits" else 20
     total_steps = args.steps or args.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     sched = _schedule(args, total_steps)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=sched.lr(0),
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        objective.parameters(), lr=sched.lr(0), weight_decay=args.weight_decay
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     start_epoch, history = 0, []
@@ -593,20 +769,32 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
     trainer: nn.Module = objective
     if rt.distributed:
         trainer = DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None,
+            objective,
+            device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False,
         )
     local_batch = args.batch_size // world
-    sampler = DistributedSampler(_Rows(prep.train), num_replicas=world, rank=rt.rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
+    sampler = DistributedSampler(
+        _Rows(prep.train),
+        num_replicas=world,
+        rank=rt.rank,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
+    )
     loader = DataLoader(
-        _Rows(prep.train), batch_size=None,
+        _Rows(prep.train),
+        batch_size=None,
         sampler=BatchSampler(sampler, local_batch, drop_last=True),
-        num_workers=args.workers, pin_memory=device.type == "cuda",
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0,
     )
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16"
-                          else torch.float16) if args.amp != "none" else contextlib.nullcontext())
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+        if args.amp != "none"
+        else contextlib.nullcontext()
+    )
     noise = torch.Generator(device=device)
     log_every = args.log_every or max(1, math.ceil(epochs / 10))
 
@@ -614,8 +802,13 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
     if rt.main and args.progress and start_epoch < epochs:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, unit="step",
-                   dynamic_ncols=True, desc=data.name)
+        bar = tqdm(
+            total=total_steps,
+            initial=start_epoch * steps_per_epoch,
+            unit="step",
+            dynamic_ncols=True,
+            desc=data.name,
+        )
     stop = min(epochs, args.stop_after or epochs)
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, stop):
@@ -635,8 +828,7 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
                 if prep.likelihood == "bernoulli":
                     micro = torch.bernoulli(micro, generator=noise)
                 last = a == args.accumulate - 1
-                sync = contextlib.nullcontext() if last or not rt.distributed \
-                    else trainer.no_sync()
+                sync = contextlib.nullcontext() if last or not rt.distributed else trainer.no_sync()
                 with sync:
                     with amp:
                         loss, _, _ = trainer(micro, noise)
@@ -651,16 +843,23 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
                 bar.update(1)
                 if i % 25 == 0 or i == n_steps - 1:
                     rate = (i + 1) * args.batch_size / (time.perf_counter() - t0)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(sums[0] / sums[1]):.3f}",
-                                    samples_s=f"{rate:,.0f}", refresh=False)
+                    bar.set_postfix(
+                        epoch=epoch + 1,
+                        loss=f"{float(sums[0] / sums[1]):.3f}",
+                        samples_s=f"{rate:,.0f}",
+                        refresh=False,
+                    )
         if rt.distributed:
             dist.all_reduce(sums)
         seconds = time.perf_counter() - t0
         record = {
-            "epoch": epoch + 1, "step": step,
+            "epoch": epoch + 1,
+            "step": step,
             "train_loss": float(sums[0] / sums[1]) + prep.log_jacobian,
             "samples_per_s": n_steps * args.batch_size / seconds,
-            "epoch_time_s": seconds, "lr": lr, "beta": loss_fn.beta,
+            "epoch_time_s": seconds,
+            "lr": lr,
+            "beta": loss_fn.beta,
         }
         final = epoch + 1 == epochs
         checkpoint = final or epoch + 1 == stop or (epoch + 1) % args.checkpoint_every == 0
@@ -672,16 +871,18 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
             record.update(test)
             if final and args.eval_samples:
                 t1 = time.perf_counter()
-                record["test_log_likelihood"] = test_log_likelihood(
-                    objective, prep.test, args.eval_samples, args.seed, device
-                ) - prep.log_jacobian
+                record["test_log_likelihood"] = (
+                    test_log_likelihood(objective, prep.test, args.eval_samples, args.seed, device)
+                    - prep.log_jacobian
+                )
                 record["log_likelihood_samples"] = args.eval_samples
                 record["log_likelihood_time_s"] = time.perf_counter() - t1
             history.append(record)
             _append_metrics(args.out / METRICS, record)
             if (epoch + 1) % log_every == 0 or final or epoch + 1 == stop:
-                line = json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                   for k, v in record.items()})
+                line = json.dumps(
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+                )
                 (bar.write if bar is not None else print)(line)
             if checkpoint:
                 _save_checkpoint(args, objective, optimizer, scaler, epoch + 1, history, rng)
@@ -709,9 +910,15 @@ def _gather_rng(rt: Runtime) -> list[dict]:
 
 def _save_checkpoint(args, objective, optimizer, scaler, epoch, history, rng) -> None:
     ckpt = {
-        "format": 1, "config": _identity(args), "epoch": epoch, "history": history,
-        "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "rng": rng, "vae_fast": vae_fast.__version__,
+        "format": 1,
+        "config": _identity(args),
+        "epoch": epoch,
+        "history": history,
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng,
+        "vae_fast": vae_fast.__version__,
     }
     _atomic_write(args.out / CHECKPOINT, lambda f: torch.save(ckpt, f))
 
@@ -727,11 +934,15 @@ def _append_metrics(path: Path, record: dict) -> None:
 
 
 def _summary(args: argparse.Namespace, result: dict, samples: Path, recons: Path) -> None:
-    print(f"test ELBO: {-result['test_loss']:.3f} nats per example "
-          f"(reconstruction {-result['test_recon']:.3f}, KL {result['test_kl']:.3f})")
+    print(
+        f"test ELBO: {-result['test_loss']:.3f} nats per example "
+        f"(reconstruction {-result['test_recon']:.3f}, KL {result['test_kl']:.3f})"
+    )
     if "test_log_likelihood" in result:
-        print(f"test log-likelihood (importance-weighted, k={result['log_likelihood_samples']}): "
-              f"{result['test_log_likelihood']:.3f} nats per example")
+        print(
+            f"test log-likelihood (importance-weighted, k={result['log_likelihood_samples']}): "
+            f"{result['test_log_likelihood']:.3f} nats per example"
+        )
     print(f"samples:         {samples}")
     print(f"reconstructions: {recons}")
     print(f"metrics:         {args.out / METRICS}")
