@@ -183,8 +183,9 @@ def truth_kl(mu, logvar, prior_mu=None, prior_logvar=None, event_dims=None):
     return event_sum(kl.expand(mu.shape), event_dims)
 
 
-def truth_elbo(x, recon, mu, logvar, likelihood="bernoulli", obs_logvar=None, beta=1.0,
-               reduction="mean"):
+def truth_elbo(
+    x, recon, mu, logvar, likelihood="bernoulli", obs_logvar=None, beta=1.0, reduction="mean"
+):
     if likelihood == "bernoulli":
         ll = truth_bernoulli(x, recon)
     else:
@@ -210,7 +211,11 @@ def assert_close_exact(got: torch.Tensor, want: torch.Tensor, rtol: float, what:
     """float64/float32: elementwise rtol with an absolute floor of rtol * max|want|."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     torch.testing.assert_close(
-        got.double(), want.double(), rtol=rtol, atol=rtol * _max_abs(want), equal_nan=True,
+        got.double(),
+        want.double(),
+        rtol=rtol,
+        atol=rtol * _max_abs(want),
+        equal_nan=True,
         msg=lambda m: f"{what}: {m}",
     )
 
@@ -223,7 +228,9 @@ def assert_close_half(got, want, eager, dtype, what: str = "") -> None:
     err = _max_abs(got.double() - want)
     eager_err = _max_abs(eager.double() - want)
     bound = HALF_FACTOR * eager_err + torch.finfo(dtype).eps * _max_abs(want)
-    assert err <= bound, f"{what}: {dtype} error {err:.3g} > bound {bound:.3g} (eager {eager_err:.3g})"
+    assert err <= bound, (
+        f"{what}: {dtype} error {err:.3g} > bound {bound:.3g} (eager {eager_err:.3g})"
+    )
 
 
 def assert_close_dtype(got, want, dtype, *, eager=None, what: str = "") -> None:
@@ -260,25 +267,26 @@ def check_against_truth(
     want = truth(**ref_inputs, **kwargs)
     want_grads = (
         torch.autograd.grad(want, [ref_inputs[k] for k in grads_of], grad_out.double())
-        if grads_of else ()
+        if grads_of
+        else ()
     )
     eager = eager_grads = None
     if dtype in HALF_DTYPES:
         eager_inputs = {k: cast(v, dtype) for k, v in inputs.items()}
         eager = truth(**eager_inputs, **kwargs)
         if grads_of:
-            eager_grads = torch.autograd.grad(
-                eager, [eager_inputs[k] for k in grads_of], grad_out
-            )
+            eager_grads = torch.autograd.grad(eager, [eager_inputs[k] for k in grads_of], grad_out)
     assert_close_dtype(out, want, dtype, eager=eager, what="value")
     for i, name in enumerate(grads_of):
-        assert got_grads[i].shape == inputs[name].shape, (
-            f"grad of {name}: shape {tuple(got_grads[i].shape)}, expected {tuple(inputs[name].shape)}"
-        )
+        shape, want_shape = tuple(got_grads[i].shape), tuple(inputs[name].shape)
+        assert shape == want_shape, f"grad of {name}: shape {shape}, expected {want_shape}"
         assert got_grads[i].dtype == dtype, f"grad of {name}: dtype {got_grads[i].dtype}"
         assert_close_dtype(
-            got_grads[i], want_grads[i], dtype,
-            eager=None if eager_grads is None else eager_grads[i], what=f"grad of {name}",
+            got_grads[i],
+            want_grads[i],
+            dtype,
+            eager=None if eager_grads is None else eager_grads[i],
+            what=f"grad of {name}",
         )
     return out
 

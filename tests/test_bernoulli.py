@@ -27,8 +27,17 @@ import vae_fast
 op = vae_fast.bernoulli_log_prob
 
 
-def inputs(shape, dtype, device, gen, *, x_layout="contiguous", l_layout="contiguous",
-           x_kind="binary", grad=(True, True)):
+def inputs(
+    shape,
+    dtype,
+    device,
+    gen,
+    *,
+    x_layout="contiguous",
+    l_layout="contiguous",
+    x_kind="binary",
+    grad=(True, True),
+):
     x = make(shape, dtype, device, x_layout, kind=x_kind, low=0.0, high=1.0, gen=gen)
     logits = make(shape, dtype, device, l_layout, kind="normal", high=3.0, gen=gen)
     return {"x": leaf(x, grad[0]), "logits": leaf(logits, grad[1])}
@@ -41,7 +50,11 @@ def inputs(shape, dtype, device, gen, *, x_layout="contiguous", l_layout="contig
 def test_matches_distributions(device, dtype, shape, event_dims, gen):
     k = resolve_event_dims(event_dims, len(shape))
     out = check_against_truth(
-        op, truth_bernoulli, inputs(shape, dtype, device, gen), dtype, gen=gen,
+        op,
+        truth_bernoulli,
+        inputs(shape, dtype, device, gen),
+        dtype,
+        gen=gen,
         kwargs={"event_dims": k},
     )
     kk = len(shape) - 1 if k is None else k
@@ -70,8 +83,7 @@ def test_soft_targets(device, dtype, gen):
 )
 @pytest.mark.parametrize("shape", [(7, 13), (4, 6, 9)])
 def test_layouts(device, dtype, x_layout, l_layout, shape, gen):
-    ins = inputs(shape, dtype, device, gen, x_layout=x_layout, l_layout=l_layout,
-                 x_kind="uniform")
+    ins = inputs(shape, dtype, device, gen, x_layout=x_layout, l_layout=l_layout, x_kind="uniform")
     check_against_truth(op, truth_bernoulli, ins, dtype, gen=gen)
     check_against_truth(op, truth_bernoulli, ins, dtype, gen=gen, kwargs={"event_dims": 1})
 
@@ -91,12 +103,15 @@ def test_grad_of_one_input(device, dtype, grad, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape, event_dims, out_shape", [
-    ((0, 5), None, (0,)),  # an empty batch: an empty result
-    ((3, 0), None, (3,)),  # empty events: each row sums nothing, i.e. 0
-    ((2, 0, 4), 1, (2, 0)),  # an empty batch dim in the middle
-    ((0,), None, (0,)),  # an empty 1-d batch: its gradient has shape (0,) too
-])
+@pytest.mark.parametrize(
+    "shape, event_dims, out_shape",
+    [
+        ((0, 5), None, (0,)),  # an empty batch: an empty result
+        ((3, 0), None, (3,)),  # empty events: each row sums nothing, i.e. 0
+        ((2, 0, 4), 1, (2, 0)),  # an empty batch dim in the middle
+        ((0,), None, (0,)),  # an empty 1-d batch: its gradient has shape (0,) too
+    ],
+)
 def test_empty(device, dtype, shape, event_dims, out_shape, gen):
     ins = inputs(shape, dtype, device, gen)
     out = op(**ins, event_dims=event_dims)
@@ -107,15 +122,19 @@ def test_empty(device, dtype, shape, event_dims, out_shape, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape, event_dims, out_shape", [
-    ((6,), None, (6,)),  # a 1-d input: None keeps the only (batch) dim
-    ((6,), 1, ()),  # ... or sums it into a 0-d result
-    ((), None, ()),  # a 0-d input is one element
-])
+@pytest.mark.parametrize(
+    "shape, event_dims, out_shape",
+    [
+        ((6,), None, (6,)),  # a 1-d input: None keeps the only (batch) dim
+        ((6,), 1, ()),  # ... or sums it into a 0-d result
+        ((), None, ()),  # a 0-d input is one element
+    ],
+)
 def test_low_rank(device, shape, event_dims, out_shape, gen):
     ins = inputs(shape, torch.float64, device, gen, x_kind="uniform")
-    out = check_against_truth(op, truth_bernoulli, ins, torch.float64, gen=gen,
-                              kwargs={"event_dims": event_dims})
+    out = check_against_truth(
+        op, truth_bernoulli, ins, torch.float64, gen=gen, kwargs={"event_dims": event_dims}
+    )
     assert out.shape == out_shape
 
 
@@ -157,8 +176,9 @@ def test_no_grad(device, gen):
     with torch.no_grad():
         out = op(**ins)
     assert out.grad_fn is None and not out.requires_grad
-    assert_close_exact(out, truth_bernoulli(ins["x"].double(), ins["logits"].double()),
-                       RTOL[torch.float32])
+    assert_close_exact(
+        out, truth_bernoulli(ins["x"].double(), ins["logits"].double()), RTOL[torch.float32]
+    )
 
 
 # --------------------------------------------------------------------------- bad input
@@ -180,7 +200,9 @@ def test_integer_dtype():
 
 
 def test_mixed_dtypes():
-    with pytest.raises(TypeError, match=r"`logits` has dtype torch.float64 but `x` has torch.float32"):
+    with pytest.raises(
+        TypeError, match=r"`logits` has dtype torch.float64 but `x` has torch.float32"
+    ):
         op(torch.rand(3, 4), torch.randn(3, 4, dtype=torch.float64))
 
 

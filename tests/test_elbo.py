@@ -34,13 +34,32 @@ op = vae_fast.elbo
 NAMES = ("x", "recon", "mu", "logvar", "obs_logvar")
 
 
-def inputs(x_shape, z_shape, dtype, device, gen, *, likelihood="bernoulli", obs_shape=None,
-           grad=("recon", "mu", "logvar", "obs_logvar"), layouts=None, soft=False):
+def inputs(
+    x_shape,
+    z_shape,
+    dtype,
+    device,
+    gen,
+    *,
+    likelihood="bernoulli",
+    obs_shape=None,
+    grad=("recon", "mu", "logvar", "obs_logvar"),
+    layouts=None,
+    soft=False,
+):
     layouts = layouts or {}
     lay = lambda name: layouts.get(name, "contiguous")  # noqa: E731
     if likelihood == "bernoulli":
-        x = make(x_shape, dtype, device, lay("x"), kind="uniform" if soft else "binary",
-                 low=0.0, high=1.0, gen=gen)
+        x = make(
+            x_shape,
+            dtype,
+            device,
+            lay("x"),
+            kind="uniform" if soft else "binary",
+            low=0.0,
+            high=1.0,
+            gen=gen,
+        )
         recon = make(x_shape, dtype, device, lay("recon"), kind="normal", high=3.0, gen=gen)
     else:
         x = make(x_shape, dtype, device, lay("x"), kind="normal", gen=gen)
@@ -49,8 +68,15 @@ def inputs(x_shape, z_shape, dtype, device, gen, *, likelihood="bernoulli", obs_
     logvar = make(z_shape, dtype, device, lay("logvar"), low=-3.0, high=2.0, gen=gen)
     obs = None
     if obs_shape is not None:
-        obs = make(obs_shape, dtype, device, lay("obs_logvar") if obs_shape else "contiguous",
-                   low=-1.0, high=1.0, gen=gen)
+        obs = make(
+            obs_shape,
+            dtype,
+            device,
+            lay("obs_logvar") if obs_shape else "contiguous",
+            low=-1.0,
+            high=1.0,
+            gen=gen,
+        )
     ins = {"x": x, "recon": recon, "mu": mu, "logvar": logvar, "obs_logvar": obs}
     return {k: None if v is None else leaf(v, k in grad) for k, v in ins.items()}
 
@@ -104,13 +130,26 @@ def check_elbo(ins, dtype, gen, *, combo="loss", **kw):
     assert outs[0].shape == ((batch,) if kw.get("reduction") == "none" else ())
     leaves = [n for n in NAMES if ins[n] is not None and ins[n].requires_grad]
     picked, gouts = _grad_outputs(outs, combo, gen)
-    got = torch.autograd.grad([outs[i] for i in picked], [ins[n] for n in leaves], gouts,
-                              allow_unused=True) if leaves else ()
+    got = (
+        torch.autograd.grad(
+            [outs[i] for i in picked], [ins[n] for n in leaves], gouts, allow_unused=True
+        )
+        if leaves
+        else ()
+    )
 
     def reference_grads(fn_ins, dt):
         ref = call(truth, fn_ins, **kw)
-        gs = torch.autograd.grad([ref[i] for i in picked], [fn_ins[n] for n in leaves],
-                                 [g.to(dt) for g in gouts], allow_unused=True) if leaves else ()
+        gs = (
+            torch.autograd.grad(
+                [ref[i] for i in picked],
+                [fn_ins[n] for n in leaves],
+                [g.to(dt) for g in gouts],
+                allow_unused=True,
+            )
+            if leaves
+            else ()
+        )
         return ref, gs
 
     want, want_g = reference_grads({k: fp64(v) for k, v in ins.items()}, torch.float64)
@@ -161,14 +200,17 @@ def test_grad_routes(device, dtype, combo, likelihood, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("obs_shape", [
-    None,  # None means logvar 0 (unit variance)
-    (),  # one learnable scalar variance
-    (13,),  # per feature
-    (1, 13),  # per feature, batch dim kept as 1
-    (6, 13),  # per element (e.g. predicted by the decoder)
-    (6, 1),  # per sample
-])
+@pytest.mark.parametrize(
+    "obs_shape",
+    [
+        None,  # None means logvar 0 (unit variance)
+        (),  # one learnable scalar variance
+        (13,),  # per feature
+        (1, 13),  # per feature, batch dim kept as 1
+        (6, 13),  # per element (e.g. predicted by the decoder)
+        (6, 1),  # per sample
+    ],
+)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_obs_logvar(device, dtype, obs_shape, reduction, gen):
     ins = inputs((6, 13), (6, 5), dtype, device, gen, likelihood="gaussian", obs_shape=obs_shape)
@@ -180,8 +222,15 @@ def test_obs_logvar(device, dtype, obs_shape, reduction, gen):
 def test_obs_logvar_image_shape(device, gen):
     # x of shape (B, C, H, W) with a per-channel or per-pixel observation variance.
     for obs_shape in [(3, 1, 1), (4, 5), (3, 4, 5)]:
-        ins = inputs((2, 3, 4, 5), (2, 6), torch.float64, device, gen, likelihood="gaussian",
-                     obs_shape=obs_shape)
+        ins = inputs(
+            (2, 3, 4, 5),
+            (2, 6),
+            torch.float64,
+            device,
+            gen,
+            likelihood="gaussian",
+            obs_shape=obs_shape,
+        )
         check_elbo(ins, torch.float64, gen, likelihood="gaussian")
 
 
@@ -197,18 +246,35 @@ def test_beta(device, dtype, beta, likelihood, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("grad", [
-    ("recon",), ("mu",), ("logvar",), ("obs_logvar",), ("mu", "logvar"),
-    ("x", "recon"),  # x requiring grad leaves the saved-gradient route
-    ("x",),
-], ids=lambda g: "+".join(g))
+@pytest.mark.parametrize(
+    "grad",
+    [
+        ("recon",),
+        ("mu",),
+        ("logvar",),
+        ("obs_logvar",),
+        ("mu", "logvar"),
+        ("x", "recon"),  # x requiring grad leaves the saved-gradient route
+        ("x",),
+    ],
+    ids=lambda g: "+".join(g),
+)
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_grad_subsets(device, dtype, grad, likelihood, gen):
     if "obs_logvar" in grad and likelihood == "bernoulli":
         pytest.skip("obs_logvar is a Gaussian parameter")
     obs = (11,) if likelihood == "gaussian" else None
-    ins = inputs((5, 11), (5, 3), dtype, device, gen, likelihood=likelihood, obs_shape=obs,
-                 grad=grad, soft=True)
+    ins = inputs(
+        (5, 11),
+        (5, 3),
+        dtype,
+        device,
+        gen,
+        likelihood=likelihood,
+        obs_shape=obs,
+        grad=grad,
+        soft=True,
+    )
     check_elbo(ins, dtype, gen, likelihood=likelihood)
     check_elbo(ins, dtype, gen, combo="3*loss", likelihood=likelihood, reduction="sum")
     loss, _, _ = call(op, ins, likelihood=likelihood)
@@ -220,18 +286,23 @@ def test_grad_subsets(device, dtype, grad, likelihood, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
-@pytest.mark.parametrize("layouts", [
-    {"x": "transposed", "recon": "transposed", "mu": "transposed", "logvar": "transposed"},
-    {"x": "strided", "recon": "contiguous", "mu": "strided", "logvar": "contiguous"},
-    {"x": "expanded", "recon": "strided", "mu": "contiguous", "logvar": "expanded"},
-    {"obs_logvar": "strided", "recon": "transposed", "logvar": "strided"},
-    {"obs_logvar": "expanded", "x": "transposed"},
-], ids=lambda d: "-".join(f"{k}:{v[:5]}" for k, v in d.items()))
+@pytest.mark.parametrize(
+    "layouts",
+    [
+        {"x": "transposed", "recon": "transposed", "mu": "transposed", "logvar": "transposed"},
+        {"x": "strided", "recon": "contiguous", "mu": "strided", "logvar": "contiguous"},
+        {"x": "expanded", "recon": "strided", "mu": "contiguous", "logvar": "expanded"},
+        {"obs_logvar": "strided", "recon": "transposed", "logvar": "strided"},
+        {"obs_logvar": "expanded", "x": "transposed"},
+    ],
+    ids=lambda d: "-".join(f"{k}:{v[:5]}" for k, v in d.items()),
+)
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_layouts(device, dtype, layouts, likelihood, gen):
     obs = (7, 13) if likelihood == "gaussian" else None
-    ins = inputs((7, 13), (7, 5), dtype, device, gen, likelihood=likelihood, obs_shape=obs,
-                 layouts=layouts)
+    ins = inputs(
+        (7, 13), (7, 5), dtype, device, gen, likelihood=likelihood, obs_shape=obs, layouts=layouts
+    )
     check_elbo(ins, dtype, gen, likelihood=likelihood)
     check_elbo(ins, dtype, gen, combo="all", likelihood=likelihood)
 
@@ -334,10 +405,13 @@ def test_fused_matches_reference_in_a_model(device, dtype, likelihood, vae_backe
     def step(backend):
         with vae_fast.backend(backend):
             mu, logvar = enc(x).chunk(2, dim=-1)
-            z = vae_fast.reparameterize(mu, logvar, generator=torch.Generator(device).manual_seed(3))
+            z = vae_fast.reparameterize(
+                mu, logvar, generator=torch.Generator(device).manual_seed(3)
+            )
             kw = {"obs_logvar": obs} if likelihood == "gaussian" else {}
-            loss, ll, kl = vae_fast.elbo(x, dec(z), mu, logvar, likelihood=likelihood, beta=0.5,
-                                         **kw)
+            loss, ll, kl = vae_fast.elbo(
+                x, dec(z), mu, logvar, likelihood=likelihood, beta=0.5, **kw
+            )
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss, grads
 
@@ -379,8 +453,9 @@ def test_mismatched_shapes():
     x, recon, mu, logvar = _ok()
     with pytest.raises(ValueError, match=r"`recon` has shape \(3, 7\) but `x` has shape \(3, 8\)"):
         op(x, recon[:, :7], mu, logvar)
-    with pytest.raises(ValueError,
-                       match=r"`logvar` has shape \(3, 3\) but `mu` has shape \(3, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"`logvar` has shape \(3, 3\) but `mu` has shape \(3, 2\)"
+    ):
         op(x, recon, mu, torch.zeros(3, 3))
     with pytest.raises(ValueError, match=r"`mu` has batch size 2 \(shape \(2, 2\)\) but `x` has 3"):
         op(x, recon, mu[:2], logvar[:2])
@@ -399,7 +474,9 @@ def test_obs_logvar_with_bernoulli():
 def test_obs_logvar_not_broadcastable():
     with pytest.raises(
         ValueError,
-        match=re.escape("`obs_logvar` has shape (3,), which does not broadcast to `x`'s shape (3, 8)"),
+        match=re.escape(
+            "`obs_logvar` has shape (3,), which does not broadcast to `x`'s shape (3, 8)"
+        ),
     ):
         op(*_ok(), likelihood="gaussian", obs_logvar=torch.zeros(3))
 
@@ -416,10 +493,17 @@ def test_mixed_dtypes():
     x, recon, mu, logvar = _ok()
     with pytest.raises(TypeError, match=r"`mu` has dtype torch.float64 but `x` has torch.float32"):
         op(x, recon, mu.double(), logvar.double())
-    with pytest.raises(TypeError,
-                       match=r"`obs_logvar` has dtype torch.bfloat16 but `x` has torch.float32"):
-        op(x, recon, mu, logvar, likelihood="gaussian",
-           obs_logvar=torch.zeros((), dtype=torch.bfloat16))
+    with pytest.raises(
+        TypeError, match=r"`obs_logvar` has dtype torch.bfloat16 but `x` has torch.float32"
+    ):
+        op(
+            x,
+            recon,
+            mu,
+            logvar,
+            likelihood="gaussian",
+            obs_logvar=torch.zeros((), dtype=torch.bfloat16),
+        )
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")

@@ -26,13 +26,30 @@ import vae_fast
 op = vae_fast.gaussian_log_prob
 
 
-def inputs(shape, dtype, device, gen, *, logvar_shape=None, layouts=("contiguous",) * 3,
-           grad=(False, True, True), lv_low=-2.0, lv_high=2.0):
+def inputs(
+    shape,
+    dtype,
+    device,
+    gen,
+    *,
+    logvar_shape=None,
+    layouts=("contiguous",) * 3,
+    grad=(False, True, True),
+    lv_low=-2.0,
+    lv_high=2.0,
+):
     x = make(shape, dtype, device, layouts[0], kind="normal", high=1.5, gen=gen)
     mean = make(shape, dtype, device, layouts[1], kind="normal", high=1.5, gen=gen)
     lv_shape = shape if logvar_shape is None else logvar_shape
-    logvar = make(lv_shape, dtype, device, layouts[2] if len(lv_shape) else "contiguous",
-                  low=lv_low, high=lv_high, gen=gen)
+    logvar = make(
+        lv_shape,
+        dtype,
+        device,
+        layouts[2] if len(lv_shape) else "contiguous",
+        low=lv_low,
+        high=lv_high,
+        gen=gen,
+    )
     return {"x": leaf(x, grad[0]), "mean": leaf(mean, grad[1]), "logvar": leaf(logvar, grad[2])}
 
 
@@ -84,15 +101,23 @@ def test_logvar_broadcast(device, dtype, shape, logvar_shape, gen):
     ],
 )
 def test_layouts(device, dtype, layouts, logvar_shape, gen):
-    ins = inputs((7, 13), dtype, device, gen, layouts=layouts, logvar_shape=logvar_shape,
-                 grad=(True, True, True))
+    ins = inputs(
+        (7, 13),
+        dtype,
+        device,
+        gen,
+        layouts=layouts,
+        logvar_shape=logvar_shape,
+        grad=(True, True, True),
+    )
     check_against_truth(op, truth_gaussian, ins, dtype, gen=gen)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(
-    "grad", [(False, True, False), (False, False, True), (True, False, False), (False, True, True)],
+    "grad",
+    [(False, True, False), (False, False, True), (True, False, False), (False, True, True)],
     ids=["mean", "logvar", "x", "mean+logvar"],
 )
 def test_grad_subsets(device, dtype, grad, gen):
@@ -105,11 +130,14 @@ def test_grad_subsets(device, dtype, grad, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape, logvar_shape, event_dims, out_shape", [
-    ((0, 5), (5,), None, (0,)),  # an empty batch; the per-feature gradient is zeros
-    ((0, 5), (), None, (0,)),  # an empty batch with a scalar logvar
-    ((4, 0), (0,), None, (4,)),  # empty events: each row sums nothing
-])
+@pytest.mark.parametrize(
+    "shape, logvar_shape, event_dims, out_shape",
+    [
+        ((0, 5), (5,), None, (0,)),  # an empty batch; the per-feature gradient is zeros
+        ((0, 5), (), None, (0,)),  # an empty batch with a scalar logvar
+        ((4, 0), (0,), None, (4,)),  # empty events: each row sums nothing
+    ],
+)
 def test_empty(device, dtype, shape, logvar_shape, event_dims, out_shape, gen):
     ins = inputs(shape, dtype, device, gen, logvar_shape=logvar_shape, grad=(True, True, True))
     out = op(**ins, event_dims=event_dims)
@@ -122,15 +150,19 @@ def test_empty(device, dtype, shape, logvar_shape, event_dims, out_shape, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape, event_dims, out_shape", [
-    ((6,), None, (6,)),  # a 1-d input: None keeps the only (batch) dim
-    ((6,), 1, ()),  # ... or sums it into a 0-d result
-    ((), None, ()),  # a 0-d input
-])
+@pytest.mark.parametrize(
+    "shape, event_dims, out_shape",
+    [
+        ((6,), None, (6,)),  # a 1-d input: None keeps the only (batch) dim
+        ((6,), 1, ()),  # ... or sums it into a 0-d result
+        ((), None, ()),  # a 0-d input
+    ],
+)
 def test_low_rank(device, shape, event_dims, out_shape, gen):
     ins = inputs(shape, torch.float64, device, gen, grad=(True, True, True))
-    out = check_against_truth(op, truth_gaussian, ins, torch.float64, gen=gen,
-                              kwargs={"event_dims": event_dims})
+    out = check_against_truth(
+        op, truth_gaussian, ins, torch.float64, gen=gen, kwargs={"event_dims": event_dims}
+    )
     assert out.shape == out_shape
 
 
@@ -166,8 +198,9 @@ def test_exact_at_mean():
     # At x = mean with logvar = 0 each element is -0.5*log(2*pi).
     x = torch.zeros(2, 5, dtype=torch.float64)
     out = op(x, x.clone(), torch.zeros((), dtype=torch.float64))
-    torch.testing.assert_close(out, torch.full((2,), -2.5 * math.log(2 * math.pi),
-                                               dtype=torch.float64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        out, torch.full((2,), -2.5 * math.log(2 * math.pi), dtype=torch.float64), rtol=1e-15, atol=0
+    )
 
 
 # --------------------------------------------------------------------------- bad input
@@ -183,8 +216,9 @@ def test_logvar_not_broadcastable(logvar_shape):
     # A logvar that would grow x (more dims) or does not match its trailing dims.
     with pytest.raises(
         ValueError,
-        match=re.escape(f"`logvar` has shape {logvar_shape}, which does not broadcast to "
-                        f"`x`'s shape (3, 4)"),
+        match=re.escape(
+            f"`logvar` has shape {logvar_shape}, which does not broadcast to `x`'s shape (3, 4)"
+        ),
     ):
         op(torch.randn(3, 4), torch.randn(3, 4), torch.zeros(logvar_shape))
 
@@ -195,7 +229,9 @@ def test_integer_dtype():
 
 
 def test_mixed_dtypes():
-    with pytest.raises(TypeError, match=r"`logvar` has dtype torch.float64 but `x` has torch.float32"):
+    with pytest.raises(
+        TypeError, match=r"`logvar` has dtype torch.float64 but `x` has torch.float32"
+    ):
         op(torch.randn(3, 4), torch.randn(3, 4), torch.zeros(4, dtype=torch.float64))
 
 
@@ -206,5 +242,7 @@ def test_mixed_devices():
 
 
 def test_event_dims_out_of_range():
-    with pytest.raises(ValueError, match=r"`event_dims`=3 is out of range for an input with 2 dims"):
+    with pytest.raises(
+        ValueError, match=r"`event_dims`=3 is out of range for an input with 2 dims"
+    ):
         op(torch.randn(3, 4), torch.randn(3, 4), torch.zeros(()), event_dims=3)

@@ -25,18 +25,40 @@ import vae_fast
 op = vae_fast.gaussian_kl
 
 
-def inputs(shape, dtype, device, gen, *, prior_mu_shape=None, prior_logvar_shape=None,
-           layouts=("contiguous",) * 4, grad=(True, True, True, True)):
+def inputs(
+    shape,
+    dtype,
+    device,
+    gen,
+    *,
+    prior_mu_shape=None,
+    prior_logvar_shape=None,
+    layouts=("contiguous",) * 4,
+    grad=(True, True, True, True),
+):
     """mu, logvar of `shape`; a prior of the given shapes (None: no such prior argument)."""
     mu = make(shape, dtype, device, layouts[0], kind="normal", high=1.5, gen=gen)
     logvar = make(shape, dtype, device, layouts[1], low=-3.0, high=2.0, gen=gen)
     pm = plv = None
     if prior_mu_shape is not None:
-        pm = make(prior_mu_shape, dtype, device, layouts[2] if prior_mu_shape else "contiguous",
-                  kind="normal", gen=gen)
+        pm = make(
+            prior_mu_shape,
+            dtype,
+            device,
+            layouts[2] if prior_mu_shape else "contiguous",
+            kind="normal",
+            gen=gen,
+        )
     if prior_logvar_shape is not None:
-        plv = make(prior_logvar_shape, dtype, device,
-                   layouts[3] if prior_logvar_shape else "contiguous", low=-2.0, high=2.0, gen=gen)
+        plv = make(
+            prior_logvar_shape,
+            dtype,
+            device,
+            layouts[3] if prior_logvar_shape else "contiguous",
+            low=-2.0,
+            high=2.0,
+            gen=gen,
+        )
     return {
         "mu": leaf(mu, grad[0]),
         "logvar": leaf(logvar, grad[1]),
@@ -51,8 +73,9 @@ def inputs(shape, dtype, device, gen, *, prior_mu_shape=None, prior_logvar_shape
 @pytest.mark.parametrize("event_dims", EVENT_DIMS)
 def test_standard_prior(device, dtype, shape, event_dims, gen):
     k = resolve_event_dims(event_dims, len(shape))
-    out = check_against_truth(op, truth_kl, inputs(shape, dtype, device, gen), dtype, gen=gen,
-                              kwargs={"event_dims": k})
+    out = check_against_truth(
+        op, truth_kl, inputs(shape, dtype, device, gen), dtype, gen=gen, kwargs={"event_dims": k}
+    )
     kk = len(shape) - 1 if k is None else k
     assert out.shape == shape[: len(shape) - kk]
 
@@ -82,15 +105,25 @@ def test_with_prior(device, dtype, shape, pm_shape, plv_shape, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
-@pytest.mark.parametrize("layouts", [
-    ("transposed", "transposed", "transposed", "transposed"),
-    ("strided", "contiguous", "strided", "contiguous"),
-    ("expanded", "strided", "contiguous", "expanded"),
-    ("contiguous", "expanded", "transposed", "strided"),
-])
+@pytest.mark.parametrize(
+    "layouts",
+    [
+        ("transposed", "transposed", "transposed", "transposed"),
+        ("strided", "contiguous", "strided", "contiguous"),
+        ("expanded", "strided", "contiguous", "expanded"),
+        ("contiguous", "expanded", "transposed", "strided"),
+    ],
+)
 def test_layouts(device, dtype, layouts, gen):
-    ins = inputs((7, 13), dtype, device, gen, prior_mu_shape=(7, 13), prior_logvar_shape=(7, 13),
-                 layouts=layouts)
+    ins = inputs(
+        (7, 13),
+        dtype,
+        device,
+        gen,
+        prior_mu_shape=(7, 13),
+        prior_logvar_shape=(7, 13),
+        layouts=layouts,
+    )
     check_against_truth(op, truth_kl, ins, dtype, gen=gen)
     ins = inputs((7, 13), dtype, device, gen, layouts=layouts)  # and with the standard prior
     check_against_truth(op, truth_kl, ins, dtype, gen=gen)
@@ -100,13 +133,19 @@ def test_layouts(device, dtype, layouts, gen):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(
     "grad",
-    [(True, False, False, False), (False, True, False, False), (False, False, True, False),
-     (False, False, False, True), (False, True, False, True)],
+    [
+        (True, False, False, False),
+        (False, True, False, False),
+        (False, False, True, False),
+        (False, False, False, True),
+        (False, True, False, True),
+    ],
     ids=["mu", "logvar", "prior_mu", "prior_logvar", "logvar+prior_logvar"],
 )
 def test_grad_subsets(device, dtype, grad, gen):
-    ins = inputs((5, 11), dtype, device, gen, prior_mu_shape=(11,), prior_logvar_shape=(5, 11),
-                 grad=grad)
+    ins = inputs(
+        (5, 11), dtype, device, gen, prior_mu_shape=(11,), prior_logvar_shape=(5, 11), grad=grad
+    )
     check_against_truth(op, truth_kl, ins, dtype, gen=gen)
     op(**ins).sum().backward()
     for name, g in zip(("mu", "logvar", "prior_mu", "prior_logvar"), grad):
@@ -148,11 +187,16 @@ def test_empty(device, dtype, with_prior, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
-@pytest.mark.parametrize("logvar_value, prior_logvar_value", [
-    (80.0, None), (-80.0, None),  # huge / tiny posterior variance, standard prior
-    (0.0, 80.0), (0.0, -80.0),  # a huge / tiny prior variance
-    (-80.0, -80.0),  # both tiny: only the difference matters
-])
+@pytest.mark.parametrize(
+    "logvar_value, prior_logvar_value",
+    [
+        (80.0, None),
+        (-80.0, None),  # huge / tiny posterior variance, standard prior
+        (0.0, 80.0),
+        (0.0, -80.0),  # a huge / tiny prior variance
+        (-80.0, -80.0),  # both tiny: only the difference matters
+    ],
+)
 def test_extreme_logvar(device, dtype, logvar_value, prior_logvar_value, gen):
     shape = (3, 8)
     mu = make(shape, dtype, device, kind="normal", high=1e-3, gen=gen)
@@ -167,8 +211,12 @@ def test_extreme_logvar(device, dtype, logvar_value, prior_logvar_value, gen):
         # the means must be within the prior's scale for the KL to be finite in fp32
         pm = pm * torch.exp(0.5 * plv).detach().clamp(max=1.0)
         mu = mu * torch.exp(0.5 * plv).detach().clamp(max=1.0)
-    ins = {"mu": leaf(mu), "logvar": leaf(logvar), "prior_mu": None if pm is None else leaf(pm),
-           "prior_logvar": None if plv is None else leaf(plv)}
+    ins = {
+        "mu": leaf(mu),
+        "logvar": leaf(logvar),
+        "prior_mu": None if pm is None else leaf(pm),
+        "prior_logvar": None if plv is None else leaf(plv),
+    }
     out = check_against_truth(op, truth_kl, ins, dtype, gen=gen)
     assert torch.isfinite(out).all()
 
@@ -187,8 +235,9 @@ def test_no_grad(device, gen):
 
 
 def test_mismatched_shapes():
-    with pytest.raises(ValueError,
-                       match=r"`logvar` has shape \(3, 5\) but `mu` has shape \(3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"`logvar` has shape \(3, 5\) but `mu` has shape \(3, 4\)"
+    ):
         op(torch.randn(3, 4), torch.randn(3, 5))
 
 
@@ -196,7 +245,9 @@ def test_mismatched_shapes():
 def test_prior_not_broadcastable(name):
     with pytest.raises(
         ValueError,
-        match=re.escape(f"`{name}` has shape (3,), which does not broadcast to `mu`'s shape (3, 4)"),
+        match=re.escape(
+            f"`{name}` has shape (3,), which does not broadcast to `mu`'s shape (3, 4)"
+        ),
     ):
         op(torch.randn(3, 4), torch.randn(3, 4), **{name: torch.zeros(3)})
 

@@ -65,46 +65,110 @@ def _full_cases(device, dt):
     X, T, n = _makers(device, dt)
     cases = [
         (ops.bernoulli_log_prob, (X((4, 7)), T((4, 7), grad=True), 1), {}, f"bern-{n}"),
-        (ops.bernoulli_log_prob, (X((2, 3, 5), grad=True), T((2, 3, 5), grad=True), 2), {},
-         f"bern-3d-{n}"),
+        (
+            ops.bernoulli_log_prob,
+            (X((2, 3, 5), grad=True), T((2, 3, 5), grad=True), 2),
+            {},
+            f"bern-3d-{n}",
+        ),
         (ops.bernoulli_log_prob, (X((4, 7)), T((4, 7), grad=True), 0), {}, f"bern-ev0-{n}"),
     ]
     for mask in ([True, True], [False, True], [True, False]):
-        cases.append((ops._bernoulli_log_prob_backward,
-                      (T((4,)), X((4, 7)), T((4, 7)), 1, mask), {}, f"bern-bwd-{mask}-{n}"))
+        cases.append(
+            (
+                ops._bernoulli_log_prob_backward,
+                (T((4,)), X((4, 7)), T((4, 7)), 1, mask),
+                {},
+                f"bern-bwd-{mask}-{n}",
+            )
+        )
     for lv in ((), (7,), (4, 7)):
-        cases.append((ops.gaussian_log_prob,
-                      (T((4, 7), grad=True), T((4, 7), grad=True), T(lv, grad=True), 1), {},
-                      f"gauss-lv{lv}-{n}"))
+        cases.append(
+            (
+                ops.gaussian_log_prob,
+                (T((4, 7), grad=True), T((4, 7), grad=True), T(lv, grad=True), 1),
+                {},
+                f"gauss-lv{lv}-{n}",
+            )
+        )
         for mask in ([True, True, True], [False, True, False], [False, False, True]):
-            cases.append((ops._gaussian_log_prob_backward,
-                          (T((4,)), T((4, 7)), T((4, 7)), T(lv), 1, mask), {},
-                          f"gauss-bwd-lv{lv}-{mask}-{n}"))
+            cases.append(
+                (
+                    ops._gaussian_log_prob_backward,
+                    (T((4,)), T((4, 7)), T((4, 7)), T(lv), 1, mask),
+                    {},
+                    f"gauss-bwd-lv{lv}-{mask}-{n}",
+                )
+            )
     for pm, plv in ((None, None), ((7,), (7,)), ((4, 7), None), (None, ())):
-        cases.append((ops.gaussian_kl,
-                      (T((4, 7), grad=True), T((4, 7), grad=True), T(pm, grad=True),
-                       T(plv, grad=True), 1), {}, f"kl-{pm}-{plv}-{n}"))
-        for mask in ([True, True, True, True], [True, False, False, False],
-                     [False, False, pm is not None, plv is not None]):
-            cases.append((ops._gaussian_kl_backward,
-                          (T((4,)), T((4, 7)), T((4, 7)), T(pm), T(plv), 1, mask), {},
-                          f"kl-bwd-{pm}-{plv}-{mask}-{n}"))
+        cases.append(
+            (
+                ops.gaussian_kl,
+                (
+                    T((4, 7), grad=True),
+                    T((4, 7), grad=True),
+                    T(pm, grad=True),
+                    T(plv, grad=True),
+                    1,
+                ),
+                {},
+                f"kl-{pm}-{plv}-{n}",
+            )
+        )
+        for mask in (
+            [True, True, True, True],
+            [True, False, False, False],
+            [False, False, pm is not None, plv is not None],
+        ):
+            cases.append(
+                (
+                    ops._gaussian_kl_backward,
+                    (T((4,)), T((4, 7)), T((4, 7)), T(pm), T(plv), 1, mask),
+                    {},
+                    f"kl-bwd-{pm}-{plv}-{mask}-{n}",
+                )
+            )
     # reparameterize is a seeded op: opcheck re-seeds before each run it compares
     for k in (None, 3):
-        cases.append((ops.reparameterize, (T((4, 7), grad=True), T((4, 7), grad=True), k), {},
-                      f"reparam-K{k}-{n}"))
+        cases.append(
+            (
+                ops.reparameterize,
+                (T((4, 7), grad=True), T((4, 7), grad=True), k),
+                {},
+                f"reparam-K{k}-{n}",
+            )
+        )
         eps_shape = (4, 7) if k is None else (k, 4, 7)
         for mask in ([True, True], [False, True]):
-            cases.append((ops._reparameterize_backward,
-                          (T(eps_shape), T((4, 7)), T(eps_shape), mask), {},
-                          f"reparam-bwd-K{k}-{mask}-{n}"))
-    for lik, obs in (("bernoulli", None), ("gaussian", None), ("gaussian", ()),
-                     ("gaussian", (7,)), ("gaussian", (4, 7))):
+            cases.append(
+                (
+                    ops._reparameterize_backward,
+                    (T(eps_shape), T((4, 7)), T(eps_shape), mask),
+                    {},
+                    f"reparam-bwd-K{k}-{mask}-{n}",
+                )
+            )
+    for lik, obs in (
+        ("bernoulli", None),
+        ("gaussian", None),
+        ("gaussian", ()),
+        ("gaussian", (7,)),
+        ("gaussian", (4, 7)),
+    ):
         # every reduction with the gradients computed, and one call without them
         for red, cg in (("mean", True), ("sum", True), ("none", True), ("mean", False)):
             x = X((4, 7)) if lik == "bernoulli" else T((4, 7))
-            args = (x, T((4, 7), grad=cg), T((4, 3), grad=cg), T((4, 3), grad=cg),
-                    T(obs, grad=cg), lik, 0.5, red, cg)
+            args = (
+                x,
+                T((4, 7), grad=cg),
+                T((4, 3), grad=cg),
+                T((4, 3), grad=cg),
+                T(obs, grad=cg),
+                lik,
+                0.5,
+                red,
+                cg,
+            )
             cases.append((ops.elbo, args, {}, f"elbo-{lik}-{obs}-{red}-grad{cg}-{n}"))
     return cases
 
@@ -113,15 +177,35 @@ def _half_cases(device, dt):
     X, T, n = _makers(device, dt)
     return [
         (ops.bernoulli_log_prob, (X((4, 7)), T((4, 7), grad=True), 1), {}, f"bern-{n}"),
-        (ops.gaussian_log_prob, (T((4, 7)), T((4, 7), grad=True), T((7,), grad=True), 1), {},
-         f"gauss-{n}"),
-        (ops.gaussian_kl, (T((4, 7), grad=True), T((4, 7), grad=True), None, None, 1), {},
-         f"kl-{n}"),
-        (ops.reparameterize, (T((4, 7), grad=True), T((4, 7), grad=True), 2), {},
-         f"reparam-{n}"),
-        (ops.elbo, (X((4, 7)), T((4, 7), grad=True), T((4, 3), grad=True),
-                    T((4, 3), grad=True), None, "bernoulli", 1.0, "mean", True), {},
-         f"elbo-{n}"),
+        (
+            ops.gaussian_log_prob,
+            (T((4, 7)), T((4, 7), grad=True), T((7,), grad=True), 1),
+            {},
+            f"gauss-{n}",
+        ),
+        (
+            ops.gaussian_kl,
+            (T((4, 7), grad=True), T((4, 7), grad=True), None, None, 1),
+            {},
+            f"kl-{n}",
+        ),
+        (ops.reparameterize, (T((4, 7), grad=True), T((4, 7), grad=True), 2), {}, f"reparam-{n}"),
+        (
+            ops.elbo,
+            (
+                X((4, 7)),
+                T((4, 7), grad=True),
+                T((4, 3), grad=True),
+                T((4, 3), grad=True),
+                None,
+                "bernoulli",
+                1.0,
+                "mean",
+                True,
+            ),
+            {},
+            f"elbo-{n}",
+        ),
     ]
 
 
@@ -160,12 +244,15 @@ def test_gradcheck_gaussian(device, logvar_shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prior_shapes", [(None, None), ((4,), (4,)), ((3, 4), (3, 4)),
-                                          ((), None), (None, (1, 4))])
+@pytest.mark.parametrize(
+    "prior_shapes", [(None, None), ((4,), (4,)), ((3, 4), (3, 4)), ((), None), (None, (1, 4))]
+)
 def test_gradcheck_kl(device, prior_shapes):
     mu, logvar = _t((3, 4), device, grad=True), _t((3, 4), device, low=-1.0, high=1.0, grad=True)
-    pm, plv = (None if s is None else _t(s, device, low=-1.0, high=1.0, grad=True, seed=i)
-               for i, s in enumerate(prior_shapes))
+    pm, plv = (
+        None if s is None else _t(s, device, low=-1.0, high=1.0, grad=True, seed=i)
+        for i, s in enumerate(prior_shapes)
+    )
     inputs = [t for t in (mu, logvar, pm, plv) if t is not None]
 
     def fn(*ts):
@@ -192,10 +279,16 @@ def test_gradcheck_reparameterize(device, num_samples):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("likelihood, obs_shape", [
-    ("bernoulli", None), ("gaussian", None), ("gaussian", ()), ("gaussian", (5,)),
-    ("gaussian", (3, 5)),
-])
+@pytest.mark.parametrize(
+    "likelihood, obs_shape",
+    [
+        ("bernoulli", None),
+        ("gaussian", None),
+        ("gaussian", ()),
+        ("gaussian", (5,)),
+        ("gaussian", (3, 5)),
+    ],
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_elbo(device, likelihood, obs_shape, reduction):
     # All three outputs: gradcheck differentiates each on its own, so the saved-gradient
@@ -208,8 +301,9 @@ def test_gradcheck_elbo(device, likelihood, obs_shape, reduction):
         inputs.append(_t(obs_shape, device, low=-1.0, high=1.0, grad=True, seed=4))
 
     def fn(r, m, lv, obs=None):
-        return vae_fast.elbo(x, r, m, lv, likelihood=likelihood, obs_logvar=obs, beta=0.7,
-                             reduction=reduction)
+        return vae_fast.elbo(
+            x, r, m, lv, likelihood=likelihood, obs_logvar=obs, beta=0.7, reduction=reduction
+        )
 
     _gradcheck(fn, *inputs)
 
@@ -219,8 +313,9 @@ def test_gradcheck_elbo_wrt_x(device):
     # x requiring grad (e.g. an input being optimised) takes the general backward route.
     x, recon = _t((3, 5), device, grad=True), _t((3, 5), device, grad=True, seed=1)
     mu, logvar = _t((3, 2), device, grad=True, seed=2), _t((3, 2), device, grad=True, seed=3)
-    _gradcheck(lambda a, b, c, d: vae_fast.elbo(a, b, c, d, likelihood="gaussian"),
-               x, recon, mu, logvar)
+    _gradcheck(
+        lambda a, b, c, d: vae_fast.elbo(a, b, c, d, likelihood="gaussian"), x, recon, mu, logvar
+    )
     xb = _x01((3, 5), device, grad=True)
     _gradcheck(lambda a, b, c, d: vae_fast.elbo(a, b, c, d), xb, recon, mu, logvar)
 
@@ -254,15 +349,17 @@ def _check_masked(got, want, mask):
 def test_bernoulli_backward_op(device, mask, event_dims):
     x, logits = _x01((3, 4, 5), device), _t((3, 4, 5), device, seed=1)
     grad = _t((3, 4, 5)[: 3 - event_dims], device, seed=2)
-    want = _vjp(lambda a, b: reference.bernoulli_log_prob(a, b, event_dims=event_dims),
-                (x, logits), grad)
+    want = _vjp(
+        lambda a, b: reference.bernoulli_log_prob(a, b, event_dims=event_dims), (x, logits), grad
+    )
     got = ops._bernoulli_log_prob_backward(grad, x, logits, event_dims, mask)
     _check_masked(got, want, mask)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [False, False, True],
-                                  [True, False, False]])
+@pytest.mark.parametrize(
+    "mask", [[True, True, True], [False, True, False], [False, False, True], [True, False, False]]
+)
 @pytest.mark.parametrize("logvar_shape", [(), (5,), (4, 1), (3, 4, 5)])
 def test_gaussian_backward_op(device, mask, logvar_shape):
     x, mean = _t((3, 4, 5), device), _t((3, 4, 5), device, seed=1)
@@ -274,14 +371,22 @@ def test_gaussian_backward_op(device, mask, logvar_shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mask", [[True, True, True, True], [False, True, False, True],
-                                  [True, False, True, False], [False, False, False, False]])
-@pytest.mark.parametrize("prior_shapes", [(None, None), ((5,), (5,)), ((4, 5), None),
-                                          (None, ())])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        [True, True, True, True],
+        [False, True, False, True],
+        [True, False, True, False],
+        [False, False, False, False],
+    ],
+)
+@pytest.mark.parametrize("prior_shapes", [(None, None), ((5,), (5,)), ((4, 5), None), (None, ())])
 def test_kl_backward_op(device, mask, prior_shapes):
     mu, logvar = _t((4, 5), device), _t((4, 5), device, low=-1.0, high=1.0, seed=1)
-    pm, plv = (None if s is None else _t(s, device, low=-1.0, high=1.0, seed=2 + i)
-               for i, s in enumerate(prior_shapes))
+    pm, plv = (
+        None if s is None else _t(s, device, low=-1.0, high=1.0, seed=2 + i)
+        for i, s in enumerate(prior_shapes)
+    )
     grad = _t((4,), device, seed=5)
     want = _vjp(lambda a, b, c, d: reference.gaussian_kl(a, b, c, d), (mu, logvar, pm, plv), grad)
     got = ops._gaussian_kl_backward(grad, mu, logvar, pm, plv, 1, mask)
@@ -302,8 +407,9 @@ def test_reparameterize_backward_op(device, mask, num_samples):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("likelihood, obs_shape", [("bernoulli", None), ("gaussian", None),
-                                                   ("gaussian", (6,))])
+@pytest.mark.parametrize(
+    "likelihood, obs_shape", [("bernoulli", None), ("gaussian", None), ("gaussian", (6,))]
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_elbo_op_saved_gradients(device, likelihood, obs_shape, reduction):
     # The gradients elbo returns with compute_grad are those of loss.sum() (grad_output 1),
@@ -314,15 +420,17 @@ def test_elbo_op_saved_gradients(device, likelihood, obs_shape, reduction):
     obs = None if obs_shape is None else _t(obs_shape, device, low=-1.0, high=1.0, seed=4)
     outs = ops.elbo(x, recon, mu, logvar, obs, likelihood, 0.5, reduction, True)
     loss = lambda r, m, lv, o: reference.elbo(  # noqa: E731
-        x, r, m, lv, likelihood=likelihood, obs_logvar=o, beta=0.5, reduction=reduction)[0].sum()
+        x, r, m, lv, likelihood=likelihood, obs_logvar=o, beta=0.5, reduction=reduction
+    )[0].sum()
     want = _vjp(loss, (recon, mu, logvar, obs), torch.ones((), dtype=x.dtype, device=device))
     for g, w in zip((outs[3], outs[5], outs[6], outs[4]), want):
         if w is None:
             assert g.numel() == 0
         else:
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-    ref = reference.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs, beta=0.5,
-                         reduction=reduction)
+    ref = reference.elbo(
+        x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs, beta=0.5, reduction=reduction
+    )
     for o, r in zip(outs[:3], ref):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
     no_grad = ops.elbo(x, recon, mu, logvar, obs, likelihood, 0.5, reduction, False)
@@ -339,22 +447,40 @@ def _bad_calls():
         ("`event_dims`=5", lambda: ops.bernoulli_log_prob(r(3, 4), r(3, 4), 5)),
         ("`event_dims`=-1", lambda: ops.gaussian_kl(r(3, 4), r(3, 4), None, None, -1)),
         ("`logits` has dtype", lambda: ops.bernoulli_log_prob(r(3, 4), r(3, 4).double(), 1)),
-        ("`x` has dtype", lambda: ops.bernoulli_log_prob(torch.ones(3, 4, dtype=torch.int64),
-                                                         torch.ones(3, 4, dtype=torch.int64), 1)),
+        (
+            "`x` has dtype",
+            lambda: ops.bernoulli_log_prob(
+                torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64), 1
+            ),
+        ),
         ("`logvar` has shape", lambda: ops.gaussian_log_prob(r(3, 4), r(3, 4), r(3), 1)),
         ("`prior_mu` has shape", lambda: ops.gaussian_kl(r(3, 4), r(3, 4), r(5), None, 1)),
         ("`logvar` has shape", lambda: ops.reparameterize(r(3, 4), r(4), None)),
         ("`num_samples`", lambda: ops.reparameterize(r(3, 4), r(3, 4), 0)),
-        ("`mu` has batch size", lambda: ops.elbo(r(3, 4), r(3, 4), r(2, 2), r(2, 2), None,
-                                                 "bernoulli", 1.0, "mean", False)),
-        ("unknown likelihood", lambda: ops.elbo(r(3, 4), r(3, 4), r(3, 2), r(3, 2), None, "foo",
-                                                1.0, "mean", False)),
-        ("unknown reduction", lambda: ops.elbo(r(3, 4), r(3, 4), r(3, 2), r(3, 2), None,
-                                               "bernoulli", 1.0, "avg", False)),
-        ("`eps` has shape", lambda: ops._reparameterize_backward(r(3, 4), r(3, 4), r(2, 4),
-                                                                 [True, True])),
-        ("`grad` has shape", lambda: ops._bernoulli_log_prob_backward(r(2), r(3, 4), r(3, 4), 1,
-                                                                       [True, True])),
+        (
+            "`mu` has batch size",
+            lambda: ops.elbo(
+                r(3, 4), r(3, 4), r(2, 2), r(2, 2), None, "bernoulli", 1.0, "mean", False
+            ),
+        ),
+        (
+            "unknown likelihood",
+            lambda: ops.elbo(r(3, 4), r(3, 4), r(3, 2), r(3, 2), None, "foo", 1.0, "mean", False),
+        ),
+        (
+            "unknown reduction",
+            lambda: ops.elbo(
+                r(3, 4), r(3, 4), r(3, 2), r(3, 2), None, "bernoulli", 1.0, "avg", False
+            ),
+        ),
+        (
+            "`eps` has shape",
+            lambda: ops._reparameterize_backward(r(3, 4), r(3, 4), r(2, 4), [True, True]),
+        ),
+        (
+            "`grad` has shape",
+            lambda: ops._bernoulli_log_prob_backward(r(2), r(3, 4), r(3, 4), 1, [True, True]),
+        ),
     ]
 
 
@@ -373,18 +499,21 @@ def test_direct_op_checks_input(case):
 class _TinyVAE(torch.nn.Module):
     def __init__(self, d: int, z: int, h: int, gaussian: bool):
         super().__init__()
-        self.enc = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(),
-                                       torch.nn.Linear(h, 2 * z))
-        self.dec = torch.nn.Sequential(torch.nn.Linear(z, h), torch.nn.Tanh(),
-                                       torch.nn.Linear(h, d))
+        self.enc = torch.nn.Sequential(
+            torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, 2 * z)
+        )
+        self.dec = torch.nn.Sequential(
+            torch.nn.Linear(z, h), torch.nn.Tanh(), torch.nn.Linear(h, d)
+        )
         self.obs_logvar = torch.nn.Parameter(torch.zeros(d)) if gaussian else None
 
     def forward(self, x):
         mu, logvar = self.enc(x).chunk(2, dim=-1)
         z = vae_fast.reparameterize(mu, logvar)
         kind = "bernoulli" if self.obs_logvar is None else "gaussian"
-        loss, ll, kl = vae_fast.elbo(x, self.dec(z), mu, logvar, likelihood=kind,
-                                     obs_logvar=self.obs_logvar, beta=0.5)
+        loss, ll, kl = vae_fast.elbo(
+            x, self.dec(z), mu, logvar, likelihood=kind, obs_logvar=self.obs_logvar, beta=0.5
+        )
         return loss, ll, kl
 
 

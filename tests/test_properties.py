@@ -20,11 +20,17 @@ import vae_fast
 from vae_fast import reference
 
 settings.register_profile(
-    "ci", max_examples=40, deadline=None, derandomize=True, database=None,
+    "ci",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.register_profile(
-    "explore", max_examples=500, deadline=None,
+    "explore",
+    max_examples=500,
+    deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -52,7 +58,7 @@ def shapes(draw, min_dims=1, max_dims=4, budget=2048):
 def broadcast_of(draw, shape):
     """A shape that broadcasts to `shape` without growing it: trailing dims, some set to 1."""
     k = draw(st.integers(0, len(shape)))
-    return tuple(1 if draw(st.booleans()) else s for s in shape[len(shape) - k:])
+    return tuple(1 if draw(st.booleans()) else s for s in shape[len(shape) - k :])
 
 
 @st.composite
@@ -77,8 +83,9 @@ def build(values: torch.Tensor, layout) -> torch.Tensor:
     shape = values.shape
     reduced = _reduced(shape, layout)
     perm, steps = layout["perm"], layout["steps"]
-    base = torch.full([max(reduced[p] * steps[p], 1) for p in perm], float("nan"),
-                      dtype=values.dtype)
+    base = torch.full(
+        [max(reduced[p] * steps[p], 1) for p in perm], float("nan"), dtype=values.dtype
+    )
     view = base[tuple(slice(0, reduced[p] * steps[p], steps[p]) for p in perm)]
     inverse = sorted(range(len(perm)), key=lambda i: perm[i])
     view = view.permute(*inverse)
@@ -102,8 +109,9 @@ def compare(out, ref_fn, inputs, dtype, seed):
     """Values and gradients (for a random grad_output) of `out` against `ref_fn` run on
     fp64 copies of the inputs."""
     leaves = [t for t in inputs if t is not None and t.requires_grad]
-    ref_inputs = [None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-                  for t in inputs]
+    ref_inputs = [
+        None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs
+    ]
     want = ref_fn(*ref_inputs)
     rtol = RTOL[dtype]
     assert out.dtype == dtype
@@ -133,8 +141,13 @@ def test_bernoulli_property(data):
     x = tensor(draw, shape, dtype, 0.0, 1.0, grad=draw(st.booleans()))
     logits = tensor(draw, shape, dtype, -scale, scale)
     out = vae_fast.bernoulli_log_prob(x, logits, event_dims=k)
-    compare(out, lambda a, b: reference.bernoulli_log_prob(a, b, event_dims=k), [x, logits],
-            dtype, draw(st.integers(0, 2**31)))
+    compare(
+        out,
+        lambda a, b: reference.bernoulli_log_prob(a, b, event_dims=k),
+        [x, logits],
+        dtype,
+        draw(st.integers(0, 2**31)),
+    )
 
 
 @given(data=st.data())
@@ -147,8 +160,13 @@ def test_gaussian_property(data):
     mean = tensor(draw, shape, dtype, -3.0, 3.0, grad=draw(st.booleans()))
     logvar = tensor(draw, lv_shape, dtype, -8.0, 8.0)
     out = vae_fast.gaussian_log_prob(x, mean, logvar, event_dims=k)
-    compare(out, lambda a, b, c: reference.gaussian_log_prob(a, b, c, event_dims=k),
-            [x, mean, logvar], dtype, draw(st.integers(0, 2**31)))
+    compare(
+        out,
+        lambda a, b, c: reference.gaussian_log_prob(a, b, c, event_dims=k),
+        [x, mean, logvar],
+        dtype,
+        draw(st.integers(0, 2**31)),
+    )
 
 
 @given(data=st.data())
@@ -164,8 +182,13 @@ def test_kl_property(data):
     if draw(st.booleans()):
         plv = tensor(draw, draw(broadcast_of(shape)), dtype, -4.0, 4.0, grad=draw(st.booleans()))
     out = vae_fast.gaussian_kl(mu, logvar, pm, plv, event_dims=k)
-    compare(out, lambda a, b, c, d: reference.gaussian_kl(a, b, c, d, event_dims=k),
-            [mu, logvar, pm, plv], dtype, draw(st.integers(0, 2**31)))
+    compare(
+        out,
+        lambda a, b, c, d: reference.gaussian_kl(a, b, c, d, event_dims=k),
+        [mu, logvar, pm, plv],
+        dtype,
+        draw(st.integers(0, 2**31)),
+    )
 
 
 @given(data=st.data())
@@ -177,8 +200,9 @@ def test_reparameterize_property(data):
     mu = tensor(draw, shape, dtype, -3.0, 3.0, grad=draw(st.booleans()))
     logvar = tensor(draw, shape, dtype, -6.0, 6.0)
     seed = draw(st.integers(0, 2**31))
-    out = vae_fast.reparameterize(mu, logvar, num_samples=num_samples,
-                                  generator=torch.Generator().manual_seed(seed))
+    out = vae_fast.reparameterize(
+        mu, logvar, num_samples=num_samples, generator=torch.Generator().manual_seed(seed)
+    )
 
     def ref(a, b):
         # eps as the op draws it: in the op's dtype (not the fp64 of the comparison)
@@ -187,8 +211,12 @@ def test_reparameterize_property(data):
         return a + torch.exp(0.5 * b) * eps.double()
 
     compare(out, ref, [mu, logvar], dtype, seed)
-    same = reference.reparameterize(mu.detach(), logvar.detach(), num_samples=num_samples,
-                                    generator=torch.Generator().manual_seed(seed))
+    same = reference.reparameterize(
+        mu.detach(),
+        logvar.detach(),
+        num_samples=num_samples,
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert_close_exact(out, same, RTOL[dtype], what="fused vs reference")
 
 
@@ -211,8 +239,9 @@ def test_elbo_property(data):
         recon = tensor(draw, x_shape, dtype, -3.0, 3.0, grad=draw(st.booleans()))
         obs = None
         if draw(st.booleans()):
-            obs = tensor(draw, draw(broadcast_of(x_shape)), dtype, -3.0, 3.0,
-                         grad=draw(st.booleans()))
+            obs = tensor(
+                draw, draw(broadcast_of(x_shape)), dtype, -3.0, 3.0, grad=draw(st.booleans())
+            )
     mu = tensor(draw, z_shape, dtype, -3.0, 3.0, grad=draw(st.booleans()))
     logvar = tensor(draw, z_shape, dtype, -5.0, 5.0, grad=draw(st.booleans()))
     # which outputs the gradient flows from: the loss (saved-gradient route), or also
@@ -227,8 +256,9 @@ def test_elbo_property(data):
         parts = (loss, ll, kl)
         return parts, sum(parts[i].sum() * (i + 1) for i in use)
 
-    ref_ins = [None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-               for t in ins]
+    ref_ins = [
+        None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ins
+    ]
     (want_parts, want_total) = combined(ref_ins, reference.elbo)
     rtol = RTOL[dtype]
     for name, o, w in zip(("loss", "ll", "kl"), outs, want_parts):

@@ -81,19 +81,23 @@ def inputs(shape, dtype, device, gen, layouts=("contiguous", "contiguous"), grad
 def test_matches_formula(device, dtype, shape, num_samples, gen):
     # Value and both gradients (summed over the K samples) against the fp64 formula.
     ins = inputs(shape, dtype, device, gen)
-    z = check_against_truth(seeded_op, seeded_truth(dtype), ins, dtype, gen=gen,
-                            kwargs={"num_samples": num_samples})
+    z = check_against_truth(
+        seeded_op, seeded_truth(dtype), ins, dtype, gen=gen, kwargs={"num_samples": num_samples}
+    )
     assert z.shape == out_shape(shape, num_samples)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
-@pytest.mark.parametrize("layouts", [
-    ("transposed", "transposed"),
-    ("strided", "contiguous"),
-    ("contiguous", "expanded"),  # one logvar row for the whole batch (stride 0)
-    ("expanded", "strided"),
-])
+@pytest.mark.parametrize(
+    "layouts",
+    [
+        ("transposed", "transposed"),
+        ("strided", "contiguous"),
+        ("contiguous", "expanded"),  # one logvar row for the whole batch (stride 0)
+        ("expanded", "strided"),
+    ],
+)
 def test_layouts(device, dtype, layouts, gen):
     # eps follows the logical (row-major) order of mu, whatever its memory layout: the
     # same values under the same seed give the same z.
@@ -108,8 +112,9 @@ def test_layouts(device, dtype, layouts, gen):
 @pytest.mark.parametrize("grad", [(True, False), (False, True)], ids=["mu", "logvar"])
 def test_grad_of_one_input(device, dtype, grad, gen):
     ins = inputs((5, 11), dtype, device, gen, grad=grad)
-    check_against_truth(seeded_op, seeded_truth(dtype), ins, dtype, gen=gen,
-                        kwargs={"num_samples": 2})
+    check_against_truth(
+        seeded_op, seeded_truth(dtype), ins, dtype, gen=gen, kwargs={"num_samples": 2}
+    )
     seeded_op(**ins).sum().backward()
     for name, g in zip(("mu", "logvar"), grad):
         assert (ins[name].grad is not None) == g
@@ -248,7 +253,8 @@ def test_manual_seed_reproduces(device, dtype, num_samples, gen):
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 def test_generator_reproduces(device, dtype, gen):
     ins = inputs((6, 35), dtype, device, gen, grad=(False, False))
-    default_state = torch.get_rng_state()
+    rng_state = torch.cuda.get_rng_state if device == "cuda" else torch.get_rng_state
+    default_state = rng_state()
     g = torch.Generator(device=device).manual_seed(99)
     a = op(**ins, generator=g)
     b = op(**ins, generator=g)  # the generator advances
@@ -257,10 +263,14 @@ def test_generator_reproduces(device, dtype, gen):
     assert torch.equal(op(**ins, generator=g2), a)
     assert torch.equal(op(**ins, generator=g2), b)
     # the default generator is untouched by a call with its own generator
-    assert torch.equal(torch.get_rng_state(), default_state)
+    assert torch.equal(rng_state(), default_state)
     # and eps is what torch.randn draws from that generator
-    eps = torch.randn((6, 35), dtype=dtype, device=device,
-                      generator=torch.Generator(device=device).manual_seed(99))
+    eps = torch.randn(
+        (6, 35),
+        dtype=dtype,
+        device=device,
+        generator=torch.Generator(device=device).manual_seed(99),
+    )
     assert_z(a, ins["mu"], ins["logvar"], eps)
 
 
@@ -295,8 +305,9 @@ def test_integer_dtype():
 
 
 def test_mixed_dtypes():
-    with pytest.raises(TypeError,
-                       match=r"`logvar` has dtype torch.float16 but `mu` has torch.float32"):
+    with pytest.raises(
+        TypeError, match=r"`logvar` has dtype torch.float16 but `mu` has torch.float32"
+    ):
         op(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.float16))
 
 
