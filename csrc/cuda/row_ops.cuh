@@ -8,6 +8,10 @@
 #include "cuda/rows.cuh"
 
 namespace vae_fast::cuda {
+// The ops live in an anonymous namespace, so every .cu that includes this gets its
+// own kernels (rows_kernel<V, Op> takes internal linkage from Op): no kernel is
+// shared between translation units, whose device code is compiled separately.
+namespace {
 
 template <typename scalar_t>
 struct RowWeight {
@@ -172,6 +176,8 @@ struct KLRows {
     kl[row] = static_cast<scalar_t>(acc(0.5) * sums[0]);
   }
 };
+
+}  // namespace
 
 // Runs a row op over the layout with the widest vector width its pointers allow;
 // returns its per-column sums (see launch_rows).

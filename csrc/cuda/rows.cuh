@@ -60,16 +60,19 @@ inline RowGrid plan_rows(int64_t rows, int64_t cols, int vec, bool per_column, i
     splits = std::max<int64_t>(ceil_div(vectors, g.tx), 1);  // one vector per thread and row
   } else if (row_blocks < resident) {
     // Too few rows to fill the GPU: split rows, keeping >= 4 vectors per thread.
+    // Rounded down, so that all blocks are resident at once (one wave, no tail):
+    // this leaves at most half the slots idle, still plenty of loads in flight.
     const int64_t max_splits = std::max<int64_t>(vectors / (4 * g.tx), 1);
-    splits = std::min(max_splits, ceil_div(resident, row_blocks));
+    splits = std::min(max_splits, std::max<int64_t>(resident / row_blocks, 1));
   }
   const int64_t split_vectors = std::max<int64_t>(ceil_div(vectors, splits), 1);
   g.split_cols = split_vectors * vec;
   g.splits = static_cast<int32_t>(std::max<int64_t>(ceil_div(cols, g.split_cols), 1));
-  // About one wave of blocks when per-column sums are kept per block; otherwise up to
-  // four waves, each block looping over rows with a grid stride.
+  // Exactly one wave of blocks when per-column sums are kept per block (a block in
+  // a second wave would loop over as many rows as a whole first-wave block, alone);
+  // otherwise up to four waves. Blocks loop over rows with a grid stride.
   const int64_t waves = per_column ? 1 : 4;
-  const int64_t wanted = std::max<int64_t>(ceil_div(resident * waves, g.splits), 1);
+  const int64_t wanted = std::max<int64_t>(resident * waves / g.splits, 1);
   g.row_blocks = static_cast<int32_t>(std::min(row_blocks, wanted));
   return g;
 }
