@@ -511,3 +511,58 @@ def test_mixed_devices():
     x, recon, mu, logvar = _ok()
     with pytest.raises(ValueError, match=r"`mu` is on cuda:0 but `x` is on cpu"):
         op(x, recon, mu.cuda(), logvar.cuda())
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_deterministic(likelihood, gen):
+    # Same inputs, same bits: the parallel row sums do not depend on scheduling. And the
+    # result does not depend on the thread count beyond rounding.
+    obs = (1000,) if likelihood == "gaussian" else None
+    ins = inputs(
+        (257, 1000), (257, 32), torch.float32, "cpu", gen, likelihood=likelihood, obs_shape=obs
+    )
+    leaves = [ins[n] for n in NAMES if ins[n] is not None and ins[n].requires_grad]
+
+    def run():
+        outs = call(op, ins, likelihood=likelihood)
+        return (*outs, *torch.autograd.grad(outs[0], leaves))
+
+    first = run()
+    for a, b in zip(first, run()):
+        assert torch.equal(a, b)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, single):
+        assert_close_exact(a, b, 2e-5)
+
+
+def test_large_gradient_buffers(gen):
+    # Gradients of 32 MiB and more come from a separate (huge-page) allocation path on
+    # CPU: check them against the reference, use them as ordinary tensors (in-place
+    # updates, accumulation), and reallocate them a few times.
+    B, D = 2048, 4100  # a float32 gradient of 33.6 MB
+    likelihood = "bernoulli"  # the allocation is shared by every kernel that writes one
+    ins = inputs((B, D), (B, 8), torch.float32, "cpu", gen, likelihood=likelihood)
+    with vae_fast.backend("reference"):
+        ref = call(op, ins, likelihood=likelihood)
+        (ref_grad,) = torch.autograd.grad(ref[0], [ins["recon"]])
+    outs = call(op, ins, likelihood=likelihood)
+    (first,) = torch.autograd.grad(outs[0], [ins["recon"]])
+    assert first.shape == (B, D) and first.is_contiguous()
+    for o, r in zip(outs, ref):
+        assert_close_exact(o, r, 2e-5)
+    assert_close_exact(first, ref_grad, 2e-5)
+    for _ in range(3):  # fresh buffers each time, same bits
+        call(op, ins, likelihood=likelihood)[0].backward()
+        g = ins["recon"].grad
+        assert torch.equal(g, first)
+        g.mul_(2)  # an ordinary, writable tensor
+        assert torch.equal(g, 2 * first)
+        ins["recon"].grad = None
+    call(op, ins, likelihood=likelihood)[0].backward()
+    call(op, ins, likelihood=likelihood)[0].backward()  # accumulates into the first buffer
+    assert torch.equal(ins["recon"].grad, 2 * first)
