@@ -64,8 +64,8 @@ void gaussian_rows(const GaussianArgs& a) {
         const Vec diff = load_n(x + off + j, n) - load_n(mean + off + j, n);
         Vec lv, inv_var;
         if (shared) {
-          lv = Vec::loadu(lv_shared.data() + j, n);
-          inv_var = Vec::loadu(inv_var_shared.data() + j, n);
+          lv = load_n(lv_shared.data() + j, n);
+          inv_var = load_n(inv_var_shared.data() + j, n);
         } else {
           lv = load_n(lv_elem + off + j, n);
           inv_var = lv.neg().exp();
@@ -80,7 +80,7 @@ void gaussian_rows(const GaussianArgs& a) {
         if (grad_lv) {
           const Vec g = Vec(0.5) * (sq - Vec(1)) * weight;
           if (shared) {
-            (Vec::loadu(partial + j, n) + g).store(partial + j, n);
+            store_n(partial + j, load_n(partial + j, n) + g, n);
           } else {
             store_n(grad_lv + off + j, g, n);
           }

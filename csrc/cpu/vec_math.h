@@ -25,6 +25,7 @@ template <typename scalar_t>
 using OpVec = Vectorized<opmath_t<scalar_t>>;
 
 // Loads n <= OpVec::size() elements (the rest of the lanes are 0) as opmath.
+// (ATen's partial loadu/store go through a memcpy: only the tail may use them.)
 template <typename scalar_t>
 inline OpVec<scalar_t> load_n(const scalar_t* p, int64_t n) {
   using Vec = OpVec<scalar_t>;
