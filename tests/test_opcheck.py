@@ -551,3 +551,46 @@ def test_compile_training_step(likelihood):
         loss, _, _ = step_fn(x)
         loss.backward()
     assert loss.item() < first
+
+
+# --------------------------------------------------------------------------- double backward
+
+
+def _double_backward_cases():
+    x01 = _x01((3, 5), "cpu")
+    return {
+        "bernoulli_log_prob": (lambda a: vae_fast.bernoulli_log_prob(x01, a), (3, 5)),
+        "gaussian_log_prob": (
+            lambda a: vae_fast.gaussian_log_prob(x01, a, torch.zeros((), dtype=a.dtype)),
+            (3, 5),
+        ),
+        "gaussian_kl": (lambda a: vae_fast.gaussian_kl(a, a.detach()), (3, 5)),
+        "reparameterize": (
+            lambda a: vae_fast.reparameterize(
+                a.detach(), a, generator=torch.Generator().manual_seed(0)
+            ).square(),
+            (3, 5),
+        ),
+        "elbo": (lambda a: vae_fast.elbo(x01, a, a[:, :2].detach(), a[:, 2:4])[0], (3, 5)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered")
+@pytest.mark.parametrize("name", list(_double_backward_cases()))
+def test_double_backward_not_silently_wrong(name, vae_backend):
+    # Second derivatives (gradient penalties, Hessian-vector products) are not part of the
+    # API, but asking for them must either work or raise, never quietly return nothing.
+    fn, shape = _double_backward_cases()[name]
+    a = _t(shape, "cpu", grad=True, seed=5)
+    try:
+        (g,) = torch.autograd.grad(fn(a).sum(), a, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), a, allow_unused=True)
+    except RuntimeError:
+        return  # refused loudly: fine
+    with vae_fast.backend("reference"):
+        b = a.detach().requires_grad_(True)
+        (gr,) = torch.autograd.grad(fn(b).sum(), b, create_graph=True)
+        (want,) = torch.autograd.grad(gr.square().sum(), b, allow_unused=True)
+    assert gg is not None or want is None, f"{name}: second derivative silently missing"
+    if want is not None:
+        torch.testing.assert_close(gg, want, rtol=1e-10, atol=1e-12)
