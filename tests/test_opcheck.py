@@ -594,3 +594,65 @@ def test_double_backward_not_silently_wrong(name, vae_backend):
     assert gg is not None or want is None, f"{name}: second derivative silently missing"
     if want is not None:
         torch.testing.assert_close(gg, want, rtol=1e-10, atol=1e-12)
+
+
+def _all_ops(x, recon, mu, logvar, obs, prior_mu, prior_logvar):
+    z = vae_fast.reparameterize(mu, logvar, num_samples=2)
+    lb = vae_fast.bernoulli_log_prob(x, recon)
+    lg = vae_fast.gaussian_log_prob(x, recon, obs, event_dims=1)
+    kl = vae_fast.gaussian_kl(mu, logvar, prior_mu, prior_logvar)
+    loss, ll, kl2 = vae_fast.elbo(x, recon, mu, logvar, likelihood="gaussian", obs_logvar=obs)
+    loss_n, _, _ = vae_fast.elbo(x, recon, mu, logvar, reduction="none", beta=0.5)
+    return (
+        loss
+        + z.square().mean()
+        + lb.sum()
+        + lg.sum()
+        + kl.sum()
+        + ll.sum()
+        + kl2.sum()
+        + loss_n.sum()
+    )
+
+
+def test_compile_dynamic_batch():
+    # Symbolic batch sizes through every fake kernel and autograd formula (a last, smaller
+    # batch of an epoch must not break the compiled step). aot_eager: the tracing is what
+    # is under test here, not inductor's code generation.
+    torch._dynamo.reset()
+    compiled = torch.compile(_all_ops, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (8, 5, 3):
+        args = (
+            _t((batch, 6), "cpu", low=0.0, high=1.0, seed=batch),
+            _t((batch, 6), "cpu", grad=True, seed=batch + 1),
+            _t((batch, 3), "cpu", grad=True, seed=batch + 2),
+            _t((batch, 3), "cpu", low=-1.0, high=1.0, grad=True, seed=batch + 3),
+            _t((6,), "cpu", low=-1.0, high=1.0, grad=True),
+            _t((3,), "cpu", grad=True),
+            _t((batch, 3), "cpu", low=-1.0, high=1.0, grad=True, seed=batch + 4),
+        )
+        torch.manual_seed(0)
+        got = compiled(*args)
+        got_grads = torch.autograd.grad(got, [a for a in args if a.requires_grad])
+        torch.manual_seed(0)
+        want = _all_ops(*args)
+        want_grads = torch.autograd.grad(want, [a for a in args if a.requires_grad])
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(dtype):
+    # Under autocast the losses run in float32 (as torch's own losses do): half inputs
+    # give a float32 result equal to the float32 computation on the upcast inputs.
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 9, generator=g).to(dtype)
+    recon, mu, logvar = (torch.randn(s, generator=g).to(dtype) for s in ((4, 9), (4, 3), (4, 3)))
+    with torch.autocast("cpu", dtype=dtype):
+        got = vae_fast.elbo(x, recon, mu, logvar)
+        got_b = vae_fast.bernoulli_log_prob(x, recon)
+    want = vae_fast.elbo(x.float(), recon.float(), mu.float(), logvar.float())
+    for a, b in zip((*got, got_b), (*want, vae_fast.bernoulli_log_prob(x.float(), recon.float()))):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
