@@ -566,3 +566,20 @@ def test_large_gradient_buffers(gen):
     call(op, ins, likelihood=likelihood)[0].backward()
     call(op, ins, likelihood=likelihood)[0].backward()  # accumulates into the first buffer
     assert torch.equal(ins["recon"].grad, 2 * first)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_saturated_logits_gradient(device, dtype, reduction):
+    # At logits of +-1e4 sigmoid is exactly 1 or 0 in every dtype, so d(loss)/d(recon) is
+    # exactly 0 where the target agrees and exactly -+1 where it disagrees (as in eager
+    # torch): the saved-gradient route and the per-sample one ("none") alike.
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.5, 0.5]], dtype=dtype, device=device)
+    recon = torch.tensor([[1e4, -1e4, 1e4, -1e4, 1e4, -1e4]], dtype=dtype, device=device)
+    recon.requires_grad_(True)
+    zeros = torch.zeros(1, 2, dtype=dtype, device=device)
+    loss, _, _ = op(x, recon, zeros, zeros, reduction=reduction)
+    (g,) = torch.autograd.grad(loss.sum(), recon)
+    want = torch.tensor([[0.0, 0.0, 1.0, -1.0, 0.5, -0.5]], dtype=dtype, device=device)
+    assert torch.equal(g, want), g
