@@ -1,6 +1,15 @@
-"""The compiled operators as torch operators: opcheck, fp64 gradcheck, the private
-backward ops against the reference's vector-Jacobian products, the C++ input checks,
-and a torch.compile(fullgraph=True) training step through reparameterize and elbo."""
+"""The compiled operators as torch operators.
+
+- ``torch.library.opcheck`` on every operator, the private ``_*_backward`` ops included
+  (schema, fake kernel, autograd registration, AOT dispatch with dynamic shapes).
+- fp64 ``torch.autograd.gradcheck`` through the public functions (their registered
+  autograd). The ``_*_backward`` ops have no derivative of their own, so instead of a
+  gradcheck they are compared with the vector-Jacobian products of vae_fast.reference,
+  every ``output_mask`` pattern included.
+- The C++ input checks (direct torch.ops calls that bypass the Python ones), double
+  backward (must work or raise), autocast, and torch.compile: a fullgraph training step
+  through reparameterize and elbo, and symbolic batch sizes through all five ops.
+"""
 
 from __future__ import annotations
 
