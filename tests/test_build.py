@@ -8,6 +8,8 @@
    compile in parallel (one nvcc per core) while the tests wait on their results.
 2. The built extension reports the CPU capability this machine should get.
 3. The ops have CUDA kernels registered exactly when the extension was built with CUDA.
+4. On a GPU only (skipped elsewhere): each grid path of the CUDA row driver against the
+   CPU kernels, and reparameterize's Philox seeding and CUDA-graph capture.
 
 Two headers a CPU-only setup lacks are stood in for, in a temporary include dir:
 
