@@ -64,44 +64,6 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-# Bugs this suite found that are not fixed yet. Each test that shows one calls `known_bug`,
-# which marks it xfail(strict=True) where the bug applies: the fix then makes the test
-# XPASS, which fails, until the call (and the entry here) is removed.
-KNOWN_BUGS = {
-    "empty-1d-grad": (
-        "vae_fast/ops.py _grad_or_none() takes any gradient of shape (0,) for the "
-        "'not computed' marker, so an input of shape (0,) that requires grad gets None"
-    ),
-    "avx2-sigmoid": (
-        "AVX2 float kernels compute sigmoid(l) = 1/(1+exp(-l)) with rcp + one Newton step, "
-        "which never reaches 1: x - sigmoid(1e4) is 2**-24 instead of 0"
-    ),
-    "double-backward": (
-        "the _*_backward ops have no autograd kernel: create_graph=True gives a silently "
-        "wrong (missing) second derivative, with only a warning"
-    ),
-}
-
-
-def _cpu_capability() -> str | None:
-    try:
-        from vae_fast import _C
-
-        return _C.cpu_capability()
-    except (ImportError, AttributeError):
-        return None
-
-
-def known_bug(request: pytest.FixtureRequest, name: str, *, device: str | None = None) -> None:
-    """Mark the running test xfail(strict=True) for KNOWN_BUGS[name] where it applies: the
-    fused backend, and for "avx2-sigmoid" only the AVX2 CPU kernels."""
-    if request.config.getoption("--vae-backend") != "fused":
-        return
-    if name == "avx2-sigmoid" and (device != "cpu" or _cpu_capability() != "AVX2"):
-        return
-    request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name]))
-
-
 @pytest.fixture(autouse=True)
 def vae_backend(request: pytest.FixtureRequest):
     """Every test runs inside ``vae_fast.backend(--vae-backend)``; yields the backend name."""

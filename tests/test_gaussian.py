@@ -15,7 +15,6 @@ from conftest import (
     HAS_CUDA,
     SHAPES,
     check_against_truth,
-    known_bug,
     leaf,
     make,
     resolve_event_dims,
@@ -139,9 +138,7 @@ def test_grad_subsets(device, dtype, grad, gen):
         ((4, 0), (0,), None, (4,)),  # empty events: each row sums nothing
     ],
 )
-def test_empty(device, dtype, shape, logvar_shape, event_dims, out_shape, gen, request):
-    if logvar_shape == (0,):
-        known_bug(request, "empty-1d-grad")
+def test_empty(device, dtype, shape, logvar_shape, event_dims, out_shape, gen):
     ins = inputs(shape, dtype, device, gen, logvar_shape=logvar_shape, grad=(True, True, True))
     out = op(**ins, event_dims=event_dims)
     assert out.shape == out_shape and out.dtype == dtype

@@ -41,8 +41,23 @@ def _empty_grad(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-def _grad_or_none(t: torch.Tensor) -> torch.Tensor | None:
-    return None if t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
+def _wanted(grads, needs) -> tuple[torch.Tensor | None, ...]:
+    """The gradients autograd asked for; the ops return empty tensors for the others."""
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under autocast the losses run in float32, as torch's own losses do.
+
+    Done here, before the dtype check, because autocast leaves the usual mix (data in
+    float32, decoder output in bfloat16) to the op, and the op requires one dtype.
+    """
+    first = next(t for t in tensors if t is not None)
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    return tuple(
+        t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors
+    )
 
 
 def _batch_shape(x: torch.Tensor, event_dims: int) -> tuple[int, ...]:
@@ -65,6 +80,7 @@ def bernoulli_log_prob(
     Returns:
         The batch-shaped sum of ``x*logits - softplus(logits)``, in x's dtype.
     """
+    x, logits = _autocast_inputs(x, logits)
     if current_backend() == "reference":
         return reference.bernoulli_log_prob(x, logits, event_dims=event_dims)
     _require_extension()
@@ -87,6 +103,7 @@ def gaussian_log_prob(
     Returns:
         The batch-shaped sum of ``-0.5*(log(2pi) + logvar + (x-mean)^2 exp(-logvar))``.
     """
+    x, mean, logvar = _autocast_inputs(x, mean, logvar)
     if current_backend() == "reference":
         return reference.gaussian_log_prob(x, mean, logvar, event_dims=event_dims)
     _require_extension()
@@ -113,6 +130,7 @@ def gaussian_kl(
     Returns:
         The batch-shaped KL divergence, in mu's dtype.
     """
+    mu, logvar, prior_mu, prior_logvar = _autocast_inputs(mu, logvar, prior_mu, prior_logvar)
     if current_backend() == "reference":
         return reference.gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims=event_dims)
     _require_extension()
@@ -178,6 +196,7 @@ def elbo(
         the other two have shape (B,). Gradients flow to recon, mu, logvar and
         obs_logvar (and x, if it requires grad).
     """
+    x, recon, mu, logvar, obs_logvar = _autocast_inputs(x, recon, mu, logvar, obs_logvar)
     if current_backend() == "reference":
         return reference.elbo(
             x,
@@ -288,7 +307,7 @@ def _backward_bernoulli(ctx, grad):
     gx, gl = _ops._bernoulli_log_prob_backward(
         grad, x, logits, ctx.event_dims, list(ctx.needs_input_grad[:2])
     )
-    return _grad_or_none(gx), _grad_or_none(gl), None
+    return (*_wanted((gx, gl), ctx.needs_input_grad), None)
 
 
 def _setup_gaussian(ctx, inputs, output):
@@ -302,7 +321,7 @@ def _backward_gaussian(ctx, grad):
     gx, gm, glv = _ops._gaussian_log_prob_backward(
         grad, x, mean, logvar, ctx.event_dims, list(ctx.needs_input_grad[:3])
     )
-    return _grad_or_none(gx), _grad_or_none(gm), _grad_or_none(glv), None
+    return (*_wanted((gx, gm, glv), ctx.needs_input_grad), None)
 
 
 def _setup_kl(ctx, inputs, output):
@@ -316,7 +335,7 @@ def _backward_kl(ctx, grad):
     grads = _ops._gaussian_kl_backward(
         grad, mu, logvar, prior_mu, prior_logvar, ctx.event_dims, list(ctx.needs_input_grad[:4])
     )
-    return (*(_grad_or_none(g) for g in grads), None)
+    return (*_wanted(grads, ctx.needs_input_grad), None)
 
 
 def _setup_reparameterize(ctx, inputs, keyword_only_inputs, output):
@@ -329,7 +348,7 @@ def _setup_reparameterize(ctx, inputs, keyword_only_inputs, output):
 def _backward_reparameterize(ctx, grad_z, grad_eps):
     logvar, eps = ctx.saved_tensors
     gm, glv = _ops._reparameterize_backward(grad_z, logvar, eps, list(ctx.needs_input_grad[:2]))
-    return _grad_or_none(gm), _grad_or_none(glv), None
+    return (*_wanted((gm, glv), ctx.needs_input_grad), None)
 
 
 def _setup_elbo(ctx, inputs, output):
@@ -357,18 +376,8 @@ def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
             scaled = (g_recon, g_mu, g_logvar, g_obs)
         else:
             scaled = tuple(g * grad_loss.to(g.dtype) for g in (g_recon, g_mu, g_logvar, g_obs))
-        g_recon, g_mu, g_logvar, g_obs = (_grad_or_none(g) for g in scaled)
-        return (
-            None,
-            g_recon if needs[1] else None,
-            g_mu if needs[2] else None,
-            g_logvar if needs[3] else None,
-            g_obs if needs[4] else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        g_recon, g_mu, g_logvar, g_obs = scaled
+        return (None, *_wanted((g_recon, g_mu, g_logvar, g_obs), needs[1:5]), *(None,) * 4)
     # General case (per-sample weights from reduction="none" or from gradients of the
     # returned log_likelihood / kl): one backward pass per term with per-row weights.
     batch = x.shape[0]
@@ -393,21 +402,29 @@ def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
     gmu, glv, _, _ = _ops._gaussian_kl_backward(
         w_kl, mu, logvar, None, None, mu.dim() - 1, [needs[2], needs[3], False, False]
     )
-    gobs = _grad_or_none(gobs) if gobs is not None else None
-    return (
-        _grad_or_none(gx),
-        _grad_or_none(gr),
-        _grad_or_none(gmu),
-        _grad_or_none(glv),
-        gobs,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (*_wanted((gx, gr, gmu, glv, gobs), needs[:5]), *(None,) * 4)
+
+
+def _no_double_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"vae_fast: {name} has no second derivative (double backward, e.g. "
+            "create_graph=True for a gradient penalty); use vae_fast.backend('reference')"
+        )
+
+    return backward
 
 
 def _register_autograd() -> None:
+    # The backward ops compute first derivatives only; differentiating through them
+    # raises instead of silently treating them as constants.
+    for name in (
+        "_bernoulli_log_prob_backward",
+        "_gaussian_log_prob_backward",
+        "_gaussian_kl_backward",
+        "_reparameterize_backward",
+    ):
+        torch.library.register_autograd(f"vae_fast::{name}", _no_double_backward(name))
     torch.library.register_autograd(
         "vae_fast::bernoulli_log_prob", _backward_bernoulli, setup_context=_setup_bernoulli
     )

@@ -44,10 +44,12 @@ void bernoulli_rows(const BernoulliArgs& a) {
           sum += keep_first(xv * l - softplus, n);
         }
         if constexpr (kGradLogits) {
-          // sigmoid(l) from the same e: 1/(1+e) for l >= 0, e/(1+e) otherwise.
-          const Vec inv = reciprocal_1_2(Vec(1) + e);
-          const Vec sigmoid = Vec::blendv(e * inv, inv, l >= Vec(0));
-          store_n(grad_logits + r * cols + j, (xv - sigmoid) * weight, n);
+          // x - sigmoid(l) from the same e, t = e/(1+e): x - t for l < 0 and
+          // (x - 1) + t for l >= 0, so the gradient is exactly 0 at saturation
+          // (1 - t is never formed, and an approximate 1/(1+e) cannot leak in).
+          const Vec t = e * reciprocal_1_2(Vec(1) + e);
+          const Vec residual = Vec::blendv(xv - t, (xv - Vec(1)) + t, l >= Vec(0));
+          store_n(grad_logits + r * cols + j, residual * weight, n);
         }
         if constexpr (kGradX) {
           store_n(grad_x + r * cols + j, l * weight, n);

@@ -3,7 +3,7 @@
 
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/op_checks.h"
 #include "common/layout.h"
 #include "cpu/allocation.h"
 #include "cpu/capability.h"
@@ -13,17 +13,6 @@ namespace vae_fast::cpu {
 namespace {
 
 constexpr const char* kFn = "vae_fast.gaussian_log_prob";
-
-RowLayout checked_layout(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
-                         int64_t event_dims) {
-  check_float(kFn, "x", x);
-  check_like(kFn, "mean", mean, "x", x);
-  check_like(kFn, "logvar", logvar, "x", x);
-  check_same_shape(kFn, "x", x, "mean", mean);
-  check_broadcastable(kFn, "logvar", logvar, "x", x.sizes());
-  check_event_dims(kFn, x, event_dims);
-  return row_layout(x, event_dims);
-}
 
 GaussianArgs make_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
                        int64_t event_dims, const RowLayout& layout) {
@@ -38,7 +27,7 @@ GaussianArgs make_args(const at::Tensor& x, const at::Tensor& mean, const at::Te
 
 at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
                              int64_t event_dims) {
-  const RowLayout layout = checked_layout(x, mean, logvar, event_dims);
+  const RowLayout layout = check_gaussian_log_prob(x, mean, logvar, event_dims);
   at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
   if (x.numel() == 0) return log_prob.zero_();
   GaussianArgs args = make_args(x, mean, logvar, event_dims, layout);
@@ -50,9 +39,8 @@ at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
     int64_t event_dims, std::array<bool, 3> output_mask) {
-  const RowLayout layout = checked_layout(x, mean, logvar, event_dims);
-  check_like(kFn, "grad", grad, "x", x);
-  check_mask_tensor(kFn, "grad", grad, layout.batch_shape);
+  const RowLayout layout = check_gaussian_log_prob(x, mean, logvar, event_dims);
+  check_row_grad(kFn, grad, x, layout);
   at::Tensor grad_x = output_mask[0] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_mean = output_mask[1] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_logvar = output_mask[2] ? at::zeros(logvar.sizes(), x.options()) : x.new_empty({0});

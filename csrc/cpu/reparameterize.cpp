@@ -4,7 +4,7 @@
 
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/op_checks.h"
 #include "common/layout.h"
 #include "cpu/capability.h"
 #include "cpu/kernels.h"
@@ -17,11 +17,7 @@ constexpr const char* kFn = "vae_fast.reparameterize";
 std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at::Tensor& logvar,
                                                   std::optional<int64_t> num_samples,
                                                   std::optional<at::Generator> generator) {
-  check_float(kFn, "mu", mu);
-  check_like(kFn, "logvar", logvar, "mu", mu);
-  check_same_shape(kFn, "mu", mu, "logvar", logvar);
-  TORCH_CHECK(!num_samples || *num_samples >= 1, kFn,
-              ": `num_samples` must be a positive int or None, got ", *num_samples);
+  check_reparameterize(mu, logvar, num_samples);
   std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
   if (num_samples) shape.insert(shape.begin(), *num_samples);
   // eps in the accumulation dtype: float32 draws for half inputs, kept for backward.
@@ -43,11 +39,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
                                                            const at::Tensor& logvar,
                                                            const at::Tensor& eps,
                                                            std::array<bool, 2> output_mask) {
-  check_float(kFn, "logvar", logvar);
-  check_like(kFn, "grad_z", grad_z, "logvar", logvar);
-  check_same_shape(kFn, "eps", eps, "grad_z", grad_z);
-  TORCH_CHECK(eps.scalar_type() == opmath_type(logvar.scalar_type()), kFn,
-              ": `eps` must have the accumulation dtype of `logvar`");
+  check_reparameterize_backward(grad_z, logvar, eps);
   at::Tensor grad_mu = output_mask[0] ? at::empty(logvar.sizes(), logvar.options())
                                       : logvar.new_empty({0});
   at::Tensor grad_lv = output_mask[1] ? at::empty(logvar.sizes(), logvar.options())

@@ -4,7 +4,7 @@
 
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/op_checks.h"
 #include "common/layout.h"
 #include "cuda/row_ops.cuh"
 
@@ -13,14 +13,6 @@ namespace {
 
 constexpr const char* kFn = "vae_fast.bernoulli_log_prob";
 
-RowLayout checked_layout(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims) {
-  check_float(kFn, "x", x);
-  check_like(kFn, "logits", logits, "x", x);
-  check_same_shape(kFn, "x", x, "logits", logits);
-  check_event_dims(kFn, x, event_dims);
-  return row_layout(x, event_dims);
-}
-
 template <bool kLogProb, typename scalar_t>
 void run(const BernoulliRows<scalar_t, kLogProb>& op, const RowLayout& layout,
          const at::TensorOptions& options) {
@@ -28,7 +20,7 @@ void run(const BernoulliRows<scalar_t, kLogProb>& op, const RowLayout& layout,
 }
 
 at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims) {
-  const RowLayout layout = checked_layout(x, logits, event_dims);
+  const RowLayout layout = check_bernoulli_log_prob(x, logits, event_dims);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
   if (x.numel() == 0) return log_prob.zero_();  // an empty event sums to 0
@@ -49,9 +41,8 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward(const at::Tensor&
                                                                const at::Tensor& logits,
                                                                int64_t event_dims,
                                                                std::array<bool, 2> output_mask) {
-  const RowLayout layout = checked_layout(x, logits, event_dims);
-  check_like(kFn, "grad", grad, "x", x);
-  check_mask_tensor(kFn, "grad", grad, layout.batch_shape);
+  const RowLayout layout = check_bernoulli_log_prob(x, logits, event_dims);
+  check_row_grad(kFn, grad, x, layout);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_logits = output_mask[1] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});

@@ -16,7 +16,7 @@
 #include <limits>
 #include <string_view>
 
-#include "common/checks.h"
+#include "common/op_checks.h"
 #include "common/layout.h"
 #include "cuda/row_ops.cuh"
 
@@ -24,30 +24,6 @@ namespace vae_fast::cuda {
 namespace {
 
 constexpr const char* kFn = "vae_fast.elbo";
-
-void check_elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
-                const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
-                std::string_view likelihood, std::string_view reduction) {
-  TORCH_CHECK(likelihood == "bernoulli" || likelihood == "gaussian", kFn, ": unknown likelihood '",
-              likelihood, "'; expected one of 'bernoulli', 'gaussian'");
-  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kFn,
-              ": unknown reduction '", reduction, "'; expected one of 'mean', 'sum', 'none'");
-  check_float(kFn, "x", x);
-  check_like(kFn, "recon", recon, "x", x);
-  check_like(kFn, "mu", mu, "x", x);
-  check_like(kFn, "logvar", logvar, "x", x);
-  check_same_shape(kFn, "x", x, "recon", recon);
-  check_same_shape(kFn, "mu", mu, "logvar", logvar);
-  TORCH_CHECK(x.dim() >= 1 && mu.dim() >= 1, kFn, ": `x` and `mu` need a leading batch dim, got shapes ",
-              x.sizes(), " and ", mu.sizes());
-  TORCH_CHECK(mu.size(0) == x.size(0), kFn, ": `mu` has batch size ", mu.size(0), " (shape ", mu.sizes(),
-              ") but `x` has ", x.size(0), " (shape ", x.sizes(), "); the first dims must match");
-  if (obs_logvar) {
-    TORCH_CHECK(likelihood == "gaussian", kFn, ": `obs_logvar` is only used with likelihood='gaussian'");
-    check_like(kFn, "obs_logvar", *obs_logvar, "x", x);
-    check_broadcastable(kFn, "obs_logvar", *obs_logvar, "x", x.sizes());
-  }
-}
 
 constexpr int kLossThreads = 1024;
 

@@ -7,7 +7,7 @@
 
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/op_checks.h"
 #include "common/layout.h"
 #include "cuda/row_ops.cuh"
 
@@ -16,20 +16,9 @@ namespace {
 
 constexpr const char* kFn = "vae_fast.gaussian_log_prob";
 
-RowLayout checked_layout(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
-                         int64_t event_dims) {
-  check_float(kFn, "x", x);
-  check_like(kFn, "mean", mean, "x", x);
-  check_like(kFn, "logvar", logvar, "x", x);
-  check_same_shape(kFn, "x", x, "mean", mean);
-  check_broadcastable(kFn, "logvar", logvar, "x", x.sizes());
-  check_event_dims(kFn, x, event_dims);
-  return row_layout(x, event_dims);
-}
-
 at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
                              int64_t event_dims) {
-  const RowLayout layout = checked_layout(x, mean, logvar, event_dims);
+  const RowLayout layout = check_gaussian_log_prob(x, mean, logvar, event_dims);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
   if (x.numel() == 0) return log_prob.zero_();
@@ -50,9 +39,8 @@ at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
     int64_t event_dims, std::array<bool, 3> output_mask) {
-  const RowLayout layout = checked_layout(x, mean, logvar, event_dims);
-  check_like(kFn, "grad", grad, "x", x);
-  check_mask_tensor(kFn, "grad", grad, layout.batch_shape);
+  const RowLayout layout = check_gaussian_log_prob(x, mean, logvar, event_dims);
+  check_row_grad(kFn, grad, x, layout);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_mean = output_mask[1] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});

@@ -6,7 +6,7 @@
 
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/op_checks.h"
 #include "common/layout.h"
 #include "cuda/row_ops.cuh"
 
@@ -14,24 +14,6 @@ namespace vae_fast::cuda {
 namespace {
 
 constexpr const char* kFn = "vae_fast.gaussian_kl";
-
-RowLayout checked_layout(const at::Tensor& mu, const at::Tensor& logvar,
-                         const std::optional<at::Tensor>& prior_mu,
-                         const std::optional<at::Tensor>& prior_logvar, int64_t event_dims) {
-  check_float(kFn, "mu", mu);
-  check_like(kFn, "logvar", logvar, "mu", mu);
-  check_same_shape(kFn, "mu", mu, "logvar", logvar);
-  if (prior_mu) {
-    check_like(kFn, "prior_mu", *prior_mu, "mu", mu);
-    check_broadcastable(kFn, "prior_mu", *prior_mu, "mu", mu.sizes());
-  }
-  if (prior_logvar) {
-    check_like(kFn, "prior_logvar", *prior_logvar, "mu", mu);
-    check_broadcastable(kFn, "prior_logvar", *prior_logvar, "mu", mu.sizes());
-  }
-  check_event_dims(kFn, mu, event_dims);
-  return row_layout(mu, event_dims);
-}
 
 // A prior as the kernel reads it; absent priors are a null operand (read as 0).
 struct Prior {
@@ -54,7 +36,7 @@ Prior make_prior(const std::optional<at::Tensor>& t, const at::Tensor& mu, int64
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar,
                        const std::optional<at::Tensor>& prior_mu,
                        const std::optional<at::Tensor>& prior_logvar, int64_t event_dims) {
-  const RowLayout layout = checked_layout(mu, logvar, prior_mu, prior_logvar, event_dims);
+  const RowLayout layout = check_gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims);
   const c10::cuda::CUDAGuard device_guard(mu.device());
   at::Tensor kl = at::empty(layout.batch_shape, mu.options());
   if (mu.numel() == 0) return kl.zero_();
@@ -79,9 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
     const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar,
     const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
     int64_t event_dims, std::array<bool, 4> output_mask) {
-  const RowLayout layout = checked_layout(mu, logvar, prior_mu, prior_logvar, event_dims);
-  check_like(kFn, "grad", grad, "mu", mu);
-  check_mask_tensor(kFn, "grad", grad, layout.batch_shape);
+  const RowLayout layout = check_gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims);
+  check_row_grad(kFn, grad, mu, layout);
   const c10::cuda::CUDAGuard device_guard(mu.device());
   const bool want[4] = {output_mask[0], output_mask[1], output_mask[2] && prior_mu.has_value(),
                         output_mask[3] && prior_logvar.has_value()};

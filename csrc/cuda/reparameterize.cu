@@ -27,7 +27,7 @@
 #include <mutex>
 #include <type_traits>
 
-#include "common/checks.h"
+#include "common/op_checks.h"
 #include "common/layout.h"
 #include "cuda/utils.cuh"
 
@@ -147,11 +147,7 @@ unsigned grid_for(int64_t groups) {
 std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at::Tensor& logvar,
                                                   std::optional<int64_t> num_samples,
                                                   std::optional<at::Generator> generator) {
-  check_float(kFn, "mu", mu);
-  check_like(kFn, "logvar", logvar, "mu", mu);
-  check_same_shape(kFn, "mu", mu, "logvar", logvar);
-  TORCH_CHECK(!num_samples || *num_samples >= 1, kFn,
-              ": `num_samples` must be a positive int or None, got ", *num_samples);
+  check_reparameterize(mu, logvar, num_samples);
   const c10::cuda::CUDAGuard device_guard(mu.device());
   std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
   if (num_samples) shape.insert(shape.begin(), *num_samples);
@@ -196,11 +192,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
                                                            const at::Tensor& logvar,
                                                            const at::Tensor& eps,
                                                            std::array<bool, 2> output_mask) {
-  check_float(kFn, "logvar", logvar);
-  check_like(kFn, "grad_z", grad_z, "logvar", logvar);
-  check_same_shape(kFn, "eps", eps, "grad_z", grad_z);
-  TORCH_CHECK(eps.scalar_type() == opmath_type(logvar.scalar_type()), kFn,
-              ": `eps` must have the accumulation dtype of `logvar`");
+  check_reparameterize_backward(grad_z, logvar, eps);
   TORCH_CHECK(eps.device() == logvar.device(), kFn, ": `eps` is on ", eps.device(), " but `logvar` is on ",
               logvar.device(), "; all inputs of one call must be on the same device");
   const c10::cuda::CUDAGuard device_guard(logvar.device());

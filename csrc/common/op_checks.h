@@ -1,0 +1,116 @@
+#pragma once
+// The argument checks of every op, shared by its CPU and CUDA implementations so
+// both devices accept and reject exactly the same calls with the same messages.
+// Each returns the (rows, cols) layout the kernels use where there is one.
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string_view>
+
+#include "common/checks.h"
+#include "common/layout.h"
+
+namespace vae_fast {
+
+inline RowLayout check_bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits,
+                                          int64_t event_dims) {
+  constexpr const char* fn = "vae_fast.bernoulli_log_prob";
+  check_float(fn, "x", x);
+  check_like(fn, "logits", logits, "x", x);
+  check_same_shape(fn, "x", x, "logits", logits);
+  check_event_dims(fn, x, event_dims);
+  return row_layout(x, event_dims);
+}
+
+inline RowLayout check_gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean,
+                                         const at::Tensor& logvar, int64_t event_dims) {
+  constexpr const char* fn = "vae_fast.gaussian_log_prob";
+  check_float(fn, "x", x);
+  check_like(fn, "mean", mean, "x", x);
+  check_like(fn, "logvar", logvar, "x", x);
+  check_same_shape(fn, "x", x, "mean", mean);
+  check_broadcastable(fn, "logvar", logvar, "x", x.sizes());
+  check_event_dims(fn, x, event_dims);
+  return row_layout(x, event_dims);
+}
+
+inline RowLayout check_gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar,
+                                   const std::optional<at::Tensor>& prior_mu,
+                                   const std::optional<at::Tensor>& prior_logvar,
+                                   int64_t event_dims) {
+  constexpr const char* fn = "vae_fast.gaussian_kl";
+  check_float(fn, "mu", mu);
+  check_like(fn, "logvar", logvar, "mu", mu);
+  check_same_shape(fn, "mu", mu, "logvar", logvar);
+  if (prior_mu) {
+    check_like(fn, "prior_mu", *prior_mu, "mu", mu);
+    check_broadcastable(fn, "prior_mu", *prior_mu, "mu", mu.sizes());
+  }
+  if (prior_logvar) {
+    check_like(fn, "prior_logvar", *prior_logvar, "mu", mu);
+    check_broadcastable(fn, "prior_logvar", *prior_logvar, "mu", mu.sizes());
+  }
+  check_event_dims(fn, mu, event_dims);
+  return row_layout(mu, event_dims);
+}
+
+// The incoming gradient of a row-summing op's backward: one value per row.
+inline void check_row_grad(const char* fn, const at::Tensor& grad, const at::Tensor& like,
+                           const RowLayout& layout) {
+  check_like(fn, "grad", grad, "input", like);
+  check_mask_tensor(fn, "grad", grad, layout.batch_shape);
+}
+
+inline void check_reparameterize(const at::Tensor& mu, const at::Tensor& logvar,
+                                 std::optional<int64_t> num_samples) {
+  constexpr const char* fn = "vae_fast.reparameterize";
+  check_float(fn, "mu", mu);
+  check_like(fn, "logvar", logvar, "mu", mu);
+  check_same_shape(fn, "mu", mu, "logvar", logvar);
+  TORCH_CHECK(!num_samples || *num_samples >= 1, fn,
+              ": `num_samples` must be a positive int or None, got ", *num_samples);
+}
+
+inline void check_reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& logvar,
+                                          const at::Tensor& eps) {
+  constexpr const char* fn = "vae_fast.reparameterize";
+  check_float(fn, "logvar", logvar);
+  check_like(fn, "grad_z", grad_z, "logvar", logvar);
+  check_same_shape(fn, "eps", eps, "grad_z", grad_z);
+  TORCH_CHECK(eps.scalar_type() == opmath_type(logvar.scalar_type()), fn,
+              ": `eps` must have the accumulation dtype of `logvar`");
+  TORCH_CHECK(logvar.numel() == 0 || eps.numel() % logvar.numel() == 0, fn,
+              ": `eps` has shape ", eps.sizes(), ", not (samples, *logvar.shape) for logvar ",
+              logvar.sizes());
+}
+
+inline void check_elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                       const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                       std::string_view likelihood, std::string_view reduction) {
+  constexpr const char* fn = "vae_fast.elbo";
+  TORCH_CHECK(likelihood == "bernoulli" || likelihood == "gaussian", fn, ": unknown likelihood '",
+              likelihood, "'; expected one of 'bernoulli', 'gaussian'");
+  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", fn,
+              ": unknown reduction '", reduction, "'; expected one of 'mean', 'sum', 'none'");
+  check_float(fn, "x", x);
+  check_like(fn, "recon", recon, "x", x);
+  check_like(fn, "mu", mu, "x", x);
+  check_like(fn, "logvar", logvar, "x", x);
+  check_same_shape(fn, "x", x, "recon", recon);
+  check_same_shape(fn, "mu", mu, "logvar", logvar);
+  TORCH_CHECK(x.dim() >= 1 && mu.dim() >= 1, fn,
+              ": `x` and `mu` need a leading batch dim, got shapes ", x.sizes(), " and ",
+              mu.sizes());
+  TORCH_CHECK(mu.size(0) == x.size(0), fn, ": `mu` has batch size ", mu.size(0), " (shape ",
+              mu.sizes(), ") but `x` has ", x.size(0), " (shape ", x.sizes(),
+              "); the first dims must match");
+  if (obs_logvar) {
+    TORCH_CHECK(likelihood == "gaussian", fn,
+                ": `obs_logvar` is only used with likelihood='gaussian'");
+    check_like(fn, "obs_logvar", *obs_logvar, "x", x);
+    check_broadcastable(fn, "obs_logvar", *obs_logvar, "x", x.sizes());
+  }
+}
+
+}  // namespace vae_fast
