@@ -583,3 +583,20 @@ def test_saturated_logits_gradient(device, dtype, reduction):
     (g,) = torch.autograd.grad(loss.sum(), recon)
     want = torch.tensor([[0.0, 0.0, 1.0, -1.0, 0.5, -0.5]], dtype=dtype, device=device)
     assert torch.equal(g, want), g
+
+
+def test_autocast_mixed_dtypes_run_in_float32():
+    # Under autocast a decoder emits bfloat16 while the data stays float32; like torch's
+    # own losses, elbo then runs in float32 instead of rejecting the mix of dtypes.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 10, generator=gen).round()
+    recon = torch.randn(6, 10, generator=gen).bfloat16().requires_grad_()
+    mu, logvar = (torch.randn(6, 3, generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, ll, kl = vae_fast.elbo(x, recon, mu, logvar)
+    assert loss.dtype == ll.dtype == kl.dtype == torch.float32
+    expected = vae_fast.reference.elbo(x, recon.float(), mu.float(), logvar.float())
+    for got, want in zip((loss, ll, kl), expected):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-5)
+    loss.backward()
+    assert recon.grad.dtype == torch.bfloat16 and recon.grad.shape == recon.shape
