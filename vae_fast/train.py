@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="mlp",
         help="MLP encoder/decoder, or strided convolutions for image data",
     )
-    g.add_argument("--latent-dim", type=_positive(int), default=16, help="size of z")
+    g.add_argument("--latent-dim", type=_positive(int), default=8, help="size of z")
     g.add_argument(
         "--hidden",
         type=_int_list,
@@ -210,15 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--lr",
         type=_positive(float),
-        default=1e-3,
+        default=3e-3,
         help="Adam learning rate for a batch of --lr-batch examples",
     )
     g.add_argument(
         "--lr-scaling",
         choices=("linear", "sqrt", "none"),
-        default="linear",
-        help="how the learning rate grows with the batch: lr * (batch / lr-batch), "
-        "its square root, or not at all",
+        default="sqrt",
+        help="how the learning rate grows with the batch: lr * (batch / lr-batch) "
+        "(Goyal et al.'s rule for SGD), its square root (the rule for Adam, Malladi et al. "
+        "2022; linear scaling takes Adam to lr ~0.1 at batch 4096, where it diverges), or "
+        "not at all",
     )
     g.add_argument(
         "--lr-batch", type=_positive(int), default=128, help="the batch size that --lr is meant for"
@@ -227,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-steps",
         type=_non_negative(int),
         default=None,
-        help="linear learning-rate warm-up steps (default: 5%% of the steps, at "
-        "most 500); a cosine decay to zero follows",
+        help="linear learning-rate warm-up steps (default: a quarter of the steps, at "
+        "most 200); a cosine decay to zero follows",
     )
     g.add_argument(
         "--weight-decay", type=_non_negative(float), default=0.0, help="AdamW weight decay"
@@ -489,7 +491,7 @@ def _schedule(args: argparse.Namespace, total_steps: int) -> Schedule:
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[args.lr_scaling]
     warmup = args.warmup_steps
     if warmup is None:
-        warmup = min(500, max(1, total_steps // 20))
+        warmup = min(200, max(1, total_steps // 4))
     kl_warmup = args.kl_warmup_steps
     if kl_warmup is None:
         kl_warmup = min(1500, total_steps // 2)
