@@ -62,6 +62,8 @@ IDENTITY = (
     "weight_decay",
     "seed",
 )
+# A batch of at most this many values trains on one thread unless --threads says otherwise.
+SMALL_BATCH = 1 << 16
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
 
 
@@ -280,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive(int),
         default=None,
-        help="CPU threads per process (default: torch's choice; small models on a "
-        "busy machine often run faster with 1)",
+        help="CPU threads per process (default: 1 when a batch holds at most 2^16 values, "
+        "as on digits, where more threads gain little and stall badly on a busy machine; "
+        "else torch's choice)",
     )
     g = p.add_argument_group("output and evaluation")
     g.add_argument(
@@ -705,6 +708,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         parser.error(str(error))
     threads = torch.get_num_threads()
     try:
+        if args.threads is None and args.batch_size * math.prod(data.event_shape) <= SMALL_BATCH:
+            # Tiny matrix products: a second thread saves little and, when the cores are
+            # shared, its synchronization costs several times the work (measured on digits).
+            args.threads = 1
         if args.threads:
             torch.set_num_threads(args.threads)
         with vae_fast.backend(args.backend):
