@@ -13,7 +13,6 @@ from torch.distributions import Bernoulli, MultivariateNormal, Normal
 import vae_fast
 from vae_fast.nn import VAE, ConvVAE, ELBOLoss, VAEOutput, importance_log_likelihood
 
-HAS_FUSED = vae_fast.ops._LOAD_ERROR is None
 # Every module test runs on both backends; the fused one needs the compiled library.
 BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.fused_only)]
 

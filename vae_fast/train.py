@@ -21,9 +21,10 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -86,8 +87,10 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive(kind):
-    def parse(text: str):
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: `kind` (int or float) that must be positive and finite."""
+
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
@@ -100,8 +103,10 @@ def _positive(kind):
     return parse
 
 
-def _non_negative(kind):
-    def parse(text: str):
+def _non_negative(kind: type) -> Callable[[str], Any]:
+    """An argparse type: `kind` (int or float) that must be >= 0 and finite."""
+
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
@@ -528,7 +533,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same directory, then rename over `path`: a
     reader (or a run killed mid-write) sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -600,7 +605,7 @@ def evaluate(
 
 
 @torch.no_grad()
-def test_log_likelihood(
+def evaluate_log_likelihood(
     objective: Objective,
     x: torch.Tensor,
     k: int,
@@ -805,6 +810,7 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
         else contextlib.nullcontext()
     )
     noise = torch.Generator(device=device)
+    binarize = prep.likelihood == "bernoulli"
     log_every = args.log_every or max(1, math.ceil(epochs / 10))
 
     bar = None
@@ -831,21 +837,18 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_fn.beta = sched.kl_weight(step)
-            for a in range(args.accumulate):
-                micro = xb[a :: args.accumulate].to(device, non_blocking=True)
-                noise.manual_seed(_shard_seed(args.seed, step, rt.rank + world * a))
-                if prep.likelihood == "bernoulli":
-                    micro = torch.bernoulli(micro, generator=noise)
-                last = a == args.accumulate - 1
-                sync = contextlib.nullcontext() if last or not rt.distributed else trainer.no_sync()
-                with sync:
-                    with amp:
-                        loss, _, _ = trainer(micro, noise)
-                    scaler.scale(loss / args.accumulate).backward()
-                sums[0] += loss.detach().double() / args.accumulate
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            sums[0] += _train_step(
+                trainer,
+                xb,
+                step,
+                args=args,
+                rt=rt,
+                noise=noise,
+                binarize=binarize,
+                amp=amp,
+                scaler=scaler,
+                optimizer=optimizer,
+            )
             sums[1] += 1
             step += 1
             if bar is not None:
@@ -881,7 +884,9 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
             if final and args.eval_samples:
                 t1 = time.perf_counter()
                 record["test_log_likelihood"] = (
-                    test_log_likelihood(objective, prep.test, args.eval_samples, args.seed, device)
+                    evaluate_log_likelihood(
+                        objective, prep.test, args.eval_samples, args.seed, device
+                    )
                     - prep.log_jacobian
                 )
                 record["log_likelihood_samples"] = args.eval_samples
@@ -908,6 +913,46 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
     return result
 
 
+def _train_step(
+    trainer: nn.Module,
+    xb: torch.Tensor,
+    step: int,
+    *,
+    args: argparse.Namespace,
+    rt: Runtime,
+    noise: torch.Generator,
+    binarize: bool,
+    amp: contextlib.AbstractContextManager,
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+) -> torch.Tensor:
+    """One optimizer step on this rank's rows `xb` of the global batch; returns the loss
+    (a float64 tensor, so that logging does not wait for the device).
+
+    The rows are cut into --accumulate interleaved micro-batches. Shard `rank + world * a`
+    of step `step` draws its binarization and reparameterization noise from its own seed,
+    so every (world, accumulate) split of the same global batch does the same arithmetic.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for a in range(args.accumulate):
+        micro = xb[a :: args.accumulate].to(rt.device, non_blocking=True)
+        noise.manual_seed(_shard_seed(args.seed, step, rt.rank + rt.world * a))
+        if binarize:  # dynamic binarization: a fresh draw of the pixels every step
+            micro = torch.bernoulli(micro, generator=noise)
+        last = a == args.accumulate - 1
+        # DDP all-reduces the gradients once, after the last micro-batch
+        sync = contextlib.nullcontext() if last or not rt.distributed else trainer.no_sync()
+        with sync:
+            with amp:
+                loss, _, _ = trainer(micro, noise)
+            scaler.scale(loss / args.accumulate).backward()
+        total += loss.detach().double() / args.accumulate
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def _gather_rng(rt: Runtime) -> list[dict]:
     state = _rng_state()
     if not rt.distributed:
@@ -917,7 +962,16 @@ def _gather_rng(rt: Runtime) -> list[dict]:
     return states
 
 
-def _save_checkpoint(args, objective, optimizer, scaler, epoch, history, rng) -> None:
+def _save_checkpoint(
+    args: argparse.Namespace,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    epoch: int,
+    history: list[dict],
+    rng: list[dict],
+) -> None:
+    """Everything --resume needs, written atomically to --out/checkpoint.pt (rank 0)."""
     ckpt = {
         "format": 1,
         "config": _identity(args),
