@@ -119,6 +119,15 @@ def _non_negative(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None and False (their help says what happens instead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vae-fast-train",
@@ -128,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
             "`torchrun --nproc_per_node=N -m vae_fast.train ...` for DistributedDataParallel "
             "(gloo on CPU, NCCL on GPU); --batch-size stays the global batch."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument(
@@ -166,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--hidden",
         type=_int_list,
-        default=(512, 256),
+        default="512,256",
         help="MLP layer widths (the decoder mirrors them); with --model conv the "
         "first value is the fully connected width",
     )
     g.add_argument(
         "--channels",
         type=_int_list,
-        default=(32, 64),
+        default="32,64",
         help="--model conv: channels of each stride-2 convolution",
     )
     g.add_argument(
@@ -200,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--accumulate",
         type=_positive(int),
         default=1,
-        help="split each process's batch into this many micro-batches (same result, less memory)",
+        help="split each process's batch into this many micro-batches: less memory, and "
+        "the same arithmetic as that many times more processes",
     )
     g.add_argument(
         "--epochs",
