@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="sqrt",
         help="how the learning rate grows with the batch: lr * (batch / lr-batch) "
         "(Goyal et al.'s rule for SGD), its square root (the rule for Adam, Malladi et al. "
-        "2022; linear scaling takes Adam to lr ~0.1 at batch 4096, where it diverges), or "
+        "2022; linear scaling takes Adam to lr ~0.1 at batch 4096, which is unstable), or "
         "not at all",
     )
     g.add_argument(
