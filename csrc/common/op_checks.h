@@ -78,6 +78,9 @@ inline void check_reparameterize_backward(const at::Tensor& grad_z, const at::Te
   check_float(fn, "logvar", logvar);
   check_like(fn, "grad_z", grad_z, "logvar", logvar);
   check_same_shape(fn, "eps", eps, "grad_z", grad_z);
+  TORCH_CHECK(eps.device() == logvar.device(), fn, ": `eps` is on ", eps.device(),
+              " but `logvar` is on ", logvar.device(),
+              "; all inputs of one call must be on the same device");
   TORCH_CHECK(eps.scalar_type() == opmath_type(logvar.scalar_type()), fn,
               ": `eps` must have the accumulation dtype of `logvar`");
   TORCH_CHECK(logvar.numel() == 0 || eps.numel() % logvar.numel() == 0, fn,

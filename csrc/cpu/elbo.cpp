@@ -16,8 +16,6 @@
 namespace vae_fast::cpu {
 namespace {
 
-constexpr const char* kFn = "vae_fast.elbo";
-
 at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo(

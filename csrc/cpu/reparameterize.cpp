@@ -12,8 +12,6 @@
 namespace vae_fast::cpu {
 namespace {
 
-constexpr const char* kFn = "vae_fast.reparameterize";
-
 std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at::Tensor& logvar,
                                                   std::optional<int64_t> num_samples,
                                                   std::optional<at::Generator> generator) {

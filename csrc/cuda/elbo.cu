@@ -23,8 +23,6 @@
 namespace vae_fast::cuda {
 namespace {
 
-constexpr const char* kFn = "vae_fast.elbo";
-
 constexpr int kLossThreads = 1024;
 
 // loss = beta*kl - ll per row (reduction "none"), or its sum / mean in one block

@@ -34,8 +34,6 @@
 namespace vae_fast::cuda {
 namespace {
 
-constexpr const char* kFn = "vae_fast.reparameterize";
-
 // 32-bit Philox outputs each group of 4 elements consumes from its subsequence:
 // one curand4 for four floats (curand_normal4), two for four doubles
 // (curand_normal2_double twice). The generator's offset advances by this much per
@@ -193,8 +191,6 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
                                                            const at::Tensor& eps,
                                                            std::array<bool, 2> output_mask) {
   check_reparameterize_backward(grad_z, logvar, eps);
-  TORCH_CHECK(eps.device() == logvar.device(), kFn, ": `eps` is on ", eps.device(), " but `logvar` is on ",
-              logvar.device(), "; all inputs of one call must be on the same device");
   const c10::cuda::CUDAGuard device_guard(logvar.device());
   at::Tensor grad_mu = output_mask[0] ? at::empty(logvar.sizes(), logvar.options()) : logvar.new_empty({0});
   at::Tensor grad_lv = output_mask[1] ? at::empty(logvar.sizes(), logvar.options()) : logvar.new_empty({0});
