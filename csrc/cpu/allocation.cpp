@@ -62,11 +62,21 @@ class HugePageAllocator final : public c10::Allocator {
 
 HugePageAllocator huge_page_allocator;
 
+// On by default; VAE_FAST_HUGE_PAGES=0 turns it off (with THP defrag "madvise" the
+// kernel may compact memory at fault time, which a fragmented machine may not want).
+bool huge_pages_requested() {
+  static const bool requested = [] {
+    const char* value = std::getenv("VAE_FAST_HUGE_PAGES");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return requested;
+}
+
 }  // namespace
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (nbytes < kHugeThreshold) return at::empty(sizes, options);
+  if (nbytes < kHugeThreshold || !huge_pages_requested()) return at::empty(sizes, options);
   return at::detail::empty_generic(sizes, &huge_page_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), std::nullopt);
 }
