@@ -105,11 +105,8 @@ def elbo(
             obs_logvar = x.new_zeros(())
         ll = gaussian_log_prob(x, recon, obs_logvar)
     kl = gaussian_kl(mu, logvar)
-    per_sample = (
-        beta * kl.float() - ll.float()
-        if x.dtype in (torch.float16, torch.bfloat16)
-        else beta * kl - ll
-    )
+    kl_acc, ll_acc = _opmath(kl, ll)
+    per_sample = beta * kl_acc - ll_acc
     if reduction == "mean":
         loss = per_sample.mean()
     elif reduction == "sum":

@@ -66,6 +66,14 @@ inline at::Tensor gradient_in_shape(const at::Tensor& grad, const at::Tensor& or
   return grad.sum_to_size(original.sizes()).contiguous();
 }
 
+// The gradient of a BroadcastOperand, written by a kernel in the operand's layout
+// (1 element, (cols) or (rows, cols)), in the original tensor's shape.
+inline at::Tensor operand_gradient_in_shape(Broadcast kind, const at::Tensor& grad_layout,
+                                            const at::Tensor& x, const at::Tensor& original) {
+  return kind == Broadcast::kElement ? gradient_in_shape(grad_layout.view(x.sizes()), original)
+                                     : grad_layout.reshape(original.sizes());
+}
+
 inline at::Tensor as_matrix(const at::Tensor& t, const RowLayout& layout) {
   return t.reshape({layout.rows, layout.cols}).contiguous();
 }

@@ -66,9 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     args.scale = -per_sample;
     VAE_FAST_CPU_DISPATCH(gaussian_kernel, args);
     if (grad_obs_layout.defined()) {
-      grad_obs = lv.kind == Broadcast::kElement
-                     ? gradient_in_shape(grad_obs_layout.view(x.sizes()), *obs_logvar)
-                     : grad_obs_layout.reshape(obs_logvar->sizes());
+      grad_obs = operand_gradient_in_shape(lv.kind, grad_obs_layout, x, *obs_logvar);
     }
   }
 

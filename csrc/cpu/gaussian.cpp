@@ -58,9 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
   }
   VAE_FAST_CPU_DISPATCH(gaussian_kernel, args);
   if (output_mask[2]) {
-    grad_logvar = args.logvar_kind == Broadcast::kElement
-                      ? gradient_in_shape(grad_lv_layout.view(x.sizes()), logvar)
-                      : grad_lv_layout.reshape(logvar.sizes());
+    grad_logvar = operand_gradient_in_shape(args.logvar_kind, grad_lv_layout, x, logvar);
   }
   return {grad_x, grad_mean, grad_logvar};
 }

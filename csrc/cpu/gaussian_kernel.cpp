@@ -53,7 +53,7 @@ void gaussian_rows(const GaussianArgs& a) {
   const int64_t chunks = num_row_chunks(rows, cols);
   std::vector<opmath> lv_partial(grad_lv && shared ? chunks * cols : 0, opmath(0));
 
-  for_each_row_chunk(rows, cols, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+  for_each_row_chunk(rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     opmath* partial = lv_partial.empty() ? nullptr : lv_partial.data() + chunk * cols;
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);

@@ -23,7 +23,7 @@ void reparameterize_columns(const ReparameterizeArgs& a) {
   const opmath* eps = a.eps.const_data_ptr<opmath>();
   scalar_t* z = a.z.mutable_data_ptr<scalar_t>();
 
-  at::parallel_for(0, n_cols, 32768 / std::max<int64_t>(samples, 1) + 1,
+  at::parallel_for(0, n_cols, kElementsPerTask / std::max<int64_t>(samples, 1) + 1,
                    [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j += W) {
       const int64_t n = std::min<int64_t>(W, end - j);
@@ -49,7 +49,7 @@ void reparameterize_backward_columns(const ReparameterizeBackwardArgs& a) {
   scalar_t* grad_mu = mutable_ptr_or_null<scalar_t>(a.grad_mu);
   scalar_t* grad_lv = mutable_ptr_or_null<scalar_t>(a.grad_logvar);
 
-  at::parallel_for(0, n_cols, 32768 / std::max<int64_t>(samples, 1) + 1,
+  at::parallel_for(0, n_cols, kElementsPerTask / std::max<int64_t>(samples, 1) + 1,
                    [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j += W) {
       const int64_t n = std::min<int64_t>(W, end - j);

@@ -112,9 +112,11 @@ inline Vec reciprocal_1_2(const Vec& v) {
   return Vec(1) / v;
 }
 
-// Rows per parallel task: enough elements per task to amortise the fork.
+// Elements per parallel task: enough to amortise the fork.
+constexpr int64_t kElementsPerTask = 32768;
+
+// Rows per parallel task.
 inline int64_t row_grain(int64_t cols) {
-  constexpr int64_t kElementsPerTask = 32768;
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1));
 }
 
@@ -122,7 +124,7 @@ inline int64_t row_grain(int64_t cols) {
 // partial sums (e.g. of a shared log-variance's gradient) are combined in an order
 // that does not depend on scheduling: results are run-to-run deterministic.
 template <typename F>
-inline void for_each_row_chunk(int64_t rows, int64_t cols, int64_t chunks, const F& body) {
+inline void for_each_row_chunk(int64_t rows, int64_t chunks, const F& body) {
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       body(c, rows * c / chunks, rows * (c + 1) / chunks);
@@ -131,7 +133,7 @@ inline void for_each_row_chunk(int64_t rows, int64_t cols, int64_t chunks, const
 }
 
 inline int64_t num_row_chunks(int64_t rows, int64_t cols) {
-  const int64_t by_work = (rows * std::max<int64_t>(cols, 1)) / 32768 + 1;
+  const int64_t by_work = (rows * std::max<int64_t>(cols, 1)) / kElementsPerTask + 1;
   return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), by_work, rows}));
 }
 
