@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import (
     EXACT_DTYPES,
     FLOAT_DTYPES,
     HAS_CUDA,
+    RTOL,
     SHAPES,
     check_against_truth,
     leaf,
@@ -163,6 +165,36 @@ def test_zero_when_equal(device, dtype, gen):
     assert torch.equal(out, torch.zeros(4, dtype=dtype, device=device))
     for g in torch.autograd.grad(out.sum(), [mu, logvar, pm, plv]):
         assert torch.equal(g, torch.zeros_like(g))
+
+
+def _standard_kl_of_logvar(d: torch.Tensor) -> torch.Tensor:
+    """KL(N(0, e^d) || N(0, 1)) = (expm1(d) - d) / 2 in float64, without cancellation."""
+    d = d.double()
+    series = sum(d**k / math.factorial(k) for k in range(2, 10))  # exact below 1e-2
+    return 0.5 * torch.where(d.abs() < 1e-2, series, torch.expm1(d) - d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_close_variances_keep_relative_precision(device, dtype):
+    # Per dim, KL = (expm1(d) - d)/2, about d^2/4, for d = logvar - prior_logvar.
+    # Computed as expm1(d) - d in two steps it cancels (relative error ~ulp(1)/d:
+    # 100% at d = 1e-7 in float32); the kernels form it in one piece.
+    d = torch.tensor([1e-7, -3e-6, 2e-5, 1e-4, -1e-3, 0.02, -0.2, 0.4, -0.6], dtype=dtype)
+    zeros = torch.zeros(d.numel(), 1, dtype=dtype, device=device)
+    got = op(zeros, d.to(device).view(-1, 1))
+    torch.testing.assert_close(got.cpu().double(), _standard_kl_of_logvar(d), rtol=RTOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_variance_term_over_the_exp_range(device, dtype):
+    # Every logvar from -87 to 88 (float32's whole exp range, through the fast exp's
+    # reduction boundaries at odd multiples of ln(2)/2), against float64 per element.
+    d = torch.linspace(-87.0, 88.0, 70001, dtype=torch.float64).to(dtype)
+    zeros = torch.zeros(d.numel(), 1, dtype=dtype, device=device)
+    got = op(zeros, d.to(device).view(-1, 1))
+    torch.testing.assert_close(got.cpu().double(), _standard_kl_of_logvar(d), rtol=RTOL[dtype], atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -37,7 +37,8 @@ void bernoulli_rows(const BernoulliArgs& a) {
         const Vec xv = load_n(xr + j, n);
         const Vec l = load_n(lr + j, n);
         // e = exp(-|l|) is in (0, 1]: exp never overflows, even at |l| = 1e4.
-        const Vec e = exp_nonpositive(l.abs().neg());
+        // (-|l| is l with its sign bit set: one instruction.)
+        const Vec e = exp_nonpositive(l | Vec(-0.0));
         if constexpr (kLogProb) {
           // softplus(l) = max(l, 0) + log1p(exp(-|l|)), exact at both tails.
           const Vec softplus = at::vec::maximum(l, Vec(0)) + log1p_unit(e);

@@ -68,7 +68,7 @@ void gaussian_rows(const GaussianArgs& a) {
           inv_var = load_n(inv_var_shared.data() + j, n);
         } else {
           lv = load_n(lv_elem + off + j, n);
-          inv_var = lv.neg().exp();
+          inv_var = fast_exp(lv.neg());
         }
         const Vec scaled_diff = diff * inv_var;  // (x - mean) / var
         const Vec sq = diff * scaled_diff;       // (x - mean)^2 / var

@@ -41,12 +41,14 @@ void kl_rows(const KLArgs& a) {
         const Vec lv = load_n(logvar + off + j, n);
         const Vec diff = prior_mu ? m - load_n(prior_mu + off + j, n) : m;
         const Vec plv = prior_lv ? load_n(prior_lv + off + j, n) : Vec(0);
-        const Vec inv_prior_var = prior_lv ? plv.neg().exp() : Vec(1);
+        const Vec inv_prior_var = prior_lv ? fast_exp(plv.neg()) : Vec(1);
         const Vec dlv = lv - plv;
-        // expm1(d) - d rather than exp(d) - 1 - d: exact when the variances are close.
-        const Vec em1 = dlv.expm1();
+        // expm1(d) - d in one piece rather than exp(d) - 1 - d: exact when the
+        // variances are close (d -> 0), where the KL term is d^2/2.
+        const Vec em1_minus_d = expm1_minus_x(dlv);
+        const Vec em1 = em1_minus_d + dlv;
         const Vec scaled_diff = diff * inv_prior_var;
-        if (kl) sum += keep_first(Vec(0.5) * (em1 - dlv + diff * scaled_diff), n);
+        if (kl) sum += keep_first(Vec(0.5) * (em1_minus_d + diff * scaled_diff), n);
         if (g_mu) store_n(g_mu + off + j, scaled_diff * weight, n);
         if (g_pmu) store_n(g_pmu + off + j, scaled_diff.neg() * weight, n);
         if (g_lv) store_n(g_lv + off + j, Vec(0.5) * em1 * weight, n);

@@ -28,7 +28,7 @@ void reparameterize_columns(const ReparameterizeArgs& a) {
     for (int64_t j = begin; j < end; j += W) {
       const int64_t n = std::min<int64_t>(W, end - j);
       const Vec m = load_n(mu + j, n);
-      const Vec sigma = (Vec(0.5) * load_n(logvar + j, n)).exp();
+      const Vec sigma = fast_exp(Vec(0.5) * load_n(logvar + j, n));
       for (int64_t k = 0; k < samples; ++k) {
         const int64_t off = k * n_cols + j;
         store_n(z + off, at::vec::fmadd(sigma, load_n(eps + off, n), m), n);
@@ -62,7 +62,7 @@ void reparameterize_backward_columns(const ReparameterizeBackwardArgs& a) {
       }
       if (grad_mu) store_n(grad_mu + j, sum_g, n);
       if (grad_lv) {
-        const Vec half_sigma = Vec(0.5) * (Vec(0.5) * load_n(logvar + j, n)).exp();
+        const Vec half_sigma = Vec(0.5) * fast_exp(Vec(0.5) * load_n(logvar + j, n));
         store_n(grad_lv + j, half_sigma * sum_g_eps, n);
       }
     }

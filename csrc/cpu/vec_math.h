@@ -2,9 +2,9 @@
 // Vector building blocks for the CPU kernels, compiled once per CPU capability.
 //
 // Loads and stores convert bfloat16/float16 to and from float, so every kernel
-// computes and accumulates in at::opmath_type<scalar_t>. float uses a fast exp and
-// a short polynomial for log1p (relative error ~2e-7, below float32's own
-// rounding of a row sum); double keeps Sleef's exact (1-ulp) exp and log1p.
+// computes and accumulates in at::opmath_type<scalar_t>. float on AVX2 uses a
+// short-chain exp/expm1 and a polynomial for log1p (relative error ~2e-7, below
+// float32's own rounding of a row sum); double keeps Sleef's 1-ulp exp and log1p.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 namespace vae_fast::cpu {
@@ -68,32 +69,130 @@ inline auto horizontal_sum(const Vec& v) {
   return at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, v);
 }
 
-// exp(a) for a <= 0 (so the result is in [0, 1] and never overflows).
-template <typename Vec>
-inline Vec exp_nonpositive(const Vec& a) {
-  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    return a.exp_u20();
+#if defined(CPU_CAPABILITY_AVX2)
+namespace avx2_exp {
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2].
+// float(ln 2) is off by 1.9e-9, so r is off by at most 127 * 1.9e-9 = 2.4e-7.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kMinArg = -87.3365478515625f;  // exp(kMinArg) = FLT_MIN: below it, 0
+constexpr float kMaxArg = 88.72283935546875f;  // ln(FLT_MAX): above it, inf
+constexpr float kMaxN = 127.0f;                // largest n with 2^n finite
+// Adding 1.5*2^23 rounds to an integer in the low mantissa bits; the +127 there
+// is the exponent bias, so (bits << 23) is 2^n as a float without a conversion.
+constexpr float kShifter = 12582912.0f + 127.0f;
+
+enum class Exp { kExp, kExpm1MinusX };
+
+// exp(x) (kNonPositive: for x <= 0 only, which skips the overflow handling), or
+// expm1(x) - x = 2^n r^2 P(r) + (2^n r + 2^n - 1 - x): for |x| < ln2/2, n = 0 and
+// r = x, so it is r^2 P(r) with no cancellation (a KL term of close variances).
+// Relative error ~4e-7 (exp) and ~5e-7 (expm1 - x): a degree-6 polynomial for
+// exp(r) (1.2e-7), evaluated Estrin-style. These kernels are bound by their instruction
+// count, so each operation here is one the result needs.
+template <Exp kWhat, bool kNonPositive>
+inline __m256 exp_impl(__m256 x) {
+  constexpr bool kExpm1 = kWhat == Exp::kExpm1MinusX;
+  // (max/min return their second operand for NaN, so NaN propagates.)
+  const __m256 x_low = _mm256_max_ps(_mm256_set1_ps(kMinArg), x);
+  // n from x clamped so that 2^n stays a normal float; r from x itself, so the
+  // top of the range, (88.03, 88.72], is reached with r up to 0.7 (error ~2e-6).
+  const __m256 xc =
+      kNonPositive ? x_low : _mm256_min_ps(_mm256_set1_ps(kMaxN / kLog2e), x_low);
+  const __m256 k = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kShifter));
+  const __m256 n = _mm256_sub_ps(k, _mm256_set1_ps(kShifter));
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), x_low);
+  const __m256 pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23));
+  // exp(r) = 1 + r + r^2 P(r), P(r) = (c0 + c1 r) + r^2 ((c2 + c3 r) + r^2 c4):
+  // a fit for the relative error of P (so also of expm1(r) - r = r^2 P(r)).
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(0.16666577756404877f), r,
+                                     _mm256_set1_ps(0.5f));
+  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(0.008363170549273491f), r,
+                                     _mm256_set1_ps(0.04166685417294502f));
+  const __m256 p24 = _mm256_fmadd_ps(_mm256_set1_ps(0.0013901293277740479f), r2, p23);
+  const __m256 p = _mm256_fmadd_ps(p24, r2, p01);
+  __m256 result;
+  if constexpr (kExpm1) {
+    const __m256 low = _mm256_sub_ps(_mm256_sub_ps(pow2n, _mm256_set1_ps(1.0f)), x);
+    result = _mm256_fmadd_ps(pow2n, _mm256_mul_ps(p, r2), _mm256_fmadd_ps(pow2n, r, low));
   } else {
-    return a.exp();
+    const __m256 exp_r = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    result = _mm256_mul_ps(exp_r, pow2n);
   }
+  // Below kMinArg: 0 (exp) or -1 - x (expm1 - x); above kMaxArg: +inf. NaN
+  // compares false.
+  const __m256 below = kExpm1 ? _mm256_sub_ps(_mm256_set1_ps(-1.0f), x) : _mm256_setzero_ps();
+  result = _mm256_blendv_ps(result, below, _mm256_cmp_ps(x, _mm256_set1_ps(kMinArg), _CMP_LT_OQ));
+  if constexpr (!kNonPositive) {
+    result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY),
+                              _mm256_cmp_ps(x, _mm256_set1_ps(kMaxArg), _CMP_GT_OQ));
+  }
+  return result;
+}
+}  // namespace avx2_exp
+#endif
+
+// exp for the kernels: on AVX2 float, the short exp above; else ATen's (Sleef's
+// 1-ulp exp for double).
+template <typename Vec>
+inline Vec fast_exp(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return avx2_exp::exp_impl<avx2_exp::Exp::kExp, false>(x);
+#endif
+  return x.exp();
+}
+
+// exp(x) for x <= 0 (a result in [0, 1], which never overflows).
+template <typename Vec>
+inline Vec exp_nonpositive(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return avx2_exp::exp_impl<avx2_exp::Exp::kExp, true>(x);
+#endif
+  return x.exp();
+}
+
+// expm1(x) - x, the KL's variance term, without the cancellation of subtracting
+// x from expm1(x) near 0. AVX2 float: in one piece, above. Elsewhere: ATen's
+// expm1 minus x, but for |x| below a cutoff the Taylor series sum_{k>=2} x^k/k!
+// (float: |x| < 0.5 to x^9; double: |x| < 0.01 to x^7; both below 1 ulp).
+template <typename Vec>
+inline Vec expm1_minus_x(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+    return avx2_exp::exp_impl<avx2_exp::Exp::kExpm1MinusX, false>(x);
+  }
+#endif
+  using T = typename Vec::value_type;
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  constexpr int kLastPower = kFloat ? 9 : 7;
+  const T cutoff = kFloat ? T(0.5) : T(0.01);
+  T inverse_factorial = 1;
+  for (int k = 2; k <= kLastPower; ++k) inverse_factorial /= T(k);
+  Vec series(inverse_factorial);  // Horner from x^kLastPower / kLastPower! down
+  for (int k = kLastPower; k > 2; --k) {
+    inverse_factorial *= T(k);
+    series = at::vec::fmadd(series, x, Vec(inverse_factorial));
+  }
+  return Vec::blendv(x.expm1() - x, series * x * x, x.abs() < Vec(cutoff));
 }
 
 // log1p(e) for e in [0, 1]. float: e * P(e), P a degree-8 Chebyshev fit of
-// log1p(e)/e on [0, 1] (max relative error 2.3e-7), instead of Sleef's log1p
-// which alone doubled the kernel's time.
+// log1p(e)/e on [0, 1] (max relative error 2.3e-7), in Estrin's scheme, instead
+// of Sleef's log1p which alone doubled the kernel's time.
 template <typename Vec>
 inline Vec log1p_unit(const Vec& e) {
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    Vec p(0.005126102361828089f);
-    p = at::vec::fmadd(p, e, Vec(-0.029074065387248993f));
-    p = at::vec::fmadd(p, e, Vec(0.0775160863995552f));
-    p = at::vec::fmadd(p, e, Vec(-0.13602247834205627f));
-    p = at::vec::fmadd(p, e, Vec(0.19076880812644958f));
-    p = at::vec::fmadd(p, e, Vec(-0.2483539879322052f));
-    p = at::vec::fmadd(p, e, Vec(0.3331812024116516f));
-    p = at::vec::fmadd(p, e, Vec(-0.4999944567680359f));
-    p = at::vec::fmadd(p, e, Vec(0.9999999403953552f));
-    return p * e;
+    using at::vec::fmadd;
+    const Vec e2 = e * e;
+    const Vec e4 = e2 * e2;
+    const Vec p01 = fmadd(Vec(-0.4999944567680359f), e, Vec(0.9999999403953552f));
+    const Vec p23 = fmadd(Vec(-0.2483539879322052f), e, Vec(0.3331812024116516f));
+    const Vec p45 = fmadd(Vec(-0.13602247834205627f), e, Vec(0.19076880812644958f));
+    const Vec p67 = fmadd(Vec(-0.029074065387248993f), e, Vec(0.0775160863995552f));
+    const Vec p03 = fmadd(p23, e2, p01);
+    const Vec p48 = fmadd(Vec(0.005126102361828089f), e4, fmadd(p67, e2, p45));
+    return fmadd(p48, e4, p03) * e;
   } else {
     return e.log1p();
   }

@@ -154,9 +154,11 @@ struct KLRows {
       const acc d = lv[i] - pl[i];
       const acc scaled = has_prior_var ? diff * exp_(-pl[i]) : diff;
       const acc sq = diff * scaled;
-      // expm1(d) - d, not exp(d) - 1 - d: no cancellation when the variances are close.
-      const acc em1 = expm1_(d);
-      if constexpr (kKL) sums[0] += em1 - d + sq;
+      // expm1(d) - d in one piece, not exp(d) - 1 - d: no cancellation when the
+      // variances are close (d -> 0, where the term is d^2/2).
+      const acc em1_minus_d = expm1_minus_x_(d);
+      const acc em1 = em1_minus_d + d;
+      if constexpr (kKL) sums[0] += em1_minus_d + sq;
       gm[i] = scaled * w;
       gl[i] = acc(0.5) * em1 * w;
       gpm[i] = -gm[i];
