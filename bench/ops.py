@@ -46,8 +46,8 @@ import vae_fast  # noqa: E402
 LOG_2PI = math.log(2.0 * math.pi)
 PEERS = ("eager", "distributions", "compile")
 ROOFS = ("roof", "roof_alloc")
-ALL_PROVIDERS = ("vae_fast", *PEERS, *ROOFS, "reference")
-DEFAULT_PROVIDERS = ("vae_fast", *PEERS, *ROOFS)
+ALL_PROVIDERS = ("vae_fast", "vae_fast_inplace", *PEERS, *ROOFS, "reference")
+DEFAULT_PROVIDERS = ("vae_fast", "vae_fast_inplace", *PEERS, *ROOFS)
 MODES = ("forward", "full")
 MODE_TITLE = {"forward": "fwd", "full": "fwd+bwd"}
 
@@ -142,6 +142,7 @@ class Op:
     backward: str  # "loss": out[0].backward(); "sum": out.sum().backward(); "grad": out.backward(g)
     elements: Callable[[int, int, int, str], int]  # elements the ideal kernel moves, per pass
     bytes_note: str
+    inplace: Callable | None = None  # elbo(inplace_grad=True), fed a decoder-like recon
 
 
 def _binary(shape, dtype, device):
@@ -202,6 +203,30 @@ def _elbo_gaussian(api):
     return lambda x, r, mu, lv, obs: api.elbo(x, r, mu, lv, likelihood="gaussian", obs_logvar=obs)
 
 
+class _Decoded(torch.autograd.Function):
+    """recon as a decoder hands it over: an existing buffer (the decoder allocated it
+    in its forward) that is a non-leaf, and whose gradient the decoder's backward
+    reads without storing it (as addmm's backward does). Costs no B×D work itself."""
+
+    @staticmethod
+    def forward(ctx, recon):
+        return recon.detach()  # the same storage, not a view (which autograd would guard)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def _elbo_inplace(**kwargs):
+    def call(x, recon, mu, logvar, *obs):
+        obs_kw = {"obs_logvar": obs[0]} if obs else {}
+        if recon.requires_grad:  # (forward only: there is no gradient to write)
+            recon = _Decoded.apply(recon)
+        return vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True, **kwargs, **obs_kw)
+
+    return call
+
+
 # Elements the ideal kernel must move (B-sized outputs are left out): each input read
 # once, each output and gradient written once; forward+backward reads the inputs a
 # single time, as a kernel that writes the gradient in the forward pass does.
@@ -228,6 +253,7 @@ OPS: dict[str, Op] = {
             backward="loss",
             elements=_elbo_elements,
             bytes_note="read x, recon, mu, logvar; fwd+bwd also writes d/d recon, mu, logvar",
+            inplace=_elbo_inplace(),
         ),
         Op(
             name="elbo_gaussian",
@@ -240,6 +266,7 @@ OPS: dict[str, Op] = {
             backward="loss",
             elements=_elbo_gaussian_elements,
             bytes_note="as elbo_bernoulli, plus the per-feature obs_logvar (D) and its gradient",
+            inplace=_elbo_inplace(likelihood="gaussian"),
         ),
         Op(
             name="gaussian_kl",
@@ -377,8 +404,14 @@ def run_case(case: Case, args, providers, compiled, vae_backend) -> list[dict]:
         "eager": op.eager,
         "distributions": op.distributions,
         "compile": compiled.get(op.name),
+        # elbo only, fused only: the gradient written over recon
+        "vae_fast_inplace": op.inplace if vae_backend == "fused" and mode == "full" else None,
     }
-    steps = {p: make_step(op, impls[p], inputs, mode) for p in providers if p not in ROOFS}
+    steps = {
+        p: make_step(op, impls[p], inputs, mode)
+        for p in providers
+        if p not in ROOFS and impls[p] is not None
+    }
     roof_bytes, roof_name = None, None
     if set(ROOFS) & set(providers):
         roofs, roof_bytes, roof_name = make_roofs(roof_elements(op, B, D, Z), dtype, device)
@@ -491,6 +524,7 @@ def provider_titles(meta: dict) -> dict[str, str]:
     label = "vae_fast" if meta["vae_fast_backend"] == "fused" else "vae_fast [reference stand-in]"
     return {
         "vae_fast": label,
+        "vae_fast_inplace": "vae_fast, inplace_grad",
         "reference": "reference",
         "eager": "eager",
         "distributions": "torch.distributions",

@@ -51,4 +51,12 @@ TORCH_LIBRARY(vae_fast, m) {
       "str likelihood, float beta, str reduction, bool compute_grad) -> (Tensor loss, "
       "Tensor log_likelihood, Tensor kl, Tensor grad_recon, Tensor grad_obs_logvar, "
       "Tensor grad_mu, Tensor grad_logvar)");
+  // elbo(..., inplace_grad=True): the same pass, with d(loss)/d(recon) written over
+  // recon itself, so that no full-size gradient is allocated (Liger-Kernel's
+  // cross-entropy does the same with its logits).
+  m.def(
+      "_elbo_into_recon(Tensor x, Tensor(a!) recon, Tensor mu, Tensor logvar, "
+      "Tensor? obs_logvar, str likelihood, float beta, str reduction) -> (Tensor loss, "
+      "Tensor log_likelihood, Tensor kl, Tensor grad_obs_logvar, Tensor grad_mu, "
+      "Tensor grad_logvar)");
 }

@@ -183,7 +183,9 @@ def test_close_variances_keep_relative_precision(device, dtype):
     d = torch.tensor([1e-7, -3e-6, 2e-5, 1e-4, -1e-3, 0.02, -0.2, 0.4, -0.6], dtype=dtype)
     zeros = torch.zeros(d.numel(), 1, dtype=dtype, device=device)
     got = op(zeros, d.to(device).view(-1, 1))
-    torch.testing.assert_close(got.cpu().double(), _standard_kl_of_logvar(d), rtol=RTOL[dtype], atol=0)
+    torch.testing.assert_close(
+        got.cpu().double(), _standard_kl_of_logvar(d), rtol=RTOL[dtype], atol=0
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -194,7 +196,9 @@ def test_variance_term_over_the_exp_range(device, dtype):
     d = torch.linspace(-87.0, 88.0, 70001, dtype=torch.float64).to(dtype)
     zeros = torch.zeros(d.numel(), 1, dtype=dtype, device=device)
     got = op(zeros, d.to(device).view(-1, 1))
-    torch.testing.assert_close(got.cpu().double(), _standard_kl_of_logvar(d), rtol=RTOL[dtype], atol=0)
+    torch.testing.assert_close(
+        got.cpu().double(), _standard_kl_of_logvar(d), rtol=RTOL[dtype], atol=0
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

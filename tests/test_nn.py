@@ -296,6 +296,33 @@ def test_fused_and_reference_give_the_same_loss_and_gradients(make, likelihood, 
 
 
 @pytest.mark.fused_only
+@pytest.mark.parametrize(
+    ("make", "likelihood", "obs"),
+    [
+        (lambda: VAE(64, 4, hidden=(32, 16)), "bernoulli", "fixed"),
+        (lambda: ConvVAE((1, 8, 8), 4, channels=(4,), likelihood="gaussian"), "gaussian", "scalar"),
+    ],
+)
+def test_inplace_grad_gives_the_same_gradients(make, likelihood, obs):
+    # The models' decoder outputs (Linear / ConvTranspose) are not saved by their
+    # producers, so the gradient can be written over them.
+    torch.manual_seed(0)
+    model = make()
+    x = torch.bernoulli(torch.rand(17, 1, 8, 8))
+    results = []
+    for inplace in (False, True):
+        loss_fn = ELBOLoss(likelihood, obs, event_shape=(1, 8, 8), inplace_grad=inplace)
+        model.zero_grad()
+        results.append(_loss_and_grads("fused", model, loss_fn, x))
+    (loss, _, _, grads), (loss_ip, _, _, grads_ip) = results
+    assert torch.equal(loss, loss_ip)
+    assert grads.keys() == grads_ip.keys()
+    for name, g in grads.items():
+        assert torch.equal(g, grads_ip[name]), name
+    assert "inplace_grad=True" in repr(ELBOLoss(inplace_grad=True))
+
+
+@pytest.mark.fused_only
 def test_fused_and_reference_give_the_same_log_likelihood():
     torch.manual_seed(0)
     model = ConvVAE((1, 8, 8), 3, channels=(4,), hidden=16)

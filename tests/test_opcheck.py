@@ -179,6 +179,10 @@ def _full_cases(device, dt):
                 cg,
             )
             cases.append((ops.elbo, args, {}, f"elbo-{lik}-{obs}-{red}-grad{cg}-{n}"))
+        # elbo(inplace_grad=True): the gradient written over recon (a mutated input)
+        x = X((4, 7)) if lik == "bernoulli" else T((4, 7))
+        args = (x, T((4, 7)), T((4, 3)), T((4, 3)), T(obs), lik, 0.5, "sum")
+        cases.append((ops._elbo_into_recon, args, {}, f"elbo_into_recon-{lik}-{obs}-{n}"))
     return cases
 
 

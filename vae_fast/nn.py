@@ -113,6 +113,8 @@ class ELBOLoss(nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
         event_shape: the shape of one data row, required for ``obs_logvar="feature"``.
         init_obs_logvar: the initial (or fixed) observation log-variance.
+        inplace_grad: write d(loss)/d(recon) over the decoder output instead of a fresh
+            tensor (see `vae_fast.elbo`); `recon` holds the gradient after the call.
 
     Shape:
         forward(x (B, *event), recon (B, *event), mu (B, L), logvar (B, L)) returns
@@ -128,6 +130,7 @@ class ELBOLoss(nn.Module):
         *,
         event_shape: Sequence[int] | None = None,
         init_obs_logvar: float = 0.0,
+        inplace_grad: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("likelihood", likelihood, LIKELIHOODS)
@@ -141,6 +144,7 @@ class ELBOLoss(nn.Module):
         self.obs_logvar_mode = obs_logvar
         self.beta = float(beta)
         self.reduction = reduction
+        self.inplace_grad = bool(inplace_grad)
         self.event_shape = tuple(event_shape) if event_shape is not None else None
         self.obs_logvar: torch.Tensor | None
         if likelihood == "bernoulli":
@@ -169,6 +173,7 @@ class ELBOLoss(nn.Module):
             obs_logvar=obs,
             beta=self.beta,
             reduction=self.reduction,
+            inplace_grad=self.inplace_grad,
         )
 
     def extra_repr(self) -> str:
@@ -177,7 +182,8 @@ class ELBOLoss(nn.Module):
             s += f", obs_logvar={self.obs_logvar_mode!r}"
             if self.event_shape is not None:
                 s += f", event_shape={self.event_shape}"
-        return s + f", beta={self.beta}, reduction={self.reduction!r}"
+        s += f", beta={self.beta}, reduction={self.reduction!r}"
+        return s + (", inplace_grad=True" if self.inplace_grad else "")
 
 
 # --------------------------------------------------------------------------- models

@@ -177,6 +177,7 @@ def elbo(
     obs_logvar: torch.Tensor | None = None,
     beta: float = 1.0,
     reduction: str = "mean",
+    inplace_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The negative ELBO of a VAE with a diagonal Gaussian encoder and N(0, I) prior.
 
@@ -190,6 +191,15 @@ def elbo(
             per-feature or per-element; learnable); None means 0.
         beta: weight of the KL term.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
+        inplace_grad: write d(loss)/d(recon) over `recon` itself in the forward pass
+            instead of into a fresh tensor of x's size, whose page faults dominate
+            large batches on CPU (as Liger-Kernel's cross-entropy does with logits).
+            `recon` must be a contiguous non-leaf whose values nothing else needs:
+            the output of e.g. ``nn.Linear``, not of ``sigmoid`` (which saves it for
+            its backward). After the call `recon` holds the gradient; `log_likelihood`
+            and `kl` come back detached (for logging); reduction must be ``"mean"``
+            or ``"sum"`` and `x` must not require grad. It only acts when `recon`
+            needs a gradient, in eager mode (torch.compile plans its own buffers).
 
     Returns:
         ``(loss, log_likelihood, kl)``: loss is ``beta*kl - log_likelihood`` reduced;
@@ -213,10 +223,46 @@ def elbo(
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, recon, mu, logvar, obs_logvar)
     )
+    if inplace_grad and compute_grad and recon.requires_grad and not torch.compiler.is_compiling():
+        V.check_inplace_grad_layout(recon, reduction)
+        V.check_inplace_grad_autograd(x, recon)
+        return _ElboIntoRecon.apply(
+            x, recon, mu, logvar, obs_logvar, likelihood, float(beta), reduction
+        )
     loss, ll, kl, *_ = _ops.elbo(
         x, recon, mu, logvar, obs_logvar, likelihood, float(beta), reduction, compute_grad
     )
     return loss, ll, kl
+
+
+class _ElboIntoRecon(torch.autograd.Function):
+    """elbo with d(loss)/d(recon) written over recon (the `_elbo_into_recon` op).
+
+    A Function rather than registered autograd: the op mutates recon, which
+    torch.library's autograd registration does not support. Backward returns the
+    stored gradients (scaled in place when grad_output is not exactly 1).
+    """
+
+    @staticmethod
+    def forward(ctx, x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction):
+        loss, ll, kl, g_obs, g_mu, g_logvar = _ops._elbo_into_recon(
+            x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction
+        )
+        # Ops declared in C++ do not bump the version of what they mutate; this does,
+        # so that a backward that saved recon (or a view of it) raises, not lies.
+        torch.autograd.graph.increment_version(recon)
+        ctx.mark_non_differentiable(ll, kl)
+        ctx.save_for_backward(recon, g_mu, g_logvar, g_obs)
+        return loss, ll, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ll, grad_kl):
+        grads = ctx.saved_tensors
+        if not _is_exactly_one(grad_loss):
+            grads = tuple(g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        g_recon, g_mu, g_logvar, g_obs = grads
+        needs = ctx.needs_input_grad
+        return (None, *_wanted((g_recon, g_mu, g_logvar, g_obs), needs[1:5]), None, None, None)
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -277,7 +323,7 @@ def _register_fake_kernels() -> None:
         )
 
     @torch.library.register_fake("vae_fast::elbo")
-    def _(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad):
+    def fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad):
         V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
         batch = x.shape[0]
         loss = x.new_empty((batch,) if reduction == "none" else ())
@@ -291,6 +337,13 @@ def _register_fake_kernels() -> None:
             torch.empty_like(mu) if compute_grad else _empty_grad(x),
             torch.empty_like(logvar) if compute_grad else _empty_grad(x),
         )
+
+    @torch.library.register_fake("vae_fast::_elbo_into_recon")
+    def _(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction):
+        V.check_inplace_grad_layout(recon, reduction)
+        outputs = fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, True)
+        loss, ll, kl, _, g_obs, g_mu, g_logvar = outputs
+        return loss, ll, kl, g_obs, g_mu, g_logvar
 
 
 # --------------------------------------------------------------------------- autograd

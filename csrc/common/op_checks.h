@@ -116,4 +116,19 @@ inline void check_elbo(const at::Tensor& x, const at::Tensor& recon, const at::T
   }
 }
 
+// elbo(..., inplace_grad=True): d(loss)/d(recon) is written over recon itself.
+inline void check_elbo_into_recon(const at::Tensor& x, const at::Tensor& recon,
+                                  const at::Tensor& mu, const at::Tensor& logvar,
+                                  const std::optional<at::Tensor>& obs_logvar,
+                                  std::string_view likelihood, std::string_view reduction) {
+  check_elbo(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  constexpr const char* fn = "vae_fast.elbo(inplace_grad=True)";
+  TORCH_CHECK(reduction != "none", fn,
+              ": needs reduction 'mean' or 'sum' (with 'none' the gradient depends on "
+              "grad_output per sample, so it cannot be written in the forward pass)");
+  TORCH_CHECK(recon.is_contiguous(), fn,
+              ": writes the gradient over `recon`, which must be contiguous; got shape ",
+              recon.sizes(), " with strides ", recon.strides());
+}
+
 }  // namespace vae_fast

@@ -2,6 +2,7 @@
 // log-likelihood and, when compute_grad, d(loss)/d(recon) (and the reduced
 // d(loss)/d(obs_logvar)) for grad_output = 1; one pass over (mu, logvar) does the
 // same for the KL. Backward (vae_fast/ops.py) then only scales the saved gradients.
+// _elbo_into_recon writes d(loss)/d(recon) over recon itself (inplace_grad=True).
 
 #include <torch/library.h>
 
@@ -18,11 +19,15 @@ namespace {
 
 at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo(
-    const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
-    const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, double beta,
-    c10::string_view reduction, bool compute_grad) {
-  check_elbo(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+using ElboOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The loss and, when compute_grad, the gradients; d(loss)/d(recon) is written into
+// `grad_recon` (a fresh tensor, or recon itself for _elbo_into_recon).
+ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                      const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                      c10::string_view likelihood, double beta, c10::string_view reduction,
+                      bool compute_grad, const at::Tensor& grad_recon) {
   const int64_t batch = x.size(0);
   const int64_t x_event_dims = x.dim() - 1, z_event_dims = mu.dim() - 1;
   const RowLayout x_layout = row_layout(x, x_event_dims);
@@ -32,7 +37,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor ll = at::empty({batch}, x.options());
   at::Tensor kl = at::empty({batch}, x.options());
-  at::Tensor grad_recon = compute_grad ? empty_output(x.sizes(), x.options()) : empty_grad(x);
   at::Tensor grad_obs = compute_grad && obs_logvar ? at::zeros(obs_logvar->sizes(), x.options())
                                                    : empty_grad(x);
   at::Tensor grad_mu = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
@@ -96,7 +100,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss.to(x.scalar_type()), ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
 }
 
+ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                 const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                 c10::string_view likelihood, double beta, c10::string_view reduction,
+                 bool compute_grad) {
+  check_elbo(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  const at::Tensor grad_recon =
+      compute_grad ? empty_output(x.sizes(), x.options()) : empty_grad(x);
+  return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad,
+                   grad_recon);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo_into_recon(
+    const at::Tensor& x, at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, double beta,
+    c10::string_view reduction) {
+  check_elbo_into_recon(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  // The kernels read each element of recon before they write its gradient there.
+  auto [loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv] =
+      elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, true, recon);
+  return {loss, ll, kl, grad_obs, grad_mu, grad_lv};
+}
+
 }  // namespace
 }  // namespace vae_fast::cpu
 
-TORCH_LIBRARY_IMPL(vae_fast, CPU, m) { m.impl("elbo", &vae_fast::cpu::elbo); }
+TORCH_LIBRARY_IMPL(vae_fast, CPU, m) {
+  m.impl("elbo", &vae_fast::cpu::elbo);
+  m.impl("_elbo_into_recon", &vae_fast::cpu::elbo_into_recon);
+}

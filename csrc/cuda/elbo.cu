@@ -56,10 +56,13 @@ at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
 using ElboOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
-                 const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, double beta,
-                 c10::string_view reduction, bool compute_grad) {
-  check_elbo(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+// The loss and, when compute_grad, the gradients; d(loss)/d(recon) is written into
+// `grad_recon` (a fresh tensor, or recon itself for _elbo_into_recon: each thread
+// reads its elements of recon before it writes their gradient there).
+ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                      const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                      c10::string_view likelihood, double beta, c10::string_view reduction,
+                      bool compute_grad, const at::Tensor& grad_recon) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t batch = x.size(0);
   const int64_t x_event_dims = x.dim() - 1;
@@ -71,7 +74,6 @@ ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
 
   at::Tensor ll = at::empty({batch}, x.options());
   at::Tensor kl = at::empty({batch}, x.options());
-  at::Tensor grad_recon = compute_grad ? at::empty(x.sizes(), x.options()) : empty_grad(x);
   at::Tensor grad_obs = compute_grad && obs_logvar ? at::zeros(obs_logvar->sizes(), x.options()) : empty_grad(x);
   at::Tensor grad_mu = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
   at::Tensor grad_lv = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
@@ -166,7 +168,28 @@ ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
   return {loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
 }
 
+ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
+                 const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, double beta,
+                 c10::string_view reduction, bool compute_grad) {
+  check_elbo(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  const at::Tensor grad_recon = compute_grad ? at::empty(x.sizes(), x.options()) : empty_grad(x);
+  return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, grad_recon);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo_into_recon(
+    const at::Tensor& x, at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, double beta,
+    c10::string_view reduction) {
+  check_elbo_into_recon(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  auto [loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv] =
+      elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, true, recon);
+  return {loss, ll, kl, grad_obs, grad_mu, grad_lv};
+}
+
 }  // namespace
 }  // namespace vae_fast::cuda
 
-TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) { m.impl("elbo", &vae_fast::cuda::elbo); }
+TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) {
+  m.impl("elbo", &vae_fast::cuda::elbo);
+  m.impl("_elbo_into_recon", &vae_fast::cuda::elbo_into_recon);
+}

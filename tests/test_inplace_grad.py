@@ -1,0 +1,172 @@
+"""vae_fast.elbo(..., inplace_grad=True): d(loss)/d(recon) written over recon itself.
+
+The same kernel as the default path, so values and every gradient must be equal
+bit for bit; what changes is where d(loss)/d(recon) lives (recon's own storage)
+and what is refused (inputs whose values autograd still needs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES, FLOAT_DTYPES, make
+
+import vae_fast
+
+B, D, H, Z = 6, 11, 5, 3
+
+
+def _model(dtype, device, likelihood, gen):
+    """A decoder weight, its input, the encoder outputs and the data."""
+    kind = "binary" if likelihood == "bernoulli" else "normal"
+    x = make((B, D), dtype, device, kind=kind, low=0.0, high=1.0, gen=gen)
+    weight = make((H, D), dtype, device, kind="normal", gen=gen).requires_grad_()
+    hidden = make((B, H), dtype, device, kind="normal", gen=gen)
+    mu = make((B, Z), dtype, device, kind="normal", gen=gen).requires_grad_()
+    logvar = make((B, Z), dtype, device, low=-2.0, high=2.0, gen=gen).requires_grad_()
+    obs = None
+    if likelihood == "gaussian":
+        obs = make((D,), dtype, device, low=-0.5, high=0.5, gen=gen).requires_grad_()
+    return x, weight, hidden, mu, logvar, obs
+
+
+def _step(model, likelihood, reduction, inplace, grad_scale):
+    x, weight, hidden, mu, logvar, obs = model
+    leaves = [t for t in (weight, mu, logvar, obs) if t is not None]
+    for t in leaves:
+        t.grad = None
+    recon = hidden @ weight  # a non-leaf whose producer (mm) does not save it
+    seen = []
+    recon.register_hook(lambda g: seen.append(g))
+    loss, ll, kl = vae_fast.elbo(
+        x,
+        recon,
+        mu,
+        logvar,
+        likelihood=likelihood,
+        obs_logvar=obs,
+        reduction=reduction,
+        inplace_grad=inplace,
+    )
+    (loss * grad_scale if grad_scale != 1 else loss).backward()
+    return recon, seen[0], (loss, ll, kl), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("grad_scale", [1.0, 2.5])
+def test_equals_the_default_path(device, dtype, likelihood, reduction, grad_scale, gen):
+    model = _model(dtype, device, likelihood, gen)
+    _, g_default, outs_default, grads_default = _step(
+        model, likelihood, reduction, False, grad_scale
+    )
+    recon, g_inplace, outs_inplace, grads_inplace = _step(
+        model, likelihood, reduction, True, grad_scale
+    )
+    for a, b in zip(outs_default, outs_inplace, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(g_default, g_inplace)
+    for a, b in zip(grads_default, grads_inplace, strict=True):
+        assert torch.equal(a, b)
+    # The gradient handed to the decoder is recon's own storage, now holding it.
+    assert g_inplace.data_ptr() == recon.data_ptr()
+    assert torch.equal(recon, g_default)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_log_likelihood_and_kl_are_detached(device, gen):
+    x, weight, hidden, mu, logvar, _ = _model(torch.float32, device, "bernoulli", gen)
+    loss, ll, kl = vae_fast.elbo(x, hidden @ weight, mu, logvar, inplace_grad=True)
+    assert loss.requires_grad and not ll.requires_grad and not kl.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_grad_recon_is_untouched(device, gen):
+    x, weight, hidden, mu, logvar, _ = _model(torch.float32, device, "bernoulli", gen)
+    with torch.no_grad():
+        recon = hidden @ weight
+        before = recon.clone()
+        vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True)
+    assert torch.equal(recon, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_under_compile_it_matches_eager(device, gen):
+    x, weight, hidden, mu, logvar, _ = _model(torch.float32, device, "bernoulli", gen)
+
+    def loss_fn(weight, mu, logvar):
+        return vae_fast.elbo(x, hidden @ weight, mu, logvar, inplace_grad=True)[0]
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    got = torch.autograd.grad(compiled(weight, mu, logvar), [weight, mu, logvar])
+    want = torch.autograd.grad(loss_fn(weight, mu, logvar), [weight, mu, logvar])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _inputs(device, gen):
+    return _model(torch.float32, device, "bernoulli", gen)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refuses_a_leaf(device, gen):
+    x, _, _, mu, logvar, _ = _inputs(device, gen)
+    recon = torch.zeros(B, D, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match=r"inplace_grad=True\): `recon` is a leaf"):
+        vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refuses_a_recon_its_producer_saved(device, gen):
+    x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
+    with pytest.raises(ValueError, match=r"saved by SigmoidBackward0"):
+        vae_fast.elbo(x, torch.sigmoid(hidden @ weight), mu, logvar, inplace_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_saved_tensor_behind_a_view_fails_at_backward(device, gen):
+    # Not visible from recon's own grad_fn (a view); autograd's version check catches
+    # it because the op bumps recon's version.
+    x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
+    recon = torch.sigmoid(hidden @ weight).view(B, D)
+    loss, _, _ = vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refuses_reduction_none(device, gen):
+    x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
+    with pytest.raises(ValueError, match=r"needs reduction 'mean' or 'sum'"):
+        vae_fast.elbo(x, hidden @ weight, mu, logvar, reduction="none", inplace_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refuses_non_contiguous_recon(device, gen):
+    x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
+    recon = (weight.t() @ hidden.t()).t()  # (B, D) with transposed strides
+    with pytest.raises(ValueError, match=r"must be contiguous; got shape \(6, 11\)"):
+        vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refuses_x_that_requires_grad(device, gen):
+    x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
+    with pytest.raises(ValueError, match=r"`x` requires grad"):
+        vae_fast.elbo(x.requires_grad_(), hidden @ weight, mu, logvar, inplace_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_op_itself_checks_layout(device, gen):
+    # Direct torch.ops calls (and the fake kernel under compile) check it too.
+    x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
+    recon = (hidden @ weight).detach().t().contiguous().t()
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.vae_fast._elbo_into_recon(
+            x, recon, mu.detach(), logvar.detach(), None, "bernoulli", 1.0, "mean"
+        )
