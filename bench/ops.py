@@ -3,6 +3,8 @@
 For each op, size and pass (forward only, forward+backward) the providers are
 
   vae_fast       the op as users call it (output and gradient allocation included),
+  vae_fast_inplace  elbo only, forward+backward: elbo(inplace_grad=True), the gradient
+                 written over recon (handed over as a decoder's output: no B x D copy),
   eager          plain torch written the usual way (F.binary_cross_entropy_with_logits,
                  the KL formula, mu + std * randn_like),
   distributions  torch.distributions (Bernoulli / Normal log_prob, kl_divergence, rsample),

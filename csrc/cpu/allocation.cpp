@@ -7,6 +7,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <utility>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -34,18 +36,48 @@ void report(void* ptr, int64_t delta) {
   }
 }
 
+// One freed block is kept for the next large gradient that fits it (no more than
+// twice its size): a training loop allocates the same gradient every step, and the
+// reused block skips both the page faults and the kernel's huge-page compaction,
+// whose stalls reached ~250 ms per 200 MB block on a fragmented machine. It holds
+// at most one gradient's memory while no gradient is alive (left to the OS at exit).
+std::mutex cache_mutex;
+Block* cached_block = nullptr;
+
+void release(Block* block) {
+  std::free(block->ptr);
+  delete block;
+}
+
 void free_huge(void* context) {
   auto* block = static_cast<Block*>(context);
   report(block->ptr, -static_cast<int64_t>(block->nbytes));
-  std::free(block->ptr);
-  delete block;
+  Block* evicted = nullptr;
+  {
+    const std::lock_guard<std::mutex> lock(cache_mutex);
+    evicted = std::exchange(cached_block, block);  // keep the most recent
+  }
+  if (evicted != nullptr) release(evicted);
+}
+
+Block* take_cached(size_t rounded) {
+  const std::lock_guard<std::mutex> lock(cache_mutex);
+  if (cached_block == nullptr || cached_block->nbytes < rounded ||
+      cached_block->nbytes / 2 > rounded) {
+    return nullptr;
+  }
+  return std::exchange(cached_block, nullptr);
 }
 
 class HugePageAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
-    void* ptr = nullptr;
     const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    if (Block* block = take_cached(rounded)) {
+      report(block->ptr, static_cast<int64_t>(block->nbytes));
+      return {block->ptr, block, &free_huge, c10::Device(c10::DeviceType::CPU)};
+    }
+    void* ptr = nullptr;
     if (posix_memalign(&ptr, kHugePage, rounded) != 0 || ptr == nullptr) {
       TORCH_CHECK(false, "vae_fast: out of memory allocating ", nbytes, " bytes");
     }

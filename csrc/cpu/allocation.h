@@ -11,6 +11,7 @@ namespace vae_fast::cpu {
 // cost more than the kernel itself (about 100 ms for a 4096 x 12288 float
 // gradient, against ~20 ms with huge pages). Torch does the same for every
 // allocation under THP_MEM_ALLOC_ENABLE=1; this applies it to our outputs only.
+// The last such block freed is kept for the next one that fits (see allocation.cpp).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace vae_fast::cpu
