@@ -174,6 +174,14 @@ def _standard_kl_of_logvar(d: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.where(d.abs() < 1e-2, series, torch.expm1(d) - d)
 
 
+def _check_per_element_kl(d: torch.Tensor, device: str) -> None:
+    """gaussian_kl(0, d) of one-element rows against float64, to the dtype's rtol."""
+    zeros = torch.zeros(d.numel(), 1, dtype=d.dtype, device=device)
+    got = op(zeros, d.to(device).view(-1, 1))
+    want = _standard_kl_of_logvar(d)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=RTOL[d.dtype], atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 def test_close_variances_keep_relative_precision(device, dtype):
@@ -181,11 +189,7 @@ def test_close_variances_keep_relative_precision(device, dtype):
     # Computed as expm1(d) - d in two steps it cancels (relative error ~ulp(1)/d:
     # 100% at d = 1e-7 in float32); the kernels form it in one piece.
     d = torch.tensor([1e-7, -3e-6, 2e-5, 1e-4, -1e-3, 0.02, -0.2, 0.4, -0.6], dtype=dtype)
-    zeros = torch.zeros(d.numel(), 1, dtype=dtype, device=device)
-    got = op(zeros, d.to(device).view(-1, 1))
-    torch.testing.assert_close(
-        got.cpu().double(), _standard_kl_of_logvar(d), rtol=RTOL[dtype], atol=0
-    )
+    _check_per_element_kl(d, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -193,12 +197,7 @@ def test_close_variances_keep_relative_precision(device, dtype):
 def test_variance_term_over_the_exp_range(device, dtype):
     # Every logvar from -87 to 88 (float32's whole exp range, through the fast exp's
     # reduction boundaries at odd multiples of ln(2)/2), against float64 per element.
-    d = torch.linspace(-87.0, 88.0, 70001, dtype=torch.float64).to(dtype)
-    zeros = torch.zeros(d.numel(), 1, dtype=dtype, device=device)
-    got = op(zeros, d.to(device).view(-1, 1))
-    torch.testing.assert_close(
-        got.cpu().double(), _standard_kl_of_logvar(d), rtol=RTOL[dtype], atol=0
-    )
+    _check_per_element_kl(torch.linspace(-87.0, 88.0, 70001, dtype=torch.float64).to(dtype), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
