@@ -76,6 +76,18 @@ def test_equals_the_default_path(device, dtype, likelihood, reduction, grad_scal
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_second_scaled_backward_through_a_retained_graph_raises(device, gen):
+    # A grad_output other than 1 scales the saved gradients in place (no B x D copy
+    # under a scaled loss), so a second backward through a retained graph cannot reuse
+    # them: autograd's version check says so rather than scaling twice.
+    x, weight, hidden, mu, logvar, _ = _model(torch.float32, device, "bernoulli", gen)
+    loss, _, _ = vae_fast.elbo(x, hidden @ weight, mu, logvar, inplace_grad=True)
+    torch.autograd.grad(2.5 * loss, [weight, mu, logvar], retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(2.5 * loss, [weight, mu, logvar])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_log_likelihood_and_kl_are_detached(device, gen):
     x, weight, hidden, mu, logvar, _ = _model(torch.float32, device, "bernoulli", gen)
     loss, ll, kl = vae_fast.elbo(x, hidden @ weight, mu, logvar, inplace_grad=True)

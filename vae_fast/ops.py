@@ -198,8 +198,10 @@ def elbo(
             the output of e.g. ``nn.Linear``, not of ``sigmoid`` (which saves it for
             its backward). After the call `recon` holds the gradient; `log_likelihood`
             and `kl` come back detached (for logging); reduction must be ``"mean"``
-            or ``"sum"`` and `x` must not require grad. It only acts when `recon`
-            needs a gradient, in eager mode (torch.compile plans its own buffers).
+            or ``"sum"`` and `x` must not require grad. A grad_output other than 1
+            scales the gradients in place, so a second such backward through a
+            retained graph raises. It only acts when `recon` needs a gradient, in
+            eager mode (torch.compile plans its own buffers).
 
     Returns:
         ``(loss, log_likelihood, kl)``: loss is ``beta*kl - log_likelihood`` reduced;
