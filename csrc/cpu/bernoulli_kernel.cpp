@@ -40,9 +40,7 @@ void bernoulli_rows(const BernoulliArgs& a) {
         // (-|l| is l with its sign bit set: one instruction.)
         const Vec e = exp_nonpositive(l | Vec(-0.0));
         if constexpr (kLogProb) {
-          // softplus(l) = max(l, 0) + log1p(exp(-|l|)), exact at both tails.
-          const Vec softplus = at::vec::maximum(l, Vec(0)) + log1p_unit(e);
-          sum += keep_first(xv * l - softplus, n);
+          sum += keep_first(at::vec::fmsub(xv, l, softplus_from_exp(l, e)), n);
         }
         if constexpr (kGradLogits) {
           // x - sigmoid(l) from the same e, t = e/(1+e): x - t for l < 0 and

@@ -75,7 +75,10 @@ namespace avx2_exp {
 // float(ln 2) is off by 1.9e-9, so r is off by at most 127 * 1.9e-9 = 2.4e-7.
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kMinArg = -87.3365478515625f;  // exp(kMinArg) = FLT_MIN: below it, 0
+// Arguments are clamped here: n = round(x / ln 2) is then >= -127, and n = -127
+// gives 2^n the bit pattern 0, so exp is 0 below about -87.7 (and 2^n r^2 P(r)
+// vanishes from expm1 - x) with no compare and blend.
+constexpr float kMinArg = -88.0f;
 constexpr float kMaxArg = 88.72283935546875f;  // ln(FLT_MAX): above it, inf
 constexpr float kMaxN = 127.0f;                // largest n with 2^n finite
 // Adding 1.5*2^23 rounds to an integer in the low mantissa bits; the +127 there
@@ -87,9 +90,11 @@ enum class Exp { kExp, kExpm1MinusX };
 // exp(x) (kNonPositive: for x <= 0 only, which skips the overflow handling), or
 // expm1(x) - x = 2^n r^2 P(r) + (2^n r + 2^n - 1 - x): for |x| < ln2/2, n = 0 and
 // r = x, so it is r^2 P(r) with no cancellation (a KL term of close variances).
-// Relative error ~4e-7 (exp) and ~5e-7 (expm1 - x): a degree-6 polynomial for
-// exp(r) (1.2e-7), evaluated Estrin-style. These kernels are bound by their instruction
-// count, so each operation here is one the result needs.
+// exp(r) = 1 + r + r^2 P(r), P a near-minimax fit of the relative error, Estrin-style:
+// degree 3 for exp (1.0e-7 on the reduced range, <= 4e-7 overall, with the ln 2
+// rounding) and degree 4 for expm1 - x, whose relative error is P's own (~5e-7).
+// These kernels are bound by their instruction count, so each operation here is
+// one the result needs.
 template <Exp kWhat, bool kNonPositive>
 inline __m256 exp_impl(__m256 x) {
   constexpr bool kExpm1 = kWhat == Exp::kExpm1MinusX;
@@ -103,15 +108,24 @@ inline __m256 exp_impl(__m256 x) {
   const __m256 n = _mm256_sub_ps(k, _mm256_set1_ps(kShifter));
   const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), x_low);
   const __m256 pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23));
-  // exp(r) = 1 + r + r^2 P(r), P(r) = (c0 + c1 r) + r^2 ((c2 + c3 r) + r^2 c4):
-  // a fit for the relative error of P (so also of expm1(r) - r = r^2 P(r)).
   const __m256 r2 = _mm256_mul_ps(r, r);
-  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(0.16666577756404877f), r,
-                                     _mm256_set1_ps(0.5f));
-  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(0.008363170549273491f), r,
-                                     _mm256_set1_ps(0.04166685417294502f));
-  const __m256 p24 = _mm256_fmadd_ps(_mm256_set1_ps(0.0013901293277740479f), r2, p23);
-  const __m256 p = _mm256_fmadd_ps(p24, r2, p01);
+  __m256 p;
+  if constexpr (kExpm1) {
+    // P(r) = (c0 + c1 r) + r^2 ((c2 + c3 r) + r^2 c4)
+    const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(0.16666577756404877f), r,
+                                       _mm256_set1_ps(0.5f));
+    const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(0.008363170549273491f), r,
+                                       _mm256_set1_ps(0.04166685417294502f));
+    const __m256 p24 = _mm256_fmadd_ps(_mm256_set1_ps(0.0013901293277740479f), r2, p23);
+    p = _mm256_fmadd_ps(p24, r2, p01);
+  } else {
+    // P(r) = (c0 + c1 r) + r^2 (c2 + c3 r)
+    const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(0.16667114431416602f), r,
+                                       _mm256_set1_ps(0.4999923169673017f));
+    const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(0.008312531095900045f), r,
+                                       _mm256_set1_ps(0.04189012369979417f));
+    p = _mm256_fmadd_ps(p23, r2, p01);
+  }
   __m256 result;
   if constexpr (kExpm1) {
     const __m256 low = _mm256_sub_ps(_mm256_sub_ps(pow2n, _mm256_set1_ps(1.0f)), x);
@@ -120,10 +134,7 @@ inline __m256 exp_impl(__m256 x) {
     const __m256 exp_r = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     result = _mm256_mul_ps(exp_r, pow2n);
   }
-  // Below kMinArg: 0 (exp) or -1 - x (expm1 - x); above kMaxArg: +inf. NaN
-  // compares false.
-  const __m256 below = kExpm1 ? _mm256_sub_ps(_mm256_set1_ps(-1.0f), x) : _mm256_setzero_ps();
-  result = _mm256_blendv_ps(result, below, _mm256_cmp_ps(x, _mm256_set1_ps(kMinArg), _CMP_LT_OQ));
+  // Above kMaxArg: +inf. (NaN compares false, and has propagated.)
   if constexpr (!kNonPositive) {
     result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY),
                               _mm256_cmp_ps(x, _mm256_set1_ps(kMaxArg), _CMP_GT_OQ));
@@ -177,11 +188,14 @@ inline Vec expm1_minus_x(const Vec& x) {
   return Vec::blendv(x.expm1() - x, series * x * x, x.abs() < Vec(cutoff));
 }
 
-// log1p(e) for e in [0, 1]. float: e * P(e), P a degree-8 Chebyshev fit of
-// log1p(e)/e on [0, 1] (max relative error 2.3e-7), in Estrin's scheme, instead
-// of Sleef's log1p which alone doubled the kernel's time.
+// softplus(l) = max(l, 0) + log1p(e), from e = exp(-|l|) in [0, 1]: exact at both
+// tails (no exp(l) overflows, and log1p(e) keeps its relative precision for tiny e).
+// float: log1p(e) = e * P(e), P a degree-8 Chebyshev fit of log1p(e)/e on [0, 1]
+// (max relative error 2.3e-7), in Estrin's scheme, instead of Sleef's log1p which
+// alone doubled the kernel's time; its last step adds max(l, 0) in the same fma.
 template <typename Vec>
-inline Vec log1p_unit(const Vec& e) {
+inline Vec softplus_from_exp(const Vec& l, const Vec& e) {
+  const Vec relu = at::vec::maximum(l, Vec(0));
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
     using at::vec::fmadd;
     const Vec e2 = e * e;
@@ -192,9 +206,9 @@ inline Vec log1p_unit(const Vec& e) {
     const Vec p67 = fmadd(Vec(-0.029074065387248993f), e, Vec(0.0775160863995552f));
     const Vec p03 = fmadd(p23, e2, p01);
     const Vec p48 = fmadd(Vec(0.005126102361828089f), e4, fmadd(p67, e2, p45));
-    return fmadd(p48, e4, p03) * e;
+    return fmadd(fmadd(p48, e4, p03), e, relu);
   } else {
-    return e.log1p();
+    return relu + e.log1p();
   }
 }
 
