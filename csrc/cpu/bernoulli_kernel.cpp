@@ -11,7 +11,37 @@ namespace vae_fast::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// The outputs wanted are template flags, so the hot loop carries no dead work.
+// Columns [j, j + n) of one row (n is the vector width but at the row's tail): adds
+// x*l - softplus(l) to `sum` and writes the gradients d/dl = x - sigmoid(l) and
+// d/dx = l, times `weight`. The outputs wanted are template flags, so the hot loop
+// carries no dead work; the pointers are parameters, not captures, so that the
+// compiler keeps them in registers across the (may-alias) vector stores.
+template <typename scalar_t, bool kLogProb, bool kGradLogits, bool kGradX>
+inline void bernoulli_columns(const scalar_t* x, const scalar_t* logits, scalar_t* grad_x,
+                              scalar_t* grad_logits, int64_t j, int64_t n,
+                              const OpVec<scalar_t>& weight, OpVec<scalar_t>& sum) {
+  using Vec = OpVec<scalar_t>;
+  const Vec xv = load_n(x + j, n);
+  const Vec l = load_n(logits + j, n);
+  // e = exp(-|l|) is in (0, 1]: exp never overflows, even at |l| = 1e4.
+  // (-|l| is l with its sign bit set: one instruction.)
+  const Vec e = exp_nonpositive(l | Vec(-0.0));
+  if constexpr (kLogProb) {
+    sum += keep_first(at::vec::fmsub(xv, l, softplus_from_exp(l, e)), n);
+  }
+  if constexpr (kGradLogits) {
+    // x - sigmoid(l) from the same e, t = e/(1+e): x - t for l < 0 and
+    // (x - 1) + t for l >= 0, so the gradient is exactly 0 at saturation
+    // (1 - t is never formed, and an approximate 1/(1+e) cannot leak in).
+    const Vec t = e * reciprocal_1_2(Vec(1) + e);
+    const Vec residual = Vec::blendv(xv - t, (xv - Vec(1)) + t, l >= Vec(0));
+    store_n(grad_logits + j, residual * weight, n);
+  }
+  if constexpr (kGradX) {
+    store_n(grad_x + j, l * weight, n);
+  }
+}
+
 template <typename scalar_t, bool kLogProb, bool kGradLogits, bool kGradX>
 void bernoulli_rows(const BernoulliArgs& a) {
   using opmath = opmath_t<scalar_t>;
@@ -29,30 +59,18 @@ void bernoulli_rows(const BernoulliArgs& a) {
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
-      const scalar_t* xr = x + r * cols;
-      const scalar_t* lr = logits + r * cols;
+      const int64_t off = r * cols;
+      scalar_t* grad_x_row = kGradX ? grad_x + off : nullptr;
+      scalar_t* grad_logits_row = kGradLogits ? grad_logits + off : nullptr;
       Vec sum(0);
-      for (int64_t j = 0; j < cols; j += W) {
-        const int64_t n = std::min<int64_t>(W, cols - j);
-        const Vec xv = load_n(xr + j, n);
-        const Vec l = load_n(lr + j, n);
-        // e = exp(-|l|) is in (0, 1]: exp never overflows, even at |l| = 1e4.
-        // (-|l| is l with its sign bit set: one instruction.)
-        const Vec e = exp_nonpositive(l | Vec(-0.0));
-        if constexpr (kLogProb) {
-          sum += keep_first(at::vec::fmsub(xv, l, softplus_from_exp(l, e)), n);
-        }
-        if constexpr (kGradLogits) {
-          // x - sigmoid(l) from the same e, t = e/(1+e): x - t for l < 0 and
-          // (x - 1) + t for l >= 0, so the gradient is exactly 0 at saturation
-          // (1 - t is never formed, and an approximate 1/(1+e) cannot leak in).
-          const Vec t = e * reciprocal_1_2(Vec(1) + e);
-          const Vec residual = Vec::blendv(xv - t, (xv - Vec(1)) + t, l >= Vec(0));
-          store_n(grad_logits + r * cols + j, residual * weight, n);
-        }
-        if constexpr (kGradX) {
-          store_n(grad_x + r * cols + j, l * weight, n);
-        }
+      int64_t j = 0;
+      for (; j + W <= cols; j += W) {
+        bernoulli_columns<scalar_t, kLogProb, kGradLogits, kGradX>(
+            x + off, logits + off, grad_x_row, grad_logits_row, j, W, weight, sum);
+      }
+      if (j < cols) {
+        bernoulli_columns<scalar_t, kLogProb, kGradLogits, kGradX>(
+            x + off, logits + off, grad_x_row, grad_logits_row, j, cols - j, weight, sum);
       }
       if constexpr (kLogProb) {
         log_prob[r] = static_cast<scalar_t>(horizontal_sum(sum));

@@ -188,6 +188,16 @@ inline Vec expm1_minus_x(const Vec& x) {
   return Vec::blendv(x.expm1() - x, series * x * x, x.abs() < Vec(cutoff));
 }
 
+// max(v, 0), NaN staying NaN: AVX2 float in one instruction (maxps returns its
+// second operand when either is NaN), where at::vec::maximum takes three.
+template <typename Vec>
+inline Vec relu_keep_nan(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return _mm256_max_ps(_mm256_setzero_ps(), v);
+#endif
+  return at::vec::maximum(v, Vec(0));
+}
+
 // softplus(l) = max(l, 0) + log1p(e), from e = exp(-|l|) in [0, 1]: exact at both
 // tails (no exp(l) overflows, and log1p(e) keeps its relative precision for tiny e).
 // float: log1p(e) = e * P(e), P a degree-8 Chebyshev fit of log1p(e)/e on [0, 1]
@@ -195,7 +205,7 @@ inline Vec expm1_minus_x(const Vec& x) {
 // alone doubled the kernel's time; its last step adds max(l, 0) in the same fma.
 template <typename Vec>
 inline Vec softplus_from_exp(const Vec& l, const Vec& e) {
-  const Vec relu = at::vec::maximum(l, Vec(0));
+  const Vec relu = relu_keep_nan(l);
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
     using at::vec::fmadd;
     const Vec e2 = e * e;
