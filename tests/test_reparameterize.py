@@ -1,14 +1,18 @@
 """vae_fast.reparameterize: z = mu + exp(logvar/2) * eps with eps from torch's generator.
 
-eps is drawn as ``torch.randn(shape, dtype=opmath)`` would draw it (opmath is float32
-for half inputs), so re-seeding and calling torch.randn recovers it exactly; the
-tests use that to check values and gradients element by element.
+eps is a Philox stream keyed by the generator (on CPU by one 64-bit draw from it, on
+CUDA by its seed and offset), in the accumulation dtype (float32 for half inputs). It
+depends on the generator's state, the shape and the dtype only, so re-seeding and
+calling the op on any inputs of that shape recovers it: the tests use that to check
+values and gradients element by element. On CPU the stream itself is checked
+against a NumPy Philox4x32-10 and Box-Muller written from the paper.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -36,10 +40,15 @@ def out_shape(shape, num_samples):
     return tuple(shape) if num_samples is None else (num_samples, *shape)
 
 
-def draw_eps(shape, dtype, device, num_samples=None, seed=SEED):
-    """The eps a call on `dtype` inputs made right after ``torch.manual_seed(seed)`` uses."""
-    torch.manual_seed(seed)
-    return torch.randn(out_shape(shape, num_samples), dtype=opmath(dtype), device=device)
+def draw_eps(shape, dtype, device, num_samples=None, seed=SEED, generator=None):
+    """The eps a call on `dtype` inputs of `shape` made right after
+    ``torch.manual_seed(seed)`` (or with `generator`) used: the op returns it."""
+    if generator is None:
+        torch.manual_seed(seed)
+    zeros = torch.zeros(shape, dtype=dtype, device=device)
+    _, eps = torch.ops.vae_fast.reparameterize(zeros, zeros, num_samples, generator=generator)
+    assert eps.dtype == opmath(dtype)
+    return eps
 
 
 def seeded_op(mu, logvar, num_samples=None):
@@ -237,16 +246,23 @@ def test_manual_seed_reproduces(device, dtype, num_samples, gen):
     ins = inputs((6, 35), dtype, device, gen, grad=(False, False))
     torch.manual_seed(SEED)
     a = op(**ins, num_samples=num_samples)
-    after_a = torch.rand(4, device=device)  # the generator advanced exactly as torch.randn's
     torch.manual_seed(SEED)
     b = op(**ins, num_samples=num_samples)
     assert torch.equal(a, b)
     c = op(**ins, num_samples=num_samples)  # the next call draws new eps
     assert not torch.equal(a, c)
+    assert_z(a, ins["mu"], ins["logvar"], draw_eps((6, 35), dtype, device, num_samples))
+
+
+def test_cpu_call_takes_one_64_bit_draw():
+    # The CPU op keys its stream with one random64() of the generator, whatever the
+    # size: the generator then continues exactly as after any other such draw.
     torch.manual_seed(SEED)
-    eps = torch.randn(out_shape((6, 35), num_samples), dtype=opmath(dtype), device=device)
-    assert torch.equal(torch.rand(4, device=device), after_a)
-    assert_z(a, ins["mu"], ins["logvar"], eps)
+    op(torch.zeros(300, 7), torch.zeros(300, 7), num_samples=3)
+    after_op = torch.get_rng_state()
+    torch.manual_seed(SEED)
+    _philox_key(torch.default_generator)
+    assert torch.equal(torch.get_rng_state(), after_op)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -264,13 +280,7 @@ def test_generator_reproduces(device, dtype, gen):
     assert torch.equal(op(**ins, generator=g2), b)
     # the default generator is untouched by a call with its own generator
     assert torch.equal(rng_state(), default_state)
-    # and eps is what torch.randn draws from that generator
-    eps = torch.randn(
-        (6, 35),
-        dtype=dtype,
-        device=device,
-        generator=torch.Generator(device=device).manual_seed(99),
-    )
+    eps = draw_eps((6, 35), dtype, device, generator=torch.Generator(device=device).manual_seed(99))
     assert_z(a, ins["mu"], ins["logvar"], eps)
 
 
@@ -283,6 +293,101 @@ def test_generator_state_restores(device, gen):
     a = op(**ins, num_samples=3, generator=g)
     g.set_state(state)
     assert torch.equal(op(**ins, num_samples=3, generator=g), a)
+
+
+# --------------------------------------------------------------------------- the CPU stream
+
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def _philox4x32(counter, key):
+    """Philox4x32-10 (Salmon et al., SC'11) of uint64 arrays of 32-bit words."""
+    c = [np.asarray(w, dtype=np.uint64) for w in counter]
+    k0, k1 = (np.uint64(w) for w in key)
+    for _ in range(10):
+        p0, p1 = np.uint64(_PHILOX_M[0]) * c[0], np.uint64(_PHILOX_M[1]) * c[2]
+        c = [
+            (p1 >> np.uint64(32)) ^ c[1] ^ k0,
+            p1 & _MASK32,
+            (p0 >> np.uint64(32)) ^ c[3] ^ k1,
+            p0 & _MASK32,
+        ]
+        k0, k1 = (k0 + np.uint64(_PHILOX_W[0])) & _MASK32, (k1 + np.uint64(_PHILOX_W[1])) & _MASK32
+    return c
+
+
+def _philox_key(generator: torch.Generator) -> int:
+    # The CPU generator's next random64(): randint over the full int64 range takes
+    # exactly one and returns it shifted by -2**63.
+    return (int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator)) + 2**63) % 2**64
+
+
+def _philox_normals(key: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first n normals of the CPU stream (csrc/cpu/normal_kernel.cpp), in float64:
+    block b of 8 counters 8b + l fills out[per_block*b + 8m + l]; Box-Muller on 24-bit
+    (float) or 53-bit (double) uniforms."""
+    per_block = 32 if dtype == torch.float32 else 16
+    blocks = -(-n // per_block)
+    counter = np.arange(8 * blocks, dtype=np.uint64)
+    zeros = np.zeros_like(counter)
+    w = _philox4x32([counter & _MASK32, counter >> np.uint64(32), zeros, zeros],
+                    (key & 0xFFFFFFFF, key >> 32))
+    if dtype == torch.float32:
+        bits = [(wi >> np.uint64(8)).astype(np.float64) for wi in w]
+        pairs, scale = [(bits[0], bits[1]), (bits[2], bits[3])], 2.0**-24
+    else:
+        joined = [((w[0] << np.uint64(32)) | w[1]) >> np.uint64(11),
+                  ((w[2] << np.uint64(32)) | w[3]) >> np.uint64(11)]
+        pairs, scale = [tuple(j.astype(np.float64) for j in joined)], 2.0**-53
+    normals = []
+    for u_bits, angle_bits in pairs:
+        radius = np.sqrt(-2.0 * np.log((u_bits + 1.0) * scale))
+        angle = angle_bits * scale * 2.0 * math.pi
+        normals += [radius * np.cos(angle), radius * np.sin(angle)]
+    out = np.stack([m.reshape(blocks, 8) for m in normals], axis=1)  # (block, m, lane)
+    return torch.from_numpy(out.reshape(-1)[:n].copy())
+
+
+def test_philox_reference_known_answers():
+    # Random123's known-answer vectors for philox4x32-10, for the reference above.
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for counter, key, want in cases:
+        assert tuple(int(w) for w in _philox4x32(counter, key)) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1,), (5, 7), (33,), (3, 1000), (70001,)])
+@pytest.mark.parametrize("num_samples", [None, 3])
+def test_cpu_stream_is_philox_box_muller(dtype, shape, num_samples):
+    # eps, over every tail length of a block and across parallel tasks, is the
+    # reference stream of the key the generator gives (float: up to the rounding of
+    # float32 log/sincos; double: to the last bits).
+    eps = draw_eps(shape, dtype, "cpu", num_samples, generator=torch.Generator().manual_seed(3))
+    want = _philox_normals(_philox_key(torch.Generator().manual_seed(3)), eps.numel(), eps.dtype)
+    tol = 1e-12 if eps.dtype == torch.float64 else 4e-6
+    torch.testing.assert_close(eps.double().flatten(), want, rtol=tol, atol=tol)
+
+
+def test_cpu_draw_is_the_same_for_any_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        draws = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            draws.append(draw_eps((400, 1001), torch.float32, "cpu", num_samples=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(d, draws[0]) for d in draws[1:])
 
 
 # --------------------------------------------------------------------------- bad input

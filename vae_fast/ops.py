@@ -147,9 +147,13 @@ def reparameterize(
 ) -> torch.Tensor:
     """A reparameterized sample z = mu + exp(logvar/2) * eps, eps ~ N(0, 1).
 
-    eps is drawn from torch's generator (the default one, so ``torch.manual_seed``
-    reproduces a draw, or `generator`). Backward uses eps exactly:
-    dz/dmu = 1 and dz/dlogvar = 0.5*sigma*eps, even where sigma << |mu|.
+    eps is a counter-based Philox4x32-10 stream keyed by torch's generator (the
+    default one, so ``torch.manual_seed`` reproduces a draw, or `generator`; a
+    restored generator state replays one). On CPU the key is one 64-bit draw from
+    the generator and all cores draw at once, with the same result for any thread
+    count; on CUDA it is the generator's seed and offset, as torch's own kernels use.
+    It is not ``torch.randn``'s sequence (nor the reference backend's). Backward uses
+    eps exactly: dz/dmu = 1 and dz/dlogvar = 0.5*sigma*eps, even where sigma << |mu|.
 
     Args:
         mu, logvar: shape (B, ...), equal shapes.

@@ -77,7 +77,11 @@ def reparameterize(
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """mu + exp(logvar/2) * eps with eps ~ N(0, 1); shape (num_samples, *mu.shape) if given."""
+    """mu + exp(logvar/2) * eps with eps ~ N(0, 1); shape (num_samples, *mu.shape) if given.
+
+    eps is ``torch.randn``'s draw, so it differs from the fused op's Philox stream
+    under the same seed; both are N(0, 1).
+    """
     V.check_reparameterize(mu, logvar, num_samples)
     muf, lvf = _opmath(mu, logvar)
     shape = mu.shape if num_samples is None else (num_samples, *mu.shape)

@@ -43,6 +43,11 @@ struct KLArgs {
   double scale = 1.0;
 };
 
+struct NormalArgs {
+  at::Tensor out;    // out, contiguous float or double: standard normals
+  uint64_t key = 0;  // the Philox key (see normal_kernel.cpp for the stream)
+};
+
 struct ReparameterizeArgs {
   at::Tensor mu, logvar;  // (n)
   at::Tensor eps;         // (samples, n), in opmath dtype
@@ -61,6 +66,7 @@ struct ReparameterizeBackwardArgs {
   void bernoulli_kernel(const BernoulliArgs& args);                      \
   void gaussian_kernel(const GaussianArgs& args);                        \
   void kl_kernel(const KLArgs& args);                                    \
+  void normal_kernel(const NormalArgs& args);                            \
   void reparameterize_kernel(const ReparameterizeArgs& args);            \
   void reparameterize_backward_kernel(const ReparameterizeBackwardArgs& args); \
   }

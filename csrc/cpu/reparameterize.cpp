@@ -1,8 +1,14 @@
-// vae_fast::reparameterize and its backward on CPU. eps is drawn with
-// Tensor::normal_ from torch's CPU generator (the default one unless `generator`
-// is given), the very draw torch.randn makes, so torch.manual_seed reproduces it.
+// vae_fast::reparameterize and its backward on CPU. eps comes from a Philox stream
+// (normal_kernel.cpp) keyed by one 64-bit draw from torch's CPU generator (the
+// default one unless `generator` is given), as torch's CUDA kernels key theirs: so
+// torch.manual_seed, `generator=` and a restored generator state reproduce a draw,
+// every call advances the generator, and all cores draw at once (torch's own CPU
+// normal_ is one sequential Mersenne Twister stream).
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
+
+#include <mutex>
 
 #include "common/op_checks.h"
 #include "common/layout.h"
@@ -12,6 +18,13 @@
 namespace vae_fast::cpu {
 namespace {
 
+uint64_t draw_philox_key(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->random64();
+}
+
 std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at::Tensor& logvar,
                                                   std::optional<int64_t> num_samples,
                                                   std::optional<at::Generator> generator) {
@@ -20,7 +33,10 @@ std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at
   if (num_samples) shape.insert(shape.begin(), *num_samples);
   // eps in the accumulation dtype: float32 draws for half inputs, kept for backward.
   at::Tensor eps = at::empty(shape, mu.options().dtype(opmath_type(mu.scalar_type())));
-  eps.normal_(0.0, 1.0, generator);
+  NormalArgs normal;
+  normal.out = eps;
+  normal.key = draw_philox_key(generator);  // drawn even for an empty eps: one per call
+  if (eps.numel() > 0) VAE_FAST_CPU_DISPATCH(normal_kernel, normal);
   at::Tensor z = at::empty(shape, mu.options());
   if (mu.numel() == 0) return {z, eps};
   const int64_t n = mu.numel();

@@ -15,9 +15,10 @@
 //
 // eps is returned (and saved for backward by vae_fast/ops.py) rather than
 // regenerated from the seed and offset in backward. That keeps one schema across
-// devices (the CPU kernel draws with normal_ and has no offset to replay), and eps
-// is the size of z (B x Z, small next to the decoder's B x D), so the saved bytes
-// and the extra write cost little.
+// devices (the CPU kernel keys its own Philox stream with a 64-bit draw from the
+// CPU generator, which has no offset to replay), and eps is the size of z (B x Z,
+// small next to the decoder's B x D), so the saved bytes and the extra write cost
+// little.
 
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
