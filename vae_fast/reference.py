@@ -12,6 +12,7 @@ import math
 import torch
 
 from vae_fast import _validate as V
+from vae_fast._random import standard_normal
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -79,13 +80,12 @@ def reparameterize(
 ) -> torch.Tensor:
     """mu + exp(logvar/2) * eps with eps ~ N(0, 1); shape (num_samples, *mu.shape) if given.
 
-    eps is ``torch.randn``'s draw, so it differs from the fused op's Philox stream
-    under the same seed; both are N(0, 1).
+    eps is the fused op's own draw when the compiled extension is built for the
+    device (so both backends agree under the same seed), torch.randn's otherwise.
     """
     V.check_reparameterize(mu, logvar, num_samples)
     muf, lvf = _opmath(mu, logvar)
-    shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
-    eps = torch.randn(shape, dtype=muf.dtype, device=mu.device, generator=generator)
+    eps = standard_normal(mu, num_samples, generator)
     return (muf + torch.exp(0.5 * lvf) * eps).to(mu.dtype)
 
 
