@@ -398,15 +398,23 @@ def _backward_kl(ctx, grad):
 
 
 def _setup_reparameterize(ctx, inputs, keyword_only_inputs, output):
-    _, logvar, *_ = inputs
+    _, logvar, num_samples = inputs
     _, eps = output
     ctx.save_for_backward(logvar, eps)
     ctx.mark_non_differentiable(eps)
+    ctx.one_sample = num_samples is None
 
 
 def _backward_reparameterize(ctx, grad_z, grad_eps):
     logvar, eps = ctx.saved_tensors
-    gm, glv = _ops._reparameterize_backward(grad_z, logvar, eps, list(ctx.needs_input_grad[:2]))
+    needs_mu, needs_logvar = ctx.needs_input_grad[:2]
+    # One sample: dz/dmu = 1, so grad_z itself is mu's gradient (no copy is written).
+    mask = [needs_mu and not ctx.one_sample, needs_logvar]
+    gm = glv = None
+    if any(mask):
+        gm, glv = _ops._reparameterize_backward(grad_z, logvar, eps, mask)
+    if ctx.one_sample:
+        gm = grad_z
     return (*_wanted((gm, glv), ctx.needs_input_grad), None)
 
 
