@@ -541,10 +541,10 @@ def test_deterministic(likelihood, gen):
 
 
 def test_large_gradient_buffers(gen):
-    # Gradients of 8 MiB and more come from a separate (huge-page) allocation path on
+    # Gradients of 32 MiB and more come from a separate (huge-page) allocation path on
     # CPU: check them against the reference, use them as ordinary tensors (in-place
     # updates, accumulation), and reallocate them a few times.
-    B, D = 1024, 2100  # a float32 gradient of 8.6 MB
+    B, D = 2048, 4100  # a float32 gradient of 33.6 MB
     likelihood = "bernoulli"  # the allocation is shared by every kernel that writes one
     ins = inputs((B, D), (B, 8), torch.float32, "cpu", gen, likelihood=likelihood)
     with vae_fast.backend("reference"):

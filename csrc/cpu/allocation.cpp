@@ -18,7 +18,7 @@ namespace vae_fast::cpu {
 namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
-constexpr size_t kHugeThreshold = size_t{8} << 20;
+constexpr size_t kHugeThreshold = size_t{32} << 20;
 
 // The block's size travels with its DataPtr so that freeing it can be reported
 // to torch's profiler (memory profiles and benchmarks see these allocations).
