@@ -669,3 +669,51 @@ def test_autocast(dtype):
     for a, b in zip((*got, got_b), (*want, vae_fast.bernoulli_log_prob(x.float(), recon.float()))):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- eager route
+
+
+# Each public call with its op's arguments: (public function, op name, op arguments).
+def _routes(device):
+    x, x01 = _t((5, 9), device), _x01((5, 9), device)
+    a, b = _t((5, 9), device, grad=True, seed=1), _t((5, 9), device, grad=True, seed=2)
+    mu, lv = _t((5, 3), device, grad=True, seed=3), _t((5, 3), device, grad=True, seed=4)
+    obs = _t((9,), device, grad=True, seed=5)
+    return {
+        "bernoulli_log_prob": (lambda: vae_fast.bernoulli_log_prob(x01, a), (x01, a, 1)),
+        "gaussian_log_prob": (lambda: vae_fast.gaussian_log_prob(x, a, obs), (x, a, obs, 1)),
+        "gaussian_kl": (
+            lambda: vae_fast.gaussian_kl(mu, lv, a[:, :3], b[:, :3]),
+            (mu, lv, a[:, :3], b[:, :3], 1),
+        ),
+        "reparameterize": (lambda: vae_fast.reparameterize(mu, lv, num_samples=2), (mu, lv, 2)),
+        "elbo": (
+            lambda: vae_fast.elbo(x, a, mu, lv, likelihood="gaussian", obs_logvar=obs)[0],
+            (x, a, mu, lv, obs, "gaussian", 1.0, "mean", True),
+        ),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "name", ["bernoulli_log_prob", "gaussian_log_prob", "gaussian_kl", "reparameterize", "elbo"]
+)
+def test_eager_route_equals_registered_autograd(device, name):
+    # In eager mode the public functions bypass torch.library's autograd wrapper with
+    # an autograd.Function built from the same setup_context and backward: values and
+    # gradients must be the very ones of the op called through its registered autograd.
+    public, args = _routes(device)[name]
+    leaves = [t for t in args if isinstance(t, torch.Tensor) and t.is_leaf and t.requires_grad]
+    torch.manual_seed(0)
+    via_public = public()
+    grads_public = torch.autograd.grad(via_public.sum() * 1.5, leaves)
+    torch.manual_seed(0)
+    via_op = getattr(ops, name)(*args)
+    if isinstance(via_op, (tuple, list)):  # (z, eps) and elbo's (loss, ..., gradients)
+        via_op = via_op[0]
+    grads_op = torch.autograd.grad(via_op.sum() * 1.5, leaves)
+    assert "EagerFunction" in type(via_public.grad_fn).__name__
+    assert torch.equal(via_public, via_op)
+    for g_public, g_op in zip(grads_public, grads_op):
+        assert torch.equal(g_public, g_op)

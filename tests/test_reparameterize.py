@@ -332,14 +332,17 @@ def _philox_normals(key: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     blocks = -(-n // per_block)
     counter = np.arange(8 * blocks, dtype=np.uint64)
     zeros = np.zeros_like(counter)
-    w = _philox4x32([counter & _MASK32, counter >> np.uint64(32), zeros, zeros],
-                    (key & 0xFFFFFFFF, key >> 32))
+    w = _philox4x32(
+        [counter & _MASK32, counter >> np.uint64(32), zeros, zeros], (key & 0xFFFFFFFF, key >> 32)
+    )
     if dtype == torch.float32:
         bits = [(wi >> np.uint64(8)).astype(np.float64) for wi in w]
         pairs, scale = [(bits[0], bits[1]), (bits[2], bits[3])], 2.0**-24
     else:
-        joined = [((w[0] << np.uint64(32)) | w[1]) >> np.uint64(11),
-                  ((w[2] << np.uint64(32)) | w[3]) >> np.uint64(11)]
+        joined = [
+            ((w[0] << np.uint64(32)) | w[1]) >> np.uint64(11),
+            ((w[2] << np.uint64(32)) | w[3]) >> np.uint64(11),
+        ]
         pairs, scale = [tuple(j.astype(np.float64) for j in joined)], 2.0**-53
     normals = []
     for u_bits, angle_bits in pairs:
