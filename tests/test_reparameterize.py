@@ -423,3 +423,27 @@ def test_mixed_dtypes():
 def test_mixed_devices():
     with pytest.raises(ValueError, match=r"`logvar` is on cuda:0 but `mu` is on cpu"):
         op(torch.zeros(3, 4), torch.zeros(3, 4, device="cuda"))
+
+
+# --------------------------------------------------------------------------- the reference backend
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_backend_takes_the_same_draw(device, gen):
+    # Both backends give the same z under one seed (the reference takes the fused op's
+    # eps), and without kernels for the device the reference falls back to torch.randn.
+    ins = inputs((6, 35), torch.float32, device, gen, grad=(False, False))
+    fused = op(**ins, num_samples=2, generator=torch.Generator(device=device).manual_seed(4))
+    with vae_fast.backend("reference"):
+        same = op(**ins, num_samples=2, generator=torch.Generator(device=device).manual_seed(4))
+    torch.testing.assert_close(same, fused, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_backend_without_kernels_draws_with_randn(monkeypatch, gen):
+    from vae_fast import _random
+
+    monkeypatch.setattr(_random, "_fused_op_runs_on", lambda device: False)
+    mu, logvar = torch.zeros(6, 35), torch.zeros(6, 35)
+    with vae_fast.backend("reference"):
+        z = op(mu, logvar, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(z, torch.randn(6, 35, generator=torch.Generator().manual_seed(4)))
