@@ -540,17 +540,8 @@ def _register_autograd() -> None:
         "_reparameterize_backward",
     ):
         torch.library.register_autograd(f"vae_fast::{name}", _no_double_backward(name))
-    torch.library.register_autograd(
-        "vae_fast::bernoulli_log_prob", _backward_bernoulli, setup_context=_setup_bernoulli
-    )
-    torch.library.register_autograd(
-        "vae_fast::gaussian_log_prob", _backward_gaussian, setup_context=_setup_gaussian
-    )
-    torch.library.register_autograd("vae_fast::gaussian_kl", _backward_kl, setup_context=_setup_kl)
-    torch.library.register_autograd(
-        "vae_fast::reparameterize", _backward_reparameterize, setup_context=_setup_reparameterize
-    )
-    torch.library.register_autograd("vae_fast::elbo", _backward_elbo, setup_context=_setup_elbo)
+    # Each op's autograd, registered with torch.library (compiled code, torch.ops
+    # calls) and built into the Function that eager calls use (`_call`).
     for name, setup, backward, keyword_only in (
         ("bernoulli_log_prob", _setup_bernoulli, _backward_bernoulli, ()),
         ("gaussian_log_prob", _setup_gaussian, _backward_gaussian, ()),
@@ -558,8 +549,9 @@ def _register_autograd() -> None:
         ("reparameterize", _setup_reparameterize, _backward_reparameterize, ("generator",)),
         ("elbo", _setup_elbo, _backward_elbo, ()),
     ):
+        torch.library.register_autograd(f"vae_fast::{name}", backward, setup_context=setup)
         _EAGER[name] = _eager_function(getattr(_ops, name), setup, backward, keyword_only)
-    # Under autocast     the losses run in float32, as torch's own losses do.
+    # Under autocast the losses run in float32, as torch's own losses do.
     for _name in ("bernoulli_log_prob", "gaussian_log_prob", "gaussian_kl", "elbo"):
         for _device in ("cpu", "cuda"):
             torch.library.register_autocast(f"vae_fast::{_name}", _device, torch.float32)
