@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from vae_fast import _validate as V
+
 
 def _fused_op_runs_on(device: torch.device) -> bool:
     try:
@@ -32,5 +34,4 @@ def standard_normal(
         _, eps = torch.ops.vae_fast.reparameterize(zeros, zeros, num_samples, generator=generator)
         return eps
     shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
-    dtype = torch.float32 if mu.dtype in (torch.float16, torch.bfloat16) else mu.dtype
-    return torch.randn(shape, dtype=dtype, device=mu.device, generator=generator)
+    return torch.randn(shape, dtype=V.opmath_dtype(mu.dtype), device=mu.device, generator=generator)

@@ -16,6 +16,11 @@ REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute and accumulate in: float32 for half inputs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def check_tensors(fn: str, **tensors: torch.Tensor | None) -> None:
     """Tensors (None skipped) must be floating, of one dtype and on one device."""
     first_name, first = None, None

@@ -34,9 +34,6 @@ def _require_extension() -> None:
         )
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _empty_grad(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
@@ -313,13 +310,10 @@ def _register_fake_kernels() -> None:
             for m, t in zip(output_mask, like)
         )
 
-    def _eps_dtype(dtype: torch.dtype) -> torch.dtype:
-        return torch.float32 if dtype in _HALF else dtype
-
     @torch.library.register_fake("vae_fast::reparameterize")
     def _(mu, logvar, num_samples=None, *, generator=None):
         shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
-        return mu.new_empty(shape), mu.new_empty(shape, dtype=_eps_dtype(mu.dtype))
+        return mu.new_empty(shape), mu.new_empty(shape, dtype=V.opmath_dtype(mu.dtype))
 
     @torch.library.register_fake("vae_fast::_reparameterize_backward")
     def _(grad_z, logvar, eps, output_mask):
@@ -448,7 +442,7 @@ def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
     # General case (per-sample weights from reduction="none" or from gradients of the
     # returned log_likelihood / kl): one backward pass per term with per-row weights.
     batch = x.shape[0]
-    opmath = torch.float32 if x.dtype in _HALF else x.dtype
+    opmath = V.opmath_dtype(x.dtype)
     row_loss = x.new_zeros((batch,), dtype=opmath)
     if grad_loss is not None:
         scale = 1.0 / max(batch, 1) if ctx.reduction == "mean" else 1.0

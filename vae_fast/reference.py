@@ -18,10 +18,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _opmath(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    return [
-        t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
-        for t in tensors
-    ]
+    return [t.to(V.opmath_dtype(t.dtype)) if t is not None else t for t in tensors]
 
 
 def _sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:
