@@ -46,9 +46,11 @@ TORCH_LIBRARY(vae_fast, m) {
   // per-sample log-likelihood and KL and, when compute_grad, the gradient of
   // `loss` w.r.t. recon, obs_logvar, mu and logvar (for grad_output = 1), so that
   // backward only has to scale them. Gradients not computed are empty tensors.
+  // beta is a 0-d tensor (on the CPU, or on x's device), not a float: a value that
+  // changes every step (a KL warm-up) does not make torch.compile recompile.
   m.def(
       "elbo(Tensor x, Tensor recon, Tensor mu, Tensor logvar, Tensor? obs_logvar, "
-      "str likelihood, float beta, str reduction, bool compute_grad) -> (Tensor loss, "
+      "str likelihood, Tensor beta, str reduction, bool compute_grad) -> (Tensor loss, "
       "Tensor log_likelihood, Tensor kl, Tensor grad_recon, Tensor grad_obs_logvar, "
       "Tensor grad_mu, Tensor grad_logvar)");
   // elbo(..., inplace_grad=True): the same pass, with d(loss)/d(recon) written over
@@ -56,7 +58,7 @@ TORCH_LIBRARY(vae_fast, m) {
   // cross-entropy does the same with its logits).
   m.def(
       "_elbo_into_recon(Tensor x, Tensor(a!) recon, Tensor mu, Tensor logvar, "
-      "Tensor? obs_logvar, str likelihood, float beta, str reduction) -> (Tensor loss, "
+      "Tensor? obs_logvar, str likelihood, Tensor beta, str reduction) -> (Tensor loss, "
       "Tensor log_likelihood, Tensor kl, Tensor grad_obs_logvar, Tensor grad_mu, "
       "Tensor grad_logvar)");
 }

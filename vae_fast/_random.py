@@ -29,7 +29,8 @@ def standard_normal(
 ) -> torch.Tensor:
     """eps ~ N(0, 1) of shape mu.shape (or (num_samples, *mu.shape)) in the dtype the
     fused op accumulates in (float32 for half inputs), as the fused op draws it."""
-    if _fused_op_runs_on(mu.device):
+    # Inside torch.func transforms torch.randn follows vmap's randomness modes.
+    if _fused_op_runs_on(mu.device) and not torch._C._are_functorch_transforms_active():
         zeros = torch.zeros(mu.shape, dtype=mu.dtype, device=mu.device)
         _, eps = torch.ops.vae_fast.reparameterize(zeros, zeros, num_samples, generator=generator)
         return eps

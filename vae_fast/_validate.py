@@ -14,6 +14,7 @@ import torch
 LIKELIHOODS = ("bernoulli", "gaussian")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -165,11 +166,58 @@ def check_gaussian_kl(
     return resolve_event_dims(fn, mu, event_dims)
 
 
-def check_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, num_samples: int | None) -> None:
+def check_reparameterize(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    num_samples: int | None,
+    eps: torch.Tensor | None = None,
+) -> None:
     fn = "vae_fast.reparameterize"
     check_tensors(fn, mu=mu, logvar=logvar)
     check_same_shape(fn, "mu", mu, "logvar", logvar)
     check_num_samples(fn, num_samples)
+    if eps is None:
+        return
+    if not isinstance(eps, torch.Tensor) or eps.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: `eps` must be a floating torch.Tensor, got {_describe(eps)}")
+    shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
+    if tuple(eps.shape) != shape:
+        raise ValueError(
+            f"{fn}: `eps` has shape {tuple(eps.shape)}; expected z's shape {shape} "
+            f"(mu's shape{'' if num_samples is None else ', after num_samples'})"
+        )
+    if eps.device != mu.device:
+        raise ValueError(f"{fn}: `eps` is on {eps.device} but `mu` is on {mu.device}")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_beta(beta: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The KL weight as a 0-d tensor: a Python number (float64 on CPU, exact), or a 0-d
+    floating tensor as it is (so that it keeps its gradient and, changing every step,
+    does not make torch.compile recompile)."""
+    fn = "vae_fast.elbo"
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() != 0 or not beta.is_floating_point():
+            raise ValueError(
+                f"{fn}: `beta` must be a number or a 0-d floating tensor, got {_describe(beta)}"
+            )
+        if beta.device.type != "cpu" and beta.device != x.device:
+            raise ValueError(
+                f"{fn}: `beta` is on {beta.device}; expected the CPU or x's device {x.device}"
+            )
+        return beta
+    if isinstance(beta, (float, int, torch.SymFloat, torch.SymInt)) and not isinstance(beta, bool):
+        if torch.compiler.is_compiling():
+            # A product, not torch.tensor(beta): dynamo keeps a Python float that
+            # changes between calls symbolic here instead of specializing on it.
+            return torch.ones((), dtype=torch.float64) * beta
+        return torch.tensor(beta, dtype=torch.float64)
+    raise TypeError(f"{fn}: `beta` must be a number or a 0-d floating tensor, got {_describe(beta)}")
 
 
 _INPLACE_FN = "vae_fast.elbo(inplace_grad=True)"

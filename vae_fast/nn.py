@@ -142,7 +142,9 @@ class ELBOLoss(nn.Module):
             raise ValueError("obs_logvar='feature' needs the event_shape of one data row")
         self.likelihood = likelihood
         self.obs_logvar_mode = obs_logvar
-        self.beta = float(beta)
+        # A 0-d buffer changed in place: a compiled loss sees a new value, not a new
+        # constant, so a KL warm-up does not recompile it.
+        self.register_buffer("_beta", torch.tensor(float(beta), dtype=torch.float64), persistent=False)
         self.reduction = reduction
         self.inplace_grad = bool(inplace_grad)
         self.event_shape = tuple(event_shape) if event_shape is not None else None
@@ -154,6 +156,16 @@ class ELBOLoss(nn.Module):
         else:
             shape = () if obs_logvar == "scalar" else self.event_shape
             self.obs_logvar = nn.Parameter(torch.full(shape, float(init_obs_logvar)))
+
+    @property
+    def beta(self) -> float:
+        """The weight of the KL term."""
+        return float(self._beta)
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        with torch.no_grad():
+            self._beta.fill_(float(value))
 
     def forward(
         self, x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
@@ -171,7 +183,7 @@ class ELBOLoss(nn.Module):
             logvar.to(dtype),
             likelihood=self.likelihood,
             obs_logvar=obs,
-            beta=self.beta,
+            beta=self._beta,
             reduction=self.reduction,
             inplace_grad=self.inplace_grad,
         )

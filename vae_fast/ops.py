@@ -1,19 +1,25 @@
-"""Typed wrappers over torch.ops.vae_fast.*, with their fake kernels and autograd.
+"""The public vae_fast functions: typed wrappers over torch.ops.vae_fast.*.
 
-The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda.
-Fake kernels let torch.compile trace through the ops without running them;
-autograd calls the private `_<op>_backward` ops (one pass each). The fused
-`elbo` computes its gradients in the forward pass, so its backward only scales
-them (and returns them untouched when grad_output is exactly 1).
+The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda. Beside
+each function sit its fake kernel (shapes and dtypes, for torch.compile and meta
+tensors) and its autograd: a `setup_context` and a `backward`, registered through
+`vae_fast._autograd.register` as the op's one autograd route (see that module for
+how create_graph, torch.func and forward AD are served). Every public function goes
+through `_public`, the one place that applies autocast and picks the fused op or
+`vae_fast.reference`.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 
+from vae_fast import _autograd
 from vae_fast import _validate as V
 from vae_fast import reference
-from vae_fast._backend import current_backend
 
 try:  # loading the compiled library registers the operators with torch
     from vae_fast import _C  # noqa: F401
@@ -23,6 +29,7 @@ except ImportError as error:  # a source checkout that was never built
     _LOAD_ERROR = error
 
 _ops = torch.ops.vae_fast
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _require_extension() -> None:
@@ -34,6 +41,40 @@ def _require_extension() -> None:
         )
 
 
+def _autocast(value: Any) -> Any:
+    """Under autocast the losses run in float32, as torch's own losses do: half inputs
+    become float32 (the usual mix is data in float32 and a decoder output in bfloat16,
+    and the ops require one dtype); float64 stays float64."""
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dtype in V.HALF_DTYPES
+        and torch.amp.is_autocast_available(value.device.type)
+        and torch.is_autocast_enabled(value.device.type)
+    ):
+        return value.float()
+    return value
+
+
+def _public(reference_fn: Callable[..., Any], *, autocast: bool = True) -> Callable[[_F], _F]:
+    """The backend switch, once for every public function: the fused op, or
+    `reference_fn` (same signature) where `_autograd.runs_reference` says so."""
+
+    def decorate(fused: _F) -> _F:
+        @functools.wraps(fused)
+        def public(*args: Any, **kwargs: Any) -> Any:
+            if autocast:
+                args = tuple(_autocast(a) for a in args)
+                kwargs = {k: _autocast(v) for k, v in kwargs.items()}
+            if _autograd.runs_reference(*args, *kwargs.values()):
+                return reference_fn(*args, **kwargs)
+            _require_extension()
+            return fused(*args, **kwargs)
+
+        return public  # type: ignore[return-value]
+
+    return decorate
+
+
 def _empty_grad(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
@@ -43,27 +84,18 @@ def _wanted(grads, needs) -> tuple[torch.Tensor | None, ...]:
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
-def _autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Under autocast the losses run in float32, as torch's own losses do.
-
-    Done here, before the dtype check, because autocast leaves the usual mix (data in
-    float32, decoder output in bfloat16) to the op, and the op requires one dtype.
-    """
-    first = next(t for t in tensors if t is not None)
-    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
-        return tensors
-    return tuple(
-        t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors
-    )
-
-
 def _batch_shape(x: torch.Tensor, event_dims: int) -> tuple[int, ...]:
     return tuple(x.shape[: x.dim() - event_dims])
 
 
-# --------------------------------------------------------------------------- public API
+def _like_or_empty(wanted: bool, like: torch.Tensor | None, fallback: torch.Tensor):
+    return torch.empty_like(like) if wanted and like is not None else _empty_grad(fallback)
 
 
+# --------------------------------------------------------------------------- bernoulli_log_prob
+
+
+@_public(reference.bernoulli_log_prob)
 def bernoulli_log_prob(
     x: torch.Tensor, logits: torch.Tensor, *, event_dims: int | None = None
 ) -> torch.Tensor:
@@ -71,20 +103,48 @@ def bernoulli_log_prob(
 
     Args:
         x: targets in [0, 1] (binary or soft), any shape (B, ...).
-        logits: same shape as `x`. Finite and exact for logits of +-1e4.
+        logits: same shape as `x`. Exact for logits of +-1e4 and +-inf.
         event_dims: how many trailing dims to sum; None sums every dim but the first.
 
     Returns:
         The batch-shaped sum of ``x*logits - softplus(logits)``, in x's dtype.
     """
-    x, logits = _autocast_inputs(x, logits)
-    if current_backend() == "reference":
-        return reference.bernoulli_log_prob(x, logits, event_dims=event_dims)
-    _require_extension()
     k = V.check_bernoulli_log_prob(x, logits, event_dims)
-    return _call("bernoulli_log_prob", x, logits, k)
+    return _ops.bernoulli_log_prob(x, logits, k)
 
 
+def _fake_bernoulli(x, logits, event_dims):
+    return x.new_empty(_batch_shape(x, event_dims))
+
+
+def _fake_bernoulli_backward(grad, x, logits, event_dims, output_mask):
+    return _like_or_empty(output_mask[0], x, x), _like_or_empty(output_mask[1], logits, x)
+
+
+def _setup_bernoulli(ctx, inputs, output):
+    x, logits, event_dims = inputs
+    ctx.save_for_backward(x, logits)
+    ctx.event_dims = event_dims
+
+
+def _backward_bernoulli(ctx, grad):
+    x, logits = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:2]
+    if torch.is_grad_enabled():
+        return _autograd.reference_vjp(
+            lambda x, logits: (reference.bernoulli_log_prob(x, logits, event_dims=ctx.event_dims),),
+            (x, logits),
+            needs,
+            (grad,),
+        ) + (None,)
+    gx, gl = _ops._bernoulli_log_prob_backward(grad, x, logits, ctx.event_dims, list(needs))
+    return (*_wanted((gx, gl), needs), None)
+
+
+# --------------------------------------------------------------------------- gaussian_log_prob
+
+
+@_public(reference.gaussian_log_prob)
 def gaussian_log_prob(
     x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, *, event_dims: int | None = None
 ) -> torch.Tensor:
@@ -100,14 +160,42 @@ def gaussian_log_prob(
     Returns:
         The batch-shaped sum of ``-0.5*(log(2pi) + logvar + (x-mean)^2 exp(-logvar))``.
     """
-    x, mean, logvar = _autocast_inputs(x, mean, logvar)
-    if current_backend() == "reference":
-        return reference.gaussian_log_prob(x, mean, logvar, event_dims=event_dims)
-    _require_extension()
     k = V.check_gaussian_log_prob(x, mean, logvar, event_dims)
-    return _call("gaussian_log_prob", x, mean, logvar, k)
+    return _ops.gaussian_log_prob(x, mean, logvar, k)
 
 
+def _fake_gaussian(x, mean, logvar, event_dims):
+    return x.new_empty(_batch_shape(x, event_dims))
+
+
+def _fake_gaussian_backward(grad, x, mean, logvar, event_dims, output_mask):
+    return tuple(_like_or_empty(m, t, x) for m, t in zip(output_mask, (x, mean, logvar)))
+
+
+def _setup_gaussian(ctx, inputs, output):
+    x, mean, logvar, event_dims = inputs
+    ctx.save_for_backward(x, mean, logvar)
+    ctx.event_dims = event_dims
+
+
+def _backward_gaussian(ctx, grad):
+    x, mean, logvar = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        return _autograd.reference_vjp(
+            lambda *t: (reference.gaussian_log_prob(*t, event_dims=ctx.event_dims),),
+            (x, mean, logvar),
+            needs,
+            (grad,),
+        ) + (None,)
+    grads = _ops._gaussian_log_prob_backward(grad, x, mean, logvar, ctx.event_dims, list(needs))
+    return (*_wanted(grads, needs), None)
+
+
+# --------------------------------------------------------------------------- gaussian_kl
+
+
+@_public(reference.gaussian_kl)
 def gaussian_kl(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -127,18 +215,48 @@ def gaussian_kl(
     Returns:
         The batch-shaped KL divergence, in mu's dtype.
     """
-    mu, logvar, prior_mu, prior_logvar = _autocast_inputs(mu, logvar, prior_mu, prior_logvar)
-    if current_backend() == "reference":
-        return reference.gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims=event_dims)
-    _require_extension()
     k = V.check_gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims)
-    return _call("gaussian_kl", mu, logvar, prior_mu, prior_logvar, k)
+    return _ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, k)
 
 
+def _fake_kl(mu, logvar, prior_mu, prior_logvar, event_dims):
+    return mu.new_empty(_batch_shape(mu, event_dims))
+
+
+def _fake_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, event_dims, output_mask):
+    like = (mu, logvar, prior_mu, prior_logvar)
+    return tuple(_like_or_empty(m, t, mu) for m, t in zip(output_mask, like))
+
+
+def _setup_kl(ctx, inputs, output):
+    mu, logvar, prior_mu, prior_logvar, event_dims = inputs
+    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
+    ctx.event_dims = event_dims
+
+
+def _backward_kl(ctx, grad):
+    saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():
+        return _autograd.reference_vjp(
+            lambda *t: (reference.gaussian_kl(*t, event_dims=ctx.event_dims),),
+            saved,
+            needs,
+            (grad,),
+        ) + (None,)
+    grads = _ops._gaussian_kl_backward(grad, *saved, ctx.event_dims, list(needs))
+    return (*_wanted(grads, needs), None)
+
+
+# --------------------------------------------------------------------------- reparameterize
+
+
+@_public(reference.reparameterize, autocast=False)
 def reparameterize(
     mu: torch.Tensor,
     logvar: torch.Tensor,
     *,
+    eps: torch.Tensor | None = None,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -149,25 +267,71 @@ def reparameterize(
     restored generator state replays one). On CPU the key is one 64-bit draw from
     the generator and all cores draw at once, with the same result for any thread
     count; on CUDA it is the generator's seed and offset, as torch's own kernels use.
-    It is not ``torch.randn``'s sequence (nor the reference backend's). Backward uses
-    eps exactly: dz/dmu = 1 and dz/dlogvar = 0.5*sigma*eps, even where sigma << |mu|.
+    It is not ``torch.randn``'s sequence: pass `eps` to reproduce a run that drew
+    with torch.randn. Backward uses eps exactly: dz/dmu = 1 and
+    dz/dlogvar = 0.5*sigma*eps, even where sigma << |mu|.
 
     Args:
         mu, logvar: shape (B, ...), equal shapes.
+        eps: a given standard-normal draw of z's shape, used as it is (a constant:
+            no gradient flows to it); then nothing is drawn.
         num_samples: K independent samples, returned as shape (K, *mu.shape).
         generator: an explicit torch.Generator (cannot be traced by torch.compile).
 
     Returns:
         z, of shape mu.shape or (num_samples, *mu.shape), in mu's dtype.
     """
-    if current_backend() == "reference":
-        return reference.reparameterize(mu, logvar, num_samples=num_samples, generator=generator)
-    _require_extension()
-    V.check_reparameterize(mu, logvar, num_samples)
-    z, _ = _call("reparameterize", mu, logvar, num_samples, generator=generator)
+    V.check_reparameterize(mu, logvar, num_samples, eps)
+    if eps is not None:  # nothing to draw: the same three elementwise ops in torch
+        return reference.reparameterize(mu, logvar, eps=eps, num_samples=num_samples)
+    z, _ = _ops.reparameterize(mu, logvar, num_samples, generator=generator)
     return z
 
 
+def _fake_reparameterize(mu, logvar, num_samples=None, *, generator=None):
+    shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
+    return mu.new_empty(shape), mu.new_empty(shape, dtype=V.opmath_dtype(mu.dtype))
+
+
+def _fake_reparameterize_backward(grad_z, logvar, eps, output_mask):
+    return tuple(_like_or_empty(m, logvar, logvar) for m in output_mask)
+
+
+def _setup_reparameterize(ctx, inputs, output):
+    mu, logvar, num_samples = inputs
+    _, eps = output
+    ctx.save_for_backward(mu, logvar, eps)
+    ctx.mark_non_differentiable(eps)
+    ctx.num_samples = num_samples
+
+
+def _backward_reparameterize(ctx, grad_z, grad_eps):
+    mu, logvar, eps = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:2]
+    if torch.is_grad_enabled():
+        return _autograd.reference_vjp(
+            lambda mu, logvar: (
+                reference.reparameterize(mu, logvar, eps=eps, num_samples=ctx.num_samples),
+            ),
+            (mu, logvar),
+            needs,
+            (grad_z,),
+        ) + (None,)
+    one_sample = ctx.num_samples is None
+    # One sample: dz/dmu = 1, so grad_z itself is mu's gradient (no copy is written).
+    mask = [needs[0] and not one_sample, needs[1]]
+    gm = glv = None
+    if any(mask):
+        gm, glv = _ops._reparameterize_backward(grad_z, logvar, eps, mask)
+    if one_sample:
+        gm = grad_z
+    return (*_wanted((gm, glv), needs), None)
+
+
+# --------------------------------------------------------------------------- elbo
+
+
+@_public(reference.elbo)
 def elbo(
     x: torch.Tensor,
     recon: torch.Tensor,
@@ -176,7 +340,7 @@ def elbo(
     *,
     likelihood: str = "bernoulli",
     obs_logvar: torch.Tensor | None = None,
-    beta: float = 1.0,
+    beta: float | torch.Tensor = 1.0,
     reduction: str = "mean",
     inplace_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,7 +354,9 @@ def elbo(
         likelihood: ``"bernoulli"`` or ``"gaussian"``.
         obs_logvar: Gaussian observation log-variance broadcastable to x (scalar,
             per-feature or per-element; learnable); None means 0.
-        beta: weight of the KL term.
+        beta: weight of the KL term: a number, or a 0-d tensor (which gets its
+            gradient if it requires one). A tensor that changes every step (a KL
+            warm-up) does not make torch.compile recompile.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
         inplace_grad: write d(loss)/d(recon) over `recon` itself in the forward pass
             instead of into a fresh tensor of x's size, whose page faults dominate
@@ -199,358 +365,250 @@ def elbo(
             the output of e.g. ``nn.Linear``, not of ``sigmoid`` (which saves it for
             its backward). After the call `recon` holds the gradient; `log_likelihood`
             and `kl` come back detached (for logging); reduction must be ``"mean"``
-            or ``"sum"`` and `x` must not require grad. A grad_output other than 1
-            scales the gradients in place, so a second such backward through a
-            retained graph raises. It only acts when `recon` needs a gradient, in
+            or ``"sum"`` and `x` must not require grad; a backward with
+            create_graph=True raises. It only acts when `recon` needs a gradient, in
             eager mode (torch.compile plans its own buffers).
 
     Returns:
         ``(loss, log_likelihood, kl)``: loss is ``beta*kl - log_likelihood`` reduced;
-        the other two have shape (B,). Gradients flow to recon, mu, logvar and
-        obs_logvar (and x, if it requires grad).
+        the other two have shape (B,). Gradients flow to recon, mu, logvar,
+        obs_logvar and beta (and x, if it requires grad), to any order.
     """
-    x, recon, mu, logvar, obs_logvar = _autocast_inputs(x, recon, mu, logvar, obs_logvar)
-    if current_backend() == "reference":
+    V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+    beta = V.check_beta(beta, x)
+    inputs = (x, recon, mu, logvar, obs_logvar, beta)
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in inputs
+    )
+    if inplace_grad and compute_grad and recon.requires_grad and not torch.compiler.is_compiling():
+        V.check_inplace_grad_layout(recon, reduction)
+        V.check_inplace_grad_autograd(x, recon)
+        loss, ll, kl, *_ = _ops._elbo_into_recon(
+            x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction
+        )
+        return loss, ll, kl
+    loss, ll, kl, *_ = _ops.elbo(
+        x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad
+    )
+    return loss, ll, kl
+
+
+def _fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad):
+    V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+    batch = x.shape[0]
+    return (
+        x.new_empty((batch,) if reduction == "none" else ()),
+        x.new_empty((batch,)),
+        x.new_empty((batch,)),
+        _like_or_empty(compute_grad, recon, x),
+        _like_or_empty(compute_grad, obs_logvar, x),
+        _like_or_empty(compute_grad, mu, x),
+        _like_or_empty(compute_grad, logvar, x),
+    )
+
+
+def _fake_elbo_into_recon(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction):
+    V.check_inplace_grad_layout(recon, reduction)
+    outputs = _fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, True)
+    loss, ll, kl, _, g_obs, g_mu, g_logvar = outputs
+    return loss, ll, kl, g_obs, g_mu, g_logvar
+
+
+def _elbo_reference(ctx):
+    """elbo's reference as a function of its six differentiable inputs."""
+
+    def loss_ll_kl(x, recon, mu, logvar, obs_logvar, beta):
         return reference.elbo(
             x,
             recon,
             mu,
             logvar,
-            likelihood=likelihood,
+            likelihood=ctx.likelihood,
             obs_logvar=obs_logvar,
             beta=beta,
-            reduction=reduction,
-        )
-    _require_extension()
-    V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
-    compute_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, recon, mu, logvar, obs_logvar)
-    )
-    if inplace_grad and compute_grad and recon.requires_grad and not torch.compiler.is_compiling():
-        V.check_inplace_grad_layout(recon, reduction)
-        V.check_inplace_grad_autograd(x, recon)
-        return _ElboIntoRecon.apply(
-            x, recon, mu, logvar, obs_logvar, likelihood, float(beta), reduction
-        )
-    loss, ll, kl, *_ = _call(
-        "elbo", x, recon, mu, logvar, obs_logvar, likelihood, float(beta), reduction, compute_grad
-    )
-    return loss, ll, kl
-
-
-class _ElboIntoRecon(torch.autograd.Function):
-    """elbo with d(loss)/d(recon) written over recon (the `_elbo_into_recon` op).
-
-    A Function rather than registered autograd: the op mutates recon, which
-    torch.library's autograd registration does not support. Backward returns the
-    stored gradients (scaled in place when grad_output is not exactly 1).
-    """
-
-    @staticmethod
-    def forward(ctx, x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction):
-        loss, ll, kl, g_obs, g_mu, g_logvar = _ops._elbo_into_recon(
-            x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction
-        )
-        # Ops declared in C++ do not bump the version of what they mutate; this does,
-        # so that a backward that saved recon (or a view of it) raises, not lies.
-        torch.autograd.graph.increment_version(recon)
-        ctx.mark_non_differentiable(ll, kl)
-        ctx.save_for_backward(recon, g_mu, g_logvar, g_obs)
-        return loss, ll, kl
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_ll, grad_kl):
-        grads = ctx.saved_tensors
-        if not _is_exactly_one(grad_loss):
-            grads = tuple(g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        g_recon, g_mu, g_logvar, g_obs = grads
-        needs = ctx.needs_input_grad
-        return (None, *_wanted((g_recon, g_mu, g_logvar, g_obs), needs[1:5]), None, None, None)
-
-
-# --------------------------------------------------------------------------- fake kernels
-# torch.compile traces with fake tensors; these give output shapes and dtypes only.
-# Registered only when the compiled library (which defines the ops) is loaded.
-
-
-def _register_fake_kernels() -> None:
-
-    @torch.library.register_fake("vae_fast::bernoulli_log_prob")
-    def _(x, logits, event_dims):
-        return x.new_empty(_batch_shape(x, event_dims))
-
-    @torch.library.register_fake("vae_fast::_bernoulli_log_prob_backward")
-    def _(grad, x, logits, event_dims, output_mask):
-        return (
-            torch.empty_like(x) if output_mask[0] else _empty_grad(x),
-            torch.empty_like(logits) if output_mask[1] else _empty_grad(x),
+            reduction=ctx.reduction,
         )
 
-    @torch.library.register_fake("vae_fast::gaussian_log_prob")
-    def _(x, mean, logvar, event_dims):
-        return x.new_empty(_batch_shape(x, event_dims))
-
-    @torch.library.register_fake("vae_fast::_gaussian_log_prob_backward")
-    def _(grad, x, mean, logvar, event_dims, output_mask):
-        return (
-            torch.empty_like(x) if output_mask[0] else _empty_grad(x),
-            torch.empty_like(mean) if output_mask[1] else _empty_grad(x),
-            torch.empty_like(logvar) if output_mask[2] else _empty_grad(x),
-        )
-
-    @torch.library.register_fake("vae_fast::gaussian_kl")
-    def _(mu, logvar, prior_mu, prior_logvar, event_dims):
-        return mu.new_empty(_batch_shape(mu, event_dims))
-
-    @torch.library.register_fake("vae_fast::_gaussian_kl_backward")
-    def _(grad, mu, logvar, prior_mu, prior_logvar, event_dims, output_mask):
-        like = (mu, logvar, prior_mu, prior_logvar)
-        return tuple(
-            torch.empty_like(t) if m and t is not None else _empty_grad(mu)
-            for m, t in zip(output_mask, like)
-        )
-
-    @torch.library.register_fake("vae_fast::reparameterize")
-    def _(mu, logvar, num_samples=None, *, generator=None):
-        shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
-        return mu.new_empty(shape), mu.new_empty(shape, dtype=V.opmath_dtype(mu.dtype))
-
-    @torch.library.register_fake("vae_fast::_reparameterize_backward")
-    def _(grad_z, logvar, eps, output_mask):
-        return (
-            torch.empty_like(logvar) if output_mask[0] else _empty_grad(logvar),
-            torch.empty_like(logvar) if output_mask[1] else _empty_grad(logvar),
-        )
-
-    @torch.library.register_fake("vae_fast::elbo")
-    def fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad):
-        V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
-        batch = x.shape[0]
-        loss = x.new_empty((batch,) if reduction == "none" else ())
-        wants_obs = compute_grad and obs_logvar is not None
-        return (
-            loss,
-            x.new_empty((batch,)),
-            x.new_empty((batch,)),
-            torch.empty_like(recon) if compute_grad else _empty_grad(x),
-            torch.empty_like(obs_logvar) if wants_obs else _empty_grad(x),
-            torch.empty_like(mu) if compute_grad else _empty_grad(x),
-            torch.empty_like(logvar) if compute_grad else _empty_grad(x),
-        )
-
-    @torch.library.register_fake("vae_fast::_elbo_into_recon")
-    def _(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction):
-        V.check_inplace_grad_layout(recon, reduction)
-        outputs = fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, True)
-        loss, ll, kl, _, g_obs, g_mu, g_logvar = outputs
-        return loss, ll, kl, g_obs, g_mu, g_logvar
-
-
-# --------------------------------------------------------------------------- autograd
-
-
-def _setup_bernoulli(ctx, inputs, output):
-    x, logits, event_dims = inputs
-    ctx.save_for_backward(x, logits)
-    ctx.event_dims = event_dims
-
-
-def _backward_bernoulli(ctx, grad):
-    x, logits = ctx.saved_tensors
-    gx, gl = _ops._bernoulli_log_prob_backward(
-        grad, x, logits, ctx.event_dims, list(ctx.needs_input_grad[:2])
-    )
-    return (*_wanted((gx, gl), ctx.needs_input_grad), None)
-
-
-def _setup_gaussian(ctx, inputs, output):
-    x, mean, logvar, event_dims = inputs
-    ctx.save_for_backward(x, mean, logvar)
-    ctx.event_dims = event_dims
-
-
-def _backward_gaussian(ctx, grad):
-    x, mean, logvar = ctx.saved_tensors
-    gx, gm, glv = _ops._gaussian_log_prob_backward(
-        grad, x, mean, logvar, ctx.event_dims, list(ctx.needs_input_grad[:3])
-    )
-    return (*_wanted((gx, gm, glv), ctx.needs_input_grad), None)
-
-
-def _setup_kl(ctx, inputs, output):
-    mu, logvar, prior_mu, prior_logvar, event_dims = inputs
-    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
-    ctx.event_dims = event_dims
-
-
-def _backward_kl(ctx, grad):
-    mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
-    grads = _ops._gaussian_kl_backward(
-        grad, mu, logvar, prior_mu, prior_logvar, ctx.event_dims, list(ctx.needs_input_grad[:4])
-    )
-    return (*_wanted(grads, ctx.needs_input_grad), None)
-
-
-def _setup_reparameterize(ctx, inputs, keyword_only_inputs, output):
-    _, logvar, num_samples = inputs
-    _, eps = output
-    ctx.save_for_backward(logvar, eps)
-    ctx.mark_non_differentiable(eps)
-    ctx.one_sample = num_samples is None
-
-
-def _backward_reparameterize(ctx, grad_z, grad_eps):
-    logvar, eps = ctx.saved_tensors
-    needs_mu, needs_logvar = ctx.needs_input_grad[:2]
-    # One sample: dz/dmu = 1, so grad_z itself is mu's gradient (no copy is written).
-    mask = [needs_mu and not ctx.one_sample, needs_logvar]
-    gm = glv = None
-    if any(mask):
-        gm, glv = _ops._reparameterize_backward(grad_z, logvar, eps, mask)
-    if ctx.one_sample:
-        gm = grad_z
-    return (*_wanted((gm, glv), ctx.needs_input_grad), None)
+    return loss_ll_kl
 
 
 def _setup_elbo(ctx, inputs, output):
-    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, _ = inputs
-    _, _, _, g_recon, g_obs, g_mu, g_logvar = output
+    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad = inputs
+    _, _, kl, g_recon, g_obs, g_mu, g_logvar = output
     ctx.mark_non_differentiable(g_recon, g_obs, g_mu, g_logvar)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, recon, mu, logvar, obs_logvar, g_recon, g_obs, g_mu, g_logvar)
-    ctx.likelihood, ctx.beta, ctx.reduction = likelihood, beta, reduction
+    ctx.save_for_backward(x, recon, mu, logvar, obs_logvar, beta, kl, g_recon, g_mu, g_logvar, g_obs)
+    ctx.likelihood, ctx.reduction, ctx.has_fused_grads = likelihood, reduction, compute_grad
 
 
 def _is_exactly_one(t: torch.Tensor) -> bool:
-    # A data-dependent check: only in eager mode (compiled graphs always scale).
-    return not torch.compiler.is_compiling() and t.numel() == 1 and t.item() == 1
+    # Reading a value is free on CPU; elsewhere it is a host sync, so never read there.
+    # (Compiled graphs always scale: the check depends on data.)
+    return (
+        t.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and t.numel() == 1
+        and t.item() == 1
+    )
+
+
+def _hand_back(grads, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Saved gradients times grad_output. When the graph is freed after this backward
+    they are scaled in place and handed over as they are (no copy); when it is
+    retained, as new tensors the caller owns, so that clipping them in place cannot
+    change what a later backward reads."""
+    keep_graph = torch._C._autograd._get_current_graph_task_keep_graph()
+    one = _is_exactly_one(grad_output)
+    out = []
+    for g in grads:
+        if g is not None and not one:
+            scale = grad_output.to(g.dtype)
+            g = g * scale if keep_graph else g.mul_(scale)
+        elif g is not None and keep_graph:
+            g = g.clone()
+        out.append(g)
+    return tuple(out)
 
 
 def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
-    x, recon, mu, logvar, obs_logvar, g_recon, g_obs, g_mu, g_logvar = ctx.saved_tensors
+    x, recon, mu, logvar, obs_logvar, beta, kl, *fused = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    if grad_ll is None and grad_kl is None and ctx.reduction != "none" and not needs[0]:
+    if torch.is_grad_enabled():  # a recorded backward: the reference's, to any order
+        inputs = (x, recon, mu, logvar, obs_logvar, beta)
+        grads = _autograd.reference_vjp(
+            _elbo_reference(ctx), inputs, needs[:5] + needs[6:7], (grad_loss, grad_ll, grad_kl)
+        )
+        gx, gr, gmu, glv, gobs, gbeta = grads
+        return gx, gr, gmu, glv, gobs, None, gbeta, None, None
+    g_beta = _beta_gradient(ctx, kl, beta, grad_loss) if needs[6] else None
+    only_loss = grad_ll is None and grad_kl is None and ctx.reduction != "none"
+    if ctx.has_fused_grads and only_loss and not needs[0]:
         # The usual case: d(loss)/d(inputs) was computed in the forward pass.
         if grad_loss is None:
-            return (None,) * 9
-        if _is_exactly_one(grad_loss):
-            scaled = (g_recon, g_mu, g_logvar, g_obs)
-        else:
-            scaled = tuple(g * grad_loss.to(g.dtype) for g in (g_recon, g_mu, g_logvar, g_obs))
-        g_recon, g_mu, g_logvar, g_obs = scaled
-        return (None, *_wanted((g_recon, g_mu, g_logvar, g_obs), needs[1:5]), *(None,) * 4)
-    # General case (per-sample weights from reduction="none" or from gradients of the
-    # returned log_likelihood / kl): one backward pass per term with per-row weights.
+            return (None,) * 6 + (g_beta, None, None)
+        grads = _hand_back(_wanted(fused, needs[1:5]), grad_loss)
+        return (None, *grads, None, g_beta, None, None)
+    gx, gr, gmu, glv, gobs = _elbo_general_backward(
+        ctx, x, recon, mu, logvar, obs_logvar, beta, grad_loss, grad_ll, grad_kl
+    )
+    return gx, gr, gmu, glv, gobs, None, g_beta, None, None
+
+
+def _beta_gradient(ctx, kl, beta, grad_loss):
+    """d(loss)/d(beta) = the reduced KL; the returned kl and log_likelihood do not
+    depend on beta."""
+    if grad_loss is None:
+        return None
+    opmath = V.opmath_dtype(kl.dtype)
+    weighted = kl.to(opmath) * grad_loss.to(opmath)
+    g = weighted.mean() if ctx.reduction == "mean" else weighted.sum()
+    return g.to(device=beta.device, dtype=beta.dtype)
+
+
+def _elbo_general_backward(ctx, x, recon, mu, logvar, obs_logvar, beta, grad_loss, grad_ll, grad_kl):
+    """Per-row weights (from reduction="none", or gradients of the returned
+    log_likelihood / kl): one backward pass per term that has a weight; a term that
+    receives none gives its inputs no gradient (None, not zeros)."""
+    needs = ctx.needs_input_grad
     batch = x.shape[0]
     opmath = V.opmath_dtype(x.dtype)
-    row_loss = x.new_zeros((batch,), dtype=opmath)
+    per_row = None
     if grad_loss is not None:
         scale = 1.0 / max(batch, 1) if ctx.reduction == "mean" else 1.0
-        row_loss = row_loss + grad_loss.to(opmath) * scale
-    w_ll = -row_loss + (grad_ll.to(opmath) if grad_ll is not None else 0.0)
-    w_kl = ctx.beta * row_loss + (grad_kl.to(opmath) if grad_kl is not None else 0.0)
-    w_ll, w_kl = w_ll.to(x.dtype), w_kl.to(x.dtype)
-    if ctx.likelihood == "bernoulli":
-        gx, gr = _ops._bernoulli_log_prob_backward(
-            w_ll, x, recon, x.dim() - 1, [needs[0], needs[1]]
+        per_row = (grad_loss.to(opmath) * scale).expand(batch)
+    w_ll = _add(None if per_row is None else -per_row, grad_ll, opmath)
+    w_kl = _add(None if per_row is None else beta.to(opmath) * per_row, grad_kl, opmath)
+    gx = gr = gmu = glv = gobs = None
+    if w_ll is not None and (needs[0] or needs[1] or needs[4]):
+        w_ll = w_ll.to(x.dtype)
+        if ctx.likelihood == "bernoulli":
+            gx, gr = _ops._bernoulli_log_prob_backward(w_ll, x, recon, x.dim() - 1, [needs[0], needs[1]])
+        else:
+            obs = obs_logvar if obs_logvar is not None else x.new_zeros(())
+            gx, gr, gobs = _ops._gaussian_log_prob_backward(
+                w_ll, x, recon, obs, x.dim() - 1, [needs[0], needs[1], needs[4]]
+            )
+    if w_kl is not None and (needs[2] or needs[3]):
+        gmu, glv, _, _ = _ops._gaussian_kl_backward(
+            w_kl.to(x.dtype), mu, logvar, None, None, mu.dim() - 1, [needs[2], needs[3], False, False]
         )
-        gobs = None
-    else:
-        obs = obs_logvar if obs_logvar is not None else x.new_zeros(())
-        gx, gr, gobs = _ops._gaussian_log_prob_backward(
-            w_ll, x, recon, obs, x.dim() - 1, [needs[0], needs[1], needs[4]]
-        )
-    gmu, glv, _, _ = _ops._gaussian_kl_backward(
-        w_kl, mu, logvar, None, None, mu.dim() - 1, [needs[2], needs[3], False, False]
-    )
-    return (*_wanted((gx, gr, gmu, glv, gobs), needs[:5]), *(None,) * 4)
+    return _wanted((gx, gr, gmu, glv, gobs), needs[:5])
 
 
-def _no_double_backward(name: str):
-    def backward(ctx, *grads):
+def _add(a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if b is not None:
+        b = b.to(dtype)
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _setup_elbo_into_recon(ctx, inputs, output):
+    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction = inputs
+    _, ll, kl, g_obs, g_mu, g_logvar = output
+    # Ops declared in C++ do not bump the version of what they mutate; this does,
+    # so that a backward that saved recon (or a view of it) raises, not lies.
+    torch.autograd.graph.increment_version(recon)
+    ctx.mark_non_differentiable(ll, kl, g_obs, g_mu, g_logvar)
+    # recon holds its own gradient now.
+    ctx.save_for_backward(beta, kl, recon, g_mu, g_logvar, g_obs)
+    ctx.reduction = reduction
+
+
+def _backward_elbo_into_recon(ctx, grad_loss, *_):
+    if torch.is_grad_enabled():
         raise RuntimeError(
-            f"vae_fast: {name} has no second derivative (double backward, e.g. "
-            "create_graph=True for a gradient penalty); use vae_fast.backend('reference')"
+            "vae_fast.elbo(inplace_grad=True) cannot be differentiated twice "
+            "(create_graph=True or torch.func): its gradient was written over recon in the "
+            "forward pass; use inplace_grad=False"
         )
-
-    return backward
-
-
-# --------------------------------------------------------------------------- eager calls
-# torch.library's generic autograd wrapper costs about 0.1 ms of Python per call: a
-# third of the whole elbo at batch 256, most of gaussian_kl at 8192 x 32. In eager
-# mode the public functions run each op under an autograd.Function built from the
-# same setup_context and backward instead; compiled code (and a direct torch.ops
-# call) goes through the registered autograd.
-
-_EAGER: dict[str, type[torch.autograd.Function]] = {}
+    beta, kl, *fused = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    g_beta = _beta_gradient(ctx, kl, beta, grad_loss) if needs[6] else None
+    if grad_loss is None:
+        return (None,) * 6 + (g_beta, None)
+    grads = _hand_back(_wanted(fused, needs[1:5]), grad_loss)
+    return (None, *grads, None, g_beta, None)
 
 
-def _eager_function(op, setup_context, backward, keyword_only=()):
-    """An autograd.Function running `op` with its registered autograd functions.
-    `keyword_only` names the op's keyword-only arguments, passed last to apply()."""
-    n_kw = len(keyword_only)
-
-    class EagerFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            positional = args[: len(args) - n_kw]
-            kwargs = dict(zip(keyword_only, args[len(args) - n_kw :]))
-            # Below the Autograd key, as torch.library's own wrapper calls the kernel.
-            with torch._C._AutoDispatchBelowAutograd():
-                output = op(*positional, **kwargs)
-            if keyword_only:
-                setup_context(ctx, positional, kwargs, output)
-            else:
-                setup_context(ctx, positional, output)
-            return output
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return (*backward(ctx, *grads), *(None,) * n_kw)
-
-    return EagerFunction
+# --------------------------------------------------------------------------- registration
 
 
-def _call(name: str, *args, **keyword_only):
-    """torch.ops.vae_fast.<name>(*args, **keyword_only) with its registered autograd."""
-    op = getattr(_ops, name)
-    if torch.compiler.is_compiling():
-        return op(*args, **keyword_only)
-    needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if needs_grad and torch.is_grad_enabled():
-        return _EAGER[name].apply(*args, *keyword_only.values())
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args, **keyword_only)
-
-
-def _register_autograd() -> None:
-    # The backward ops compute first derivatives only; differentiating through them
-    # raises instead of silently treating them as constants.
+def _register() -> None:
+    for name, fake in (
+        ("bernoulli_log_prob", _fake_bernoulli),
+        ("_bernoulli_log_prob_backward", _fake_bernoulli_backward),
+        ("gaussian_log_prob", _fake_gaussian),
+        ("_gaussian_log_prob_backward", _fake_gaussian_backward),
+        ("gaussian_kl", _fake_kl),
+        ("_gaussian_kl_backward", _fake_kl_backward),
+        ("reparameterize", _fake_reparameterize),
+        ("_reparameterize_backward", _fake_reparameterize_backward),
+        ("elbo", _fake_elbo),
+        ("_elbo_into_recon", _fake_elbo_into_recon),
+    ):
+        torch.library.register_fake(f"vae_fast::{name}", fake)
+    for name, setup, backward in (
+        ("bernoulli_log_prob", _setup_bernoulli, _backward_bernoulli),
+        ("gaussian_log_prob", _setup_gaussian, _backward_gaussian),
+        ("gaussian_kl", _setup_kl, _backward_kl),
+        ("reparameterize", _setup_reparameterize, _backward_reparameterize),
+        ("elbo", _setup_elbo, _backward_elbo),
+        ("_elbo_into_recon", _setup_elbo_into_recon, _backward_elbo_into_recon),
+    ):
+        _autograd.register(name, setup, backward)
     for name in (
         "_bernoulli_log_prob_backward",
         "_gaussian_log_prob_backward",
         "_gaussian_kl_backward",
         "_reparameterize_backward",
     ):
-        torch.library.register_autograd(f"vae_fast::{name}", _no_double_backward(name))
-    # Each op's autograd, registered with torch.library (compiled code, torch.ops
-    # calls) and built into the Function that eager calls use (`_call`).
-    for name, setup, backward, keyword_only in (
-        ("bernoulli_log_prob", _setup_bernoulli, _backward_bernoulli, ()),
-        ("gaussian_log_prob", _setup_gaussian, _backward_gaussian, ()),
-        ("gaussian_kl", _setup_kl, _backward_kl, ()),
-        ("reparameterize", _setup_reparameterize, _backward_reparameterize, ("generator",)),
-        ("elbo", _setup_elbo, _backward_elbo, ()),
-    ):
-        torch.library.register_autograd(f"vae_fast::{name}", backward, setup_context=setup)
-        _EAGER[name] = _eager_function(getattr(_ops, name), setup, backward, keyword_only)
-    # Under autocast the losses run in float32, as torch's own losses do.
-    for _name in ("bernoulli_log_prob", "gaussian_log_prob", "gaussian_kl", "elbo"):
-        for _device in ("cpu", "cuda"):
-            torch.library.register_autocast(f"vae_fast::{_name}", _device, torch.float32)
+        _autograd.register_first_order_only(name)
+    # Direct torch.ops calls under autocast: half inputs in float32 (float64 is kept).
+    for name in ("bernoulli_log_prob", "gaussian_log_prob", "gaussian_kl", "elbo"):
+        for device in ("cpu", "cuda"):
+            torch.library.register_autocast(f"vae_fast::{name}", device, torch.float32)
 
 
 if _LOAD_ERROR is None:
-    _register_fake_kernels()
-    _register_autograd()
+    _register()

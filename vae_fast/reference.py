@@ -33,8 +33,15 @@ def bernoulli_log_prob(
     """Sum over the event dims of x*logits - softplus(logits)."""
     k = V.check_bernoulli_log_prob(x, logits, event_dims)
     xf, lf = _opmath(x, logits)
-    # softplus(l) = max(l, 0) + log1p(exp(-|l|)): exp never sees a positive argument.
-    log_p = xf * lf - (lf.clamp_min(0) + torch.log1p(torch.exp(-lf.abs())))
+    # x*l - softplus(l) = (x - [l >= 0])*l - log1p(exp(-|l|)): exp never sees a positive
+    # argument, and the linear part is formed first, so that a tiny loss at large |l| is
+    # not lost in l + log1p(...) rounding back to l.
+    coef = xf - (lf >= 0).to(lf.dtype)
+    # coef*l is 0 (the limit, not 0*inf = nan) where coef = 0 at l = +-inf; the logit
+    # is zeroed before the product so that no nan reaches the gradient either.
+    limit = (coef == 0) & lf.isinf()
+    linear = coef * torch.where(limit, 0.0, lf)
+    log_p = linear - torch.log1p(torch.exp(-lf.abs()))
     return _sum_event(log_p, k).to(x.dtype)
 
 
@@ -72,17 +79,22 @@ def reparameterize(
     mu: torch.Tensor,
     logvar: torch.Tensor,
     *,
+    eps: torch.Tensor | None = None,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """mu + exp(logvar/2) * eps with eps ~ N(0, 1); shape (num_samples, *mu.shape) if given.
 
-    eps is the fused op's own draw when the compiled extension is built for the
-    device (so both backends agree under the same seed), torch.randn's otherwise.
+    A given `eps` is used as it is (a constant). Otherwise eps is the fused op's own
+    draw when the compiled extension is built for the device (so both backends agree
+    under the same seed), torch.randn's otherwise (and always inside torch.func
+    transforms, whose vmap randomness modes torch.randn follows).
     """
-    V.check_reparameterize(mu, logvar, num_samples)
+    V.check_reparameterize(mu, logvar, num_samples, eps)
     muf, lvf = _opmath(mu, logvar)
-    eps = standard_normal(mu, num_samples, generator)
+    if eps is None:
+        eps = standard_normal(mu, num_samples, generator)
+    eps = eps.detach().to(muf.dtype)
     return (muf + torch.exp(0.5 * lvf) * eps).to(mu.dtype)
 
 
@@ -94,11 +106,17 @@ def elbo(
     *,
     likelihood: str = "bernoulli",
     obs_logvar: torch.Tensor | None = None,
-    beta: float = 1.0,
+    beta: float | torch.Tensor = 1.0,
     reduction: str = "mean",
+    inplace_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(beta*KL - log-likelihood reduced, per-sample log-likelihood, per-sample KL)."""
+    """(beta*KL - log-likelihood reduced, per-sample log-likelihood, per-sample KL).
+
+    `inplace_grad` is accepted for the fused function's signature; the reference
+    never writes over `recon`.
+    """
     V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+    beta = V.check_beta(beta, x)
     if likelihood == "bernoulli":
         ll = bernoulli_log_prob(x, recon)
     else:

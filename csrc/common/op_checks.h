@@ -90,7 +90,8 @@ inline void check_reparameterize_backward(const at::Tensor& grad_z, const at::Te
 
 inline void check_elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
                        const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
-                       std::string_view likelihood, std::string_view reduction) {
+                       const at::Tensor& beta, std::string_view likelihood,
+                       std::string_view reduction) {
   constexpr const char* fn = "vae_fast.elbo";
   TORCH_CHECK(likelihood == "bernoulli" || likelihood == "gaussian", fn, ": unknown likelihood '",
               likelihood, "'; expected one of 'bernoulli', 'gaussian'");
@@ -114,14 +115,20 @@ inline void check_elbo(const at::Tensor& x, const at::Tensor& recon, const at::T
     check_like(fn, "obs_logvar", *obs_logvar, "x", x);
     check_broadcastable(fn, "obs_logvar", *obs_logvar, "x", x.sizes());
   }
+  TORCH_CHECK(beta.dim() == 0 && at::isFloatingType(beta.scalar_type()), fn,
+              ": `beta` must be a 0-d floating tensor, got dtype ", beta.scalar_type(),
+              " and shape ", beta.sizes());
+  TORCH_CHECK(beta.device().is_cpu() || beta.device() == x.device(), fn, ": `beta` is on ",
+              beta.device(), "; expected the CPU or x's device ", x.device());
 }
 
 // elbo(..., inplace_grad=True): d(loss)/d(recon) is written over recon itself.
 inline void check_elbo_into_recon(const at::Tensor& x, const at::Tensor& recon,
                                   const at::Tensor& mu, const at::Tensor& logvar,
                                   const std::optional<at::Tensor>& obs_logvar,
-                                  std::string_view likelihood, std::string_view reduction) {
-  check_elbo(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+                                  const at::Tensor& beta, std::string_view likelihood,
+                                  std::string_view reduction) {
+  check_elbo(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   constexpr const char* fn = "vae_fast.elbo(inplace_grad=True)";
   TORCH_CHECK(reduction != "none", fn,
               ": needs reduction 'mean' or 'sum' (with 'none' the gradient depends on "

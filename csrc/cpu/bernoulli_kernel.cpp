@@ -27,7 +27,7 @@ inline void bernoulli_columns(const scalar_t* x, const scalar_t* logits, scalar_
   // (-|l| is l with its sign bit set: one instruction.)
   const Vec e = exp_nonpositive(l | Vec(-0.0));
   if constexpr (kLogProb) {
-    sum += keep_first(at::vec::fmsub(xv, l, softplus_from_exp(l, e)), n);
+    sum += keep_first(bernoulli_log_prob_from_exp(xv, l, e), n);
   }
   if constexpr (kGradLogits) {
     // x - sigmoid(l) from the same e, t = e/(1+e): x - t for l < 0 and

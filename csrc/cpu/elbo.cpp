@@ -26,10 +26,11 @@ using ElboOutputs =
 // `grad_recon` (a fresh tensor, or recon itself for _elbo_into_recon).
 ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
                       const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
-                      c10::string_view likelihood, double beta, c10::string_view reduction,
+                      c10::string_view likelihood, const at::Tensor& beta, c10::string_view reduction,
                       bool compute_grad, const at::Tensor& grad_recon) {
   const int64_t batch = x.size(0);
   const int64_t x_event_dims = x.dim() - 1, z_event_dims = mu.dim() - 1;
+  const double beta_value = beta.item<double>();  // on the CPU (checked): no sync
   const RowLayout x_layout = row_layout(x, x_event_dims);
   const RowLayout z_layout = row_layout(mu, z_event_dims);
   // d(loss)/d(per-sample term) for grad_output = 1.
@@ -85,7 +86,7 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
       args.grad_mu = grad_mu.view({z_layout.rows, z_layout.cols});
       args.grad_logvar = grad_lv.view({z_layout.rows, z_layout.cols});
     }
-    args.scale = beta * per_sample;
+    args.scale = beta_value * per_sample;
     VAE_FAST_CPU_DISPATCH(kl_kernel, args);
   }
   if (compute_grad && mu.numel() == 0) {
@@ -95,16 +96,16 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
 
   // The batch-sized combination is cheap; do it in the accumulation dtype.
   const at::ScalarType opmath = opmath_type(x.scalar_type());
-  at::Tensor per_row = kl.to(opmath).mul(beta).sub_(ll.to(opmath));
+  at::Tensor per_row = kl.to(opmath).mul(beta_value).sub_(ll.to(opmath));
   at::Tensor loss = reduction == "mean" ? per_row.mean() : reduction == "sum" ? per_row.sum() : per_row;
   return {loss.to(x.scalar_type()), ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
 }
 
 ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
                  const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
-                 c10::string_view likelihood, double beta, c10::string_view reduction,
+                 c10::string_view likelihood, const at::Tensor& beta, c10::string_view reduction,
                  bool compute_grad) {
-  check_elbo(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  check_elbo(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   const at::Tensor grad_recon =
       compute_grad ? empty_output(x.sizes(), x.options()) : empty_grad(x);
   return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad,
@@ -113,9 +114,9 @@ ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo_into_recon(
     const at::Tensor& x, at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
-    const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, double beta,
+    const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, const at::Tensor& beta,
     c10::string_view reduction) {
-  check_elbo_into_recon(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  check_elbo_into_recon(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   // The kernels read each element of recon before they write its gradient there.
   auto [loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv] =
       elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, true, recon);

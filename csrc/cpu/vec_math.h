@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 namespace vae_fast::cpu {
@@ -189,24 +190,12 @@ inline Vec expm1_minus_x(const Vec& x) {
   return Vec::blendv(x.expm1() - x, series * x * x, x.abs() < Vec(cutoff));
 }
 
-// max(v, 0), NaN staying NaN: AVX2 float in one instruction (maxps returns its
-// second operand when either is NaN), where at::vec::maximum takes three.
+// log1p(e) + addend for e = exp(-|l|) in [0, 1] (log1p(e) keeps its relative precision
+// for tiny e). float: log1p(e) = e * P(e), P a degree-8 Chebyshev fit of log1p(e)/e on
+// [0, 1] (max relative error 2.3e-7), in Estrin's scheme, instead of Sleef's log1p
+// which alone doubled the kernel's time; its last step adds `addend` in the same fma.
 template <typename Vec>
-inline Vec relu_keep_nan(const Vec& v) {
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return _mm256_max_ps(_mm256_setzero_ps(), v);
-#endif
-  return at::vec::maximum(v, Vec(0));
-}
-
-// softplus(l) = max(l, 0) + log1p(e), from e = exp(-|l|) in [0, 1]: exact at both
-// tails (no exp(l) overflows, and log1p(e) keeps its relative precision for tiny e).
-// float: log1p(e) = e * P(e), P a degree-8 Chebyshev fit of log1p(e)/e on [0, 1]
-// (max relative error 2.3e-7), in Estrin's scheme, instead of Sleef's log1p which
-// alone doubled the kernel's time; its last step adds max(l, 0) in the same fma.
-template <typename Vec>
-inline Vec softplus_from_exp(const Vec& l, const Vec& e) {
-  const Vec relu = relu_keep_nan(l);
+inline Vec log1p_exp_plus(const Vec& e, const Vec& addend) {
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
     using at::vec::fmadd;
     const Vec e2 = e * e;
@@ -217,10 +206,22 @@ inline Vec softplus_from_exp(const Vec& l, const Vec& e) {
     const Vec p67 = fmadd(Vec(-0.029074065387248993f), e, Vec(0.0775160863995552f));
     const Vec p03 = fmadd(p23, e2, p01);
     const Vec p48 = fmadd(Vec(0.005126102361828089f), e4, fmadd(p67, e2, p45));
-    return fmadd(fmadd(p48, e4, p03), e, relu);
+    return fmadd(fmadd(p48, e4, p03), e, addend);
   } else {
-    return relu + e.log1p();
+    return addend + e.log1p();
   }
+}
+
+// x*l - softplus(l) from e = exp(-|l|): (x - [l >= 0])*l - log1p(e). The linear part
+// is formed before log1p(e) is subtracted, so that a tiny loss at large |l| is not
+// lost in l + log1p(e) rounding back to l; and it is 0, the limit, where
+// x - [l >= 0] = 0 at l = +-inf (0*inf would be nan).
+template <typename Vec>
+inline Vec bernoulli_log_prob_from_exp(const Vec& x, const Vec& l, const Vec& e) {
+  const Vec coef = Vec::blendv(x, x - Vec(1), l >= Vec(0));
+  const Vec limit = (coef == Vec(0)) & ((l | Vec(-0.0)) == Vec(-std::numeric_limits<float>::infinity()));
+  const Vec linear = Vec::blendv(coef * l, Vec(0), limit);
+  return linear - log1p_exp_plus(e, Vec(0));
 }
 
 // 1/v for v in [1, 2]. AVX2 float: rcp (12 bits) refined by one Newton step

@@ -10,6 +10,7 @@
 // The gradients are those of `loss` for grad_output = 1 (they include 1/B for
 // reduction="mean"), so autograd's backward only scales them.
 
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -61,7 +62,7 @@ using ElboOutputs =
 // reads its elements of recon before it writes their gradient there).
 ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
                       const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
-                      c10::string_view likelihood, double beta, c10::string_view reduction,
+                      c10::string_view likelihood, const at::Tensor& beta, c10::string_view reduction,
                       bool compute_grad, const at::Tensor& grad_recon) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t batch = x.size(0);
@@ -69,6 +70,10 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
   const RowLayout x_layout = row_layout(x, x_event_dims);
   const RowLayout z_layout = row_layout(mu, mu.dim() - 1);
   const bool per_row = reduction == "none", mean = reduction == "mean";
+  // A beta on the host is read (free); one on the device is never read on the host
+  // (a sync): the kernels then run with beta = 1 and the tensor scales their results.
+  const bool beta_on_host = beta.device().is_cpu();
+  const double beta_value = beta_on_host ? beta.item<double>() : 1.0;
   // d(loss)/d(per-sample term) for grad_output = 1.
   const double per_sample = mean ? 1.0 / static_cast<double>(std::max<int64_t>(batch, 1)) : 1.0;
 
@@ -149,12 +154,22 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
         op.grad_mu = grad_mu.mutable_data_ptr<scalar_t>();
         op.grad_logvar = grad_lv.mutable_data_ptr<scalar_t>();
       }
-      op.weight.scale = static_cast<acc_t<scalar_t>>(beta * per_sample);
+      op.weight.scale = static_cast<acc_t<scalar_t>>(beta_value * per_sample);
       run_rows<scalar_t>(op, z_layout, {op.mu, op.logvar, op.grad_mu, op.grad_logvar}, x.options());
     });
   }
 
   // ---- the loss
+  if (!beta_on_host) {
+    if (compute_grad) {
+      grad_mu.mul_(beta);
+      grad_lv.mul_(beta);
+    }
+    const at::ScalarType opmath = at::toOpMathType(x.scalar_type());
+    at::Tensor rows = kl.to(opmath).mul(beta.to(opmath)).sub_(ll.to(opmath));
+    at::Tensor loss = per_row ? rows : mean ? rows.mean() : rows.sum();
+    return {loss.to(x.scalar_type()), ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
+  }
   at::Tensor loss = per_row ? at::empty({batch}, x.options()) : at::empty({}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vae_fast::elbo", [&] {
@@ -162,25 +177,25 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
         per_row ? static_cast<unsigned>(std::min<int64_t>(ceil_div(batch, kLossThreads), 1024)) : 1u;
     elbo_loss_kernel<scalar_t><<<blocks, kLossThreads, 0, stream>>>(
         ll.const_data_ptr<scalar_t>(), kl.const_data_ptr<scalar_t>(), loss.mutable_data_ptr<scalar_t>(), batch,
-        static_cast<acc_t<scalar_t>>(beta), per_row, mean);
+        static_cast<acc_t<scalar_t>>(beta_value), per_row, mean);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
 }
 
 ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
-                 const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, double beta,
+                 const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, const at::Tensor& beta,
                  c10::string_view reduction, bool compute_grad) {
-  check_elbo(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  check_elbo(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   const at::Tensor grad_recon = compute_grad ? at::empty(x.sizes(), x.options()) : empty_grad(x);
   return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, grad_recon);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo_into_recon(
     const at::Tensor& x, at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
-    const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, double beta,
+    const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, const at::Tensor& beta,
     c10::string_view reduction) {
-  check_elbo_into_recon(x, recon, mu, logvar, obs_logvar, likelihood, reduction);
+  check_elbo_into_recon(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   auto [loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv] =
       elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, true, recon);
   return {loss, ll, kl, grad_obs, grad_mu, grad_lv};

@@ -48,8 +48,8 @@ struct BernoulliRows {
     const acc w = (grad_x != nullptr || grad_logits != nullptr) ? weight(row) : acc(0);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const SoftplusSigmoid<acc> s = softplus_sigmoid(lv[i]);
-      if constexpr (kLogProb) sums[0] += xv[i] * lv[i] - s.softplus;
+      const BernoulliTerms<acc> s = bernoulli_terms(xv[i], lv[i]);
+      if constexpr (kLogProb) sums[0] += s.log_prob;
       gl[i] = (xv[i] - s.sigmoid) * w;
       gx[i] = lv[i] * w;
     }

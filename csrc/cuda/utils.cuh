@@ -75,18 +75,23 @@ __device__ __forceinline__ T expm1_minus_x_(T v) {
   return series * v * v;
 }
 
-// For logits l: softplus(l) = max(l, 0) + log1p(exp(-|l|)) and sigmoid(l), from one
-// exp whose argument is never positive (finite and exact at l = +-1e4).
+// For logits l and targets x: x*l - softplus(l) and sigmoid(l), from one exp whose
+// argument is never positive (finite and exact at l = +-1e4). The log-probability is
+// (x - [l >= 0])*l - log1p(exp(-|l|)): the linear part is formed before the log term
+// is subtracted (a tiny loss at large |l| is kept), and it is 0, the limit, where
+// x - [l >= 0] = 0 at l = +-inf (0*inf would be nan).
 template <typename T>
-struct SoftplusSigmoid {
-  T softplus, sigmoid;
+struct BernoulliTerms {
+  T log_prob, sigmoid;
 };
 
 template <typename T>
-__device__ __forceinline__ SoftplusSigmoid<T> softplus_sigmoid(T l) {
+__device__ __forceinline__ BernoulliTerms<T> bernoulli_terms(T x, T l) {
   const T e = exp_(-abs_(l));
   const T inv = T(1) / (T(1) + e);
-  return {(l > T(0) ? l : T(0)) + log1p_(e), l >= T(0) ? inv : e * inv};
+  const T coef = l >= T(0) ? x - T(1) : x;
+  const T linear = (coef == T(0) && isinf(l)) ? T(0) : coef * l;
+  return {linear - log1p_(e), l >= T(0) ? inv : e * inv};
 }
 
 // ---------------------------------------------------------------------------- vector IO

@@ -1,0 +1,153 @@
+"""How the vae_fast operators are differentiated: one route for every caller.
+
+Each operator has one ``autograd.Function``, registered as its kernel for torch's
+Autograd dispatch key. Every call reaches an operator through the dispatcher (the
+public functions, a compiled graph, a direct ``torch.ops.vae_fast`` call), so that
+one Function serves them all:
+
+- an ordinary backward runs the operator's fused backward (for ``elbo``, the
+  gradients its forward pass already computed);
+- a backward that is itself recorded (``create_graph=True``: gradient penalties,
+  Hessian-vector products; and ``torch.func.grad``, which always records) runs the
+  vector-Jacobian product of the operator's plain-torch reference instead, which
+  torch differentiates again to any order;
+- forward-mode AD and the torch.func transforms (vmap, jvp, jacfwd, ...) reach the
+  public functions, which run the reference there (`runs_reference`); a direct
+  ``torch.ops.vae_fast`` call under them raises a vae_fast error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from vae_fast._backend import current_backend
+
+_LIB = torch.library.Library("vae_fast", "IMPL")  # kept alive: registrations die with it
+
+
+def runs_reference(*tensors: Any) -> bool:
+    """Whether a public function runs `vae_fast.reference` instead of the fused op:
+    under ``vae_fast.backend("reference")``, inside a torch.func transform, or when an
+    input carries a forward-mode tangent. The fused kernels have no batching rule and
+    no forward derivative; the reference is plain torch, which has both."""
+    if current_backend() == "reference":
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    # No dual level is open (the common case): no input can carry a tangent.
+    if fwAD._current_level < 0:
+        return False
+    return any(
+        isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors
+    )
+
+
+def reference_vjp(
+    reference: Callable[..., tuple[torch.Tensor, ...]],
+    inputs: Sequence[Any],
+    needs: Sequence[bool],
+    grads: Sequence[torch.Tensor | None],
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of `reference(*inputs)` for the cotangents `grads` (None: zero),
+    for the inputs in `needs`, as torch.func.vjp computes them: recorded, so that they
+    can be differentiated again (this is the backward for create_graph=True)."""
+    positions = [
+        i for i, (t, need) in enumerate(zip(inputs, needs)) if need and isinstance(t, torch.Tensor)
+    ]
+
+    def of_differentiable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = list(inputs)
+        for i, t in zip(positions, tensors):
+            args[i] = t
+        return reference(*args)
+
+    outputs, vjp = torch.func.vjp(of_differentiable, *(inputs[i] for i in positions))
+    cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads))
+    result: list[torch.Tensor | None] = [None] * len(inputs)
+    for i, g in zip(positions, vjp(cotangents)):
+        result[i] = g
+    return tuple(result)
+
+
+@dataclass(frozen=True)
+class _Dispatch:
+    """What the Function's forward needs to call the kernel below autograd."""
+
+    keyset: Any
+    keyword_only: dict[str, Any]
+
+
+def register(
+    name: str,
+    setup_context: Callable[[Any, tuple[Any, ...], Any], None],
+    backward: Callable[..., tuple[torch.Tensor | None, ...]],
+) -> type[torch.autograd.Function]:
+    """Registers the autograd of torch.ops.vae_fast.<name>: `setup_context(ctx, inputs,
+    output)` saves what `backward(ctx, *grads)` needs; backward returns one gradient
+    (or None) per positional input. Returns the Function (for tests)."""
+    op = getattr(torch.ops.vae_fast, name).default
+    # The dispatcher drops trailing arguments equal to their defaults; setup_context
+    # sees them all.
+    defaults = tuple(a.default_value for a in op._schema.arguments if not a.kwarg_only)
+
+    def forward(*args: Any) -> Any:
+        *inputs, dispatch = args
+        # Below the Autograd key, as torch.library.register_autograd calls the kernel.
+        with torch._C._AutoDispatchBelowAutograd():
+            keyset = dispatch.keyset & torch._C._after_autograd_keyset
+            return op.redispatch(keyset, *inputs, **dispatch.keyword_only)
+
+    def setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        setup_context(ctx, inputs[:-1], output)
+
+    def backward_all(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return (*backward(ctx, *grads), None)
+
+    def no_rule(*_: Any) -> Any:
+        raise RuntimeError(
+            f"vae_fast: torch.ops.vae_fast.{name} has no forward-mode derivative or vmap rule "
+            "of its own; call the public vae_fast function (it runs vae_fast.reference under "
+            "forward AD and torch.func transforms) or use `with vae_fast.backend('reference'):`"
+        )
+
+    function = type(
+        f"{name.strip('_')}_autograd",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup),
+            "backward": staticmethod(backward_all),
+            "jvp": staticmethod(no_rule),
+            "vmap": staticmethod(no_rule),
+        },
+    )
+
+    def autograd_kernel(keyset: Any, *args: Any, **keyword_only: Any) -> Any:
+        dispatch = _Dispatch(keyset, keyword_only)
+        args = args + defaults[len(args) :]
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(*args, dispatch)
+        return forward(*args, dispatch)
+
+    _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    return function
+
+
+def register_first_order_only(name: str) -> None:
+    """A private backward op computes first derivatives only: differentiating it raises
+    (the Functions above never record it: a recorded backward runs the reference)."""
+
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(
+            f"vae_fast: {name} has no derivative of its own; the vae_fast ops differentiate "
+            "their backward through vae_fast.reference (call the public functions)"
+        )
+
+    torch.library.register_autograd(f"vae_fast::{name}", backward)
