@@ -7,6 +7,7 @@ a kernel (or, worse, as a silent broadcast).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -196,6 +197,13 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+@functools.lru_cache(maxsize=16)
+def _beta_tensor(value: float) -> torch.Tensor:
+    # Cached: most calls pass the same few numbers, and making a tensor costs ~5 us.
+    # (The ops only read it; it is never handed to the caller.)
+    return torch.tensor(value, dtype=torch.float64)
+
+
 def check_beta(beta: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The KL weight as a 0-d tensor: a Python number (float64 on CPU, exact), or a 0-d
     floating tensor as it is (so that it keeps its gradient and, changing every step,
@@ -216,7 +224,7 @@ def check_beta(beta: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             # A product, not torch.tensor(beta): dynamo keeps a Python float that
             # changes between calls symbolic here instead of specializing on it.
             return torch.ones((), dtype=torch.float64) * beta
-        return torch.tensor(beta, dtype=torch.float64)
+        return _beta_tensor(float(beta))
     raise TypeError(f"{fn}: `beta` must be a number or a 0-d floating tensor, got {_describe(beta)}")
 
 

@@ -1,0 +1,478 @@
+"""Autograd wherever torch can reach it, against the reference backend in float64.
+
+Covers: higher-order gradients (Hessians, Hessian-vector products, gradient
+penalties, gradgradcheck of every op), forward-mode AD, the torch.func transforms
+(grad, vmap(grad), jacrev, jacfwd, vmap and its randomness modes), beta as a tensor
+(its gradient, and no recompiles under torch.compile), gradients only where they
+flow, no host read of grad_output off the CPU, exact values at infinite logits,
+meta tensors and autocast, and gradients that the caller may change in place.
+
+Each case uses one small shape with odd sizes (no vector-width multiples): what is
+under test is the autograd route, not the kernels (tests/test_<op>.py cover those).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from conftest import DEVICES
+from torch._dynamo.utils import counters
+from torch.func import grad, jacfwd, jacrev, jvp, vmap
+
+import vae_fast
+from vae_fast.ops import _is_exactly_one
+
+pytestmark = pytest.mark.fused_only  # compares the fused route with the reference
+
+LIKELIHOODS = ["bernoulli", "gaussian"]
+REDUCTIONS = ["mean", "sum", "none"]
+B, D, Z = 3, 5, 2
+F64 = torch.float64
+
+
+def _tensor(*shape, seed, low=-1.0, high=1.0, device="cpu", requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(shape, generator=g, dtype=F64) * (high - low) + low
+    return t.to(device).requires_grad_(requires_grad)
+
+
+def _elbo_inputs(likelihood, device="cpu", requires_grad=True):
+    """x, recon, mu, logvar, obs_logvar (a per-feature one for the Gaussian)."""
+    x = _tensor(B, D, seed=0, low=0.0, device=device)
+    if likelihood == "bernoulli":
+        x = x.round()
+    recon = _tensor(B, D, seed=1, low=-2.0, high=2.0, device=device, requires_grad=requires_grad)
+    mu = _tensor(B, Z, seed=2, device=device, requires_grad=requires_grad)
+    logvar = _tensor(B, Z, seed=3, device=device, requires_grad=requires_grad)
+    obs = None
+    if likelihood == "gaussian":
+        obs = _tensor(D, seed=4, device=device, requires_grad=requires_grad)
+    return x, recon, mu, logvar, obs
+
+
+def _both_backends(fn):
+    """fn() run on the fused ops and on the reference."""
+    fused = fn()
+    with vae_fast.backend("reference"):
+        ref = fn()
+    return fused, ref
+
+
+def _assert_same(got, want):
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _eps(shape, seed=7):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# Each op as a function of its differentiable tensors, with everything else fixed
+# (reparameterize with a fixed generator, so that every call draws the same eps).
+def _single_ops():
+    x01 = _tensor(B, D, seed=0, low=0.0)
+    return {
+        "bernoulli_log_prob": (
+            lambda logits: vae_fast.bernoulli_log_prob(x01, logits),
+            (_tensor(B, D, seed=1, low=-3.0, high=3.0),),
+        ),
+        "gaussian_log_prob": (
+            lambda x, mean, logvar: vae_fast.gaussian_log_prob(x, mean, logvar),
+            (_tensor(B, D, seed=1), _tensor(B, D, seed=2), _tensor(D, seed=3)),
+        ),
+        "gaussian_kl": (
+            lambda mu, logvar, pm, plv: vae_fast.gaussian_kl(mu, logvar, pm, plv),
+            (_tensor(B, Z, seed=1), _tensor(B, Z, seed=2), _tensor(Z, seed=3), _tensor(Z, seed=4)),
+        ),
+        "reparameterize": (
+            lambda mu, logvar: vae_fast.reparameterize(
+                mu, logvar, num_samples=2, generator=torch.Generator().manual_seed(0)
+            ),
+            (_tensor(B, Z, seed=1), _tensor(B, Z, seed=2)),
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- 1. higher order
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_elbo_hessian_wrt_recon(likelihood, reduction):
+    # The fast path hands back forward-pass gradients as constants; a Hessian through
+    # it used to be all zeros.
+    x, recon, mu, logvar, obs = _elbo_inputs(likelihood, requires_grad=False)
+
+    def loss(r):
+        kw = {"likelihood": likelihood, "obs_logvar": obs, "reduction": reduction}
+        return vae_fast.elbo(x, r, mu, logvar, **kw)[0].sum()
+
+    fused, ref = _both_backends(lambda: torch.autograd.functional.hessian(loss, recon))
+    assert ref.abs().max() > 1e-3  # a Hessian worth comparing
+    _assert_same(fused, ref)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_elbo_hvp_wrt_all_inputs(likelihood):
+    x, recon, mu, logvar, obs = _elbo_inputs(likelihood, requires_grad=False)
+    inputs = tuple(t for t in (recon, mu, logvar, obs) if t is not None)
+    v = tuple(_tensor(*t.shape, seed=10 + i) for i, t in enumerate(inputs))
+
+    def loss(*ts):
+        r, m, lv, *o = ts
+        kw = {"likelihood": likelihood, "obs_logvar": o[0] if o else None, "beta": 0.7}
+        return vae_fast.elbo(x, r, m, lv, **kw)[0]
+
+    fused, ref = _both_backends(lambda: torch.autograd.functional.hvp(loss, inputs, v)[1])
+    _assert_same(fused, ref)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_gradient_penalty_reaches_the_decoder(likelihood):
+    # loss + 10 |d loss / d recon|^2, built with create_graph=True (WAE-GAN, Lipschitz
+    # decoders): the penalty's gradient must reach the decoder's weights.
+    x, _, mu, logvar, obs = _elbo_inputs(likelihood)
+    z = _tensor(B, Z, seed=5)
+
+    def weight_grads():
+        decoder = torch.nn.Linear(Z, D, dtype=F64)
+        with torch.no_grad():
+            decoder.weight.copy_(_tensor(D, Z, seed=6))
+            decoder.bias.zero_()
+        recon = decoder(z)
+        loss = vae_fast.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs)[0]
+        (g,) = torch.autograd.grad(loss, recon, create_graph=True)
+        penalty = 10 * g.square().sum()
+        return torch.autograd.grad(penalty, [decoder.weight, decoder.bias])
+
+    fused, ref = _both_backends(weight_grads)
+    assert ref[0].abs().max() > 1e-6
+    _assert_same(fused, ref)
+
+
+@pytest.mark.parametrize("name", list(_single_ops()))
+def test_gradgradcheck_every_op(name):
+    fn, inputs = _single_ops()[name]
+    inputs = tuple(t.requires_grad_() for t in inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_create_graph_on_a_direct_op_call():
+    # torch.ops calls share the route: their recorded backward is the reference's too.
+    x = _tensor(B, D, seed=0, low=0.0)
+    logits = _tensor(B, D, seed=1, requires_grad=True)
+    (g,) = torch.autograd.grad(
+        torch.ops.vae_fast.bernoulli_log_prob(x, logits, 1).sum(), logits, create_graph=True
+    )
+    (gg,) = torch.autograd.grad(g.sum(), logits)
+    s = torch.sigmoid(logits.detach())
+    torch.testing.assert_close(gg, -s * (1 - s), rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- 2. forward AD
+
+
+def _tangents(inputs, seed=20):
+    return tuple(_tensor(*t.shape, seed=seed + i) for i, t in enumerate(inputs))
+
+
+@pytest.mark.parametrize("name", list(_single_ops()))
+def test_forward_ad_every_op(name):
+    fn, inputs = _single_ops()[name]
+    tangents = _tangents(inputs)
+
+    def forward_tangent():
+        with fwAD.dual_level():
+            out = fn(*(fwAD.make_dual(p, t) for p, t in zip(inputs, tangents)))
+            return fwAD.unpack_dual(out).tangent
+
+    fused, ref = _both_backends(forward_tangent)
+    assert fused is not None
+    if name == "reparameterize":  # the reference draws its own eps: compare with the formula
+        eps = torch.ops.vae_fast.reparameterize(
+            *inputs, 2, generator=torch.Generator().manual_seed(0)
+        )[1]
+        mu_t, logvar_t = tangents
+        ref = mu_t + 0.5 * torch.exp(0.5 * inputs[1]) * eps * logvar_t
+    _assert_same(fused, ref)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_forward_ad_elbo(likelihood, reduction):
+    x, recon, mu, logvar, obs = _elbo_inputs(likelihood, requires_grad=False)
+    primals = tuple(t for t in (recon, mu, logvar, obs) if t is not None)
+
+    def loss(*ts):
+        r, m, lv, *o = ts
+        kw = {"likelihood": likelihood, "obs_logvar": o[0] if o else None}
+        return vae_fast.elbo(x, r, m, lv, reduction=reduction, **kw)
+
+    fused, ref = _both_backends(lambda: jvp(loss, primals, _tangents(primals))[1])
+    _assert_same(fused, ref)
+
+
+# --------------------------------------------------------------------------- 3. torch.func
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_func_grad_jacrev_jacfwd_elbo(likelihood):
+    x, recon, mu, logvar, obs = _elbo_inputs(likelihood, requires_grad=False)
+
+    def loss(r, m, lv):
+        return vae_fast.elbo(x, r, m, lv, likelihood=likelihood, obs_logvar=obs)[0]
+
+    def rows(r):
+        return vae_fast.elbo(x, r, mu, logvar, likelihood=likelihood, obs_logvar=obs)[1]
+
+    for transform in (
+        lambda: grad(loss, argnums=(0, 1, 2))(recon, mu, logvar),
+        lambda: jacrev(rows)(recon),
+        lambda: jacfwd(rows)(recon),
+        lambda: jacrev(grad(loss))(recon, mu, logvar),  # a Hessian block, by torch.func
+    ):
+        fused, ref = _both_backends(transform)
+        _assert_same(fused, ref)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_per_sample_gradients(likelihood):
+    # vmap(grad(...)): one gradient per sample, each that of its own one-row loss.
+    x, recon, mu, logvar, obs = _elbo_inputs(likelihood, requires_grad=False)
+
+    def one_sample_loss(r, xi, m, lv):
+        kw = {"likelihood": likelihood, "obs_logvar": obs}
+        return vae_fast.elbo(xi[None], r[None], m[None], lv[None], **kw)[0]
+
+    per_sample = vmap(grad(one_sample_loss, argnums=(0, 2, 3)))(recon, x, mu, logvar)
+    for i in range(B):
+        want = _both_backends(
+            lambda: grad(one_sample_loss, argnums=(0, 2, 3))(recon[i], x[i], mu[i], logvar[i])  # noqa: B023
+        )[1]
+        _assert_same(tuple(g[i] for g in per_sample), want)
+
+
+@pytest.mark.parametrize("name", list(_single_ops()))
+def test_func_transforms_every_op(name):
+    fn, inputs = _single_ops()[name]
+    total = lambda *ts: fn(*ts).sum()  # noqa: E731
+    stacked = tuple(torch.stack([t, 0.5 * t]) for t in inputs)  # a new leading dim to map
+    checks = [lambda: grad(total, argnums=tuple(range(len(inputs))))(*inputs)]
+    if name != "reparameterize":  # its draw differs by backend: checked below
+        checks += [lambda: jacrev(fn)(*inputs), lambda: jacfwd(fn)(*inputs), lambda: vmap(fn)(*stacked)]
+    for check in checks:
+        fused, ref = _both_backends(check)
+        if name == "reparameterize":  # d(sum z)/dmu = K; d/dlogvar depends on eps only
+            torch.testing.assert_close(fused[0], torch.full_like(inputs[0], 2.0))
+        else:
+            _assert_same(fused, ref)
+
+
+def test_vmap_randomness_modes_of_reparameterize():
+    mu, logvar = torch.zeros(4, 3, dtype=F64), torch.zeros(4, 3, dtype=F64)
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(vae_fast.reparameterize)(mu, logvar)
+    same = vmap(vae_fast.reparameterize, randomness="same")(mu, logvar)
+    assert torch.equal(same, same[:1].expand_as(same))
+    different = vmap(vae_fast.reparameterize, randomness="different")(mu, logvar)
+    assert not torch.equal(different[0], different[1])
+    # Both are standard normal draws, in mu's shape per row.
+    assert same.shape == different.shape == (4, 3)
+
+
+# --------------------------------------------------------------------------- 4. beta
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_beta_tensor_gets_its_gradient(likelihood, reduction):
+    x, recon, mu, logvar, obs = _elbo_inputs(likelihood)
+
+    def grads():
+        beta = torch.tensor(0.3, dtype=F64, requires_grad=True)
+        kw = {"likelihood": likelihood, "obs_logvar": obs, "reduction": reduction}
+        loss = vae_fast.elbo(x, recon, mu, logvar, beta=beta, **kw)[0]
+        return torch.autograd.grad(loss.sum() * 1.5, [beta, recon, mu])
+
+    fused, ref = _both_backends(grads)
+    _assert_same(fused, ref)
+
+
+@pytest.mark.parametrize(
+    "beta, error",
+    [
+        (torch.ones(1), ValueError),  # one element, but not 0-d: no silent broadcast
+        (torch.ones(3), ValueError),
+        (torch.tensor(1), ValueError),  # an integer tensor
+        ("1.0", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+    ],
+)
+def test_bad_beta_raises_naming_it(beta, error):
+    x, recon, mu, logvar, _ = _elbo_inputs("bernoulli")
+    with pytest.raises(error, match="`beta`"):
+        vae_fast.elbo(x, recon, mu, logvar, beta=beta)
+
+
+@pytest.mark.slow
+def test_changing_beta_does_not_recompile():
+    # A KL warm-up: beta changes every step. A 0-d tensor (and ELBOLoss, which keeps
+    # beta in one) compiles once; a Python float at most twice (dynamo specializes the
+    # first value, then makes it symbolic), and never hits the recompile limit.
+    x, recon, mu, logvar, _ = _elbo_inputs("bernoulli")
+
+    def step(x, recon, mu, logvar, beta):
+        return vae_fast.elbo(x, recon, mu, logvar, beta=beta)[0]
+
+    for make_beta, max_graphs in ((lambda b: torch.tensor(b, dtype=F64), 1), (float, 2)):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        for i in range(12):
+            beta = 0.05 + i / 12
+            compiled(x, recon, mu, logvar, make_beta(beta)).backward()
+            with vae_fast.backend("reference"):
+                want = step(x, recon, mu, logvar, beta)
+            torch.testing.assert_close(compiled(x, recon, mu, logvar, make_beta(beta)), want)
+        assert counters["stats"]["unique_graphs"] <= max_graphs
+    torch._dynamo.reset()
+    counters.clear()
+    loss_fn = vae_fast.nn.ELBOLoss()
+    compiled = torch.compile(loss_fn, backend="aot_eager")
+    for i in range(12):
+        loss_fn.beta = i / 12
+        compiled(x, recon, mu, logvar)[0].backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+
+
+# --------------------------------------------------------------------------- 5. where gradients flow
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_gradients_only_where_they_flow(likelihood):
+    # Optimizers treat no gradient and a zero gradient differently (weight decay,
+    # momentum): a backward through one term leaves the other term's inputs at None.
+    x, recon, mu, logvar, obs = _elbo_inputs(likelihood)
+    _, ll, kl = vae_fast.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs)
+    ll.sum().backward()
+    assert mu.grad is None and logvar.grad is None and recon.grad is not None
+    x, recon, mu, logvar, obs = _elbo_inputs(likelihood)
+    _, ll, kl = vae_fast.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs)
+    kl.sum().backward()
+    assert recon.grad is None and mu.grad is not None
+    assert obs is None or obs.grad is None
+
+
+# --------------------------------------------------------------------------- 6. no host sync
+
+
+def test_the_scale_decision_reads_nothing_off_the_cpu():
+    # grad_output == 1 is read only on the CPU, where it is free. A fake CUDA tensor
+    # stands in for a real one: reading its value would raise.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not _is_exactly_one(torch.ones((), device="cuda"))
+    assert not _is_exactly_one(torch.ones((), device="meta"))
+    assert _is_exactly_one(torch.ones(()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_training_step_has_no_host_sync():
+    x, recon, mu, logvar, _ = _elbo_inputs("bernoulli", device="cuda")
+    beta = torch.tensor(0.5, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = vae_fast.elbo(x, recon, mu, logvar, beta=beta)[0]
+        (2.0 * loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert recon.grad is not None
+
+
+# --------------------------------------------------------------------------- 7. infinite logits
+
+
+INF = math.inf
+# (x, logit, log p, d/dlogit): every case where the maths has a value.
+INFINITE_LOGITS = [
+    (0.0, INF, -INF, -1.0),
+    (1.0, INF, 0.0, 0.0),
+    (0.5, INF, -INF, -0.5),
+    (0.0, -INF, 0.0, 0.0),
+    (1.0, -INF, -INF, 1.0),
+    (0.5, -INF, -INF, 0.5),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_infinite_logits(device, dtype):
+    x = torch.tensor([[c[0]] for c in INFINITE_LOGITS], dtype=dtype, device=device)
+    logits = torch.tensor([[c[1]] for c in INFINITE_LOGITS], dtype=dtype, device=device)
+    want = torch.tensor([c[2] for c in INFINITE_LOGITS], dtype=dtype, device=device)
+    want_grad = torch.tensor([[c[3]] for c in INFINITE_LOGITS], dtype=dtype, device=device)
+    logits.requires_grad_(True)
+    got = vae_fast.bernoulli_log_prob(x, logits)
+    (g,) = torch.autograd.grad(got.sum(), logits)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g, want_grad)
+    with vae_fast.backend("reference"):
+        torch.testing.assert_close(vae_fast.bernoulli_log_prob(x, logits.detach()), want)
+    mu = torch.zeros(len(INFINITE_LOGITS), 2, dtype=dtype, device=device)
+    _, ll, _ = vae_fast.elbo(x, logits, mu, mu, reduction="none")
+    torch.testing.assert_close(ll, want)
+    (g,) = torch.autograd.grad(vae_fast.elbo(x, logits, mu, mu, reduction="sum")[0], logits)
+    torch.testing.assert_close(g, -want_grad)
+
+
+# --------------------------------------------------------------------------- 8. meta, autocast
+
+
+def test_meta_tensors_infer_shapes():
+    m = torch.empty(4, 6, device="meta")
+    z = torch.empty(4, 2, device="meta")
+    loss, ll, kl = vae_fast.elbo(m, m, z, z)
+    assert loss.shape == () and ll.shape == kl.shape == (4,) and ll.device.type == "meta"
+    assert vae_fast.gaussian_kl(z, z).shape == (4,)
+    assert vae_fast.bernoulli_log_prob(m, m).shape == (4,)
+    assert vae_fast.gaussian_log_prob(m, m, m[0]).shape == (4,)
+    assert vae_fast.reparameterize(z, z, num_samples=3).shape == (3, 4, 2)
+
+
+def test_autocast_keeps_float64():
+    x, recon, mu, logvar, _ = _elbo_inputs("bernoulli")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vae_fast.elbo(x, recon, mu, logvar)
+        half = vae_fast.elbo(x.float(), recon.bfloat16(), mu.float(), logvar.float())
+    assert all(t.dtype == F64 for t in got)
+    assert all(t.dtype == torch.float32 for t in half)
+    _assert_same(got, vae_fast.elbo(x, recon, mu, logvar))
+
+
+# --------------------------------------------------------------------------- 9. owned gradients
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 2.5])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_gradients_clipped_in_place_do_not_change_a_second_backward(likelihood, grad_scale):
+    x, recon, mu, logvar, obs = _elbo_inputs(likelihood)
+    inputs = [t for t in (recon, mu, logvar, obs) if t is not None]
+    loss = vae_fast.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs)[0]
+    first = torch.autograd.grad(loss * grad_scale, inputs, retain_graph=True)
+    want = [g.clone() for g in first]
+    for g in first:
+        g.clamp_(-1e-3, 1e-3)  # clipping, in place
+    second = torch.autograd.grad(loss * grad_scale, inputs)
+    for a, b in zip(second, want):
+        assert torch.equal(a, b)
