@@ -3,6 +3,7 @@
 # make bench - CPU benchmarks into bench/results/
 # TORCH=...  - the torch requirement to install when none is importable (default torch==2.13.0)
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -39,9 +40,14 @@ $(DEPS_STAMP): | $(PY)
 
 # Editable install: the Python sources are used in place, the compiled _C is rebuilt
 # incrementally (persistent build dir) only when a C++/CUDA/CMake source changed.
+# Progress: ninja's line per compiled file; the whole log is kept in .venv/build.log.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $@
+	@echo "building vae_fast._C (a first build compiles ~20 files: about 1 CPU-minute)"
+	@set -o pipefail; \
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
+	  | { grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] ' || true; } \
+	  || { echo "build failed; the end of $(VENV)/build.log:"; tail -40 $(VENV)/build.log; exit 1; }
+	@touch $@
 
 lint: $(DEPS_STAMP)
 	$(PY) -m pip install -q ruff

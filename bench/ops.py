@@ -58,13 +58,13 @@ MODE_TITLE = {"forward": "fwd", "full": "fwd+bwd"}
 # Written the way a user would write them, not tuned: this is what vae_fast replaces.
 
 
-def eager_elbo_bernoulli(x, recon, mu, logvar):
+def eager_elbo_bernoulli(recon, x, mu, logvar):
     bce = F.binary_cross_entropy_with_logits(recon, x, reduction="none").sum(-1)
     kl = 0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar).sum(-1)
     return (bce + kl).mean(), -bce, kl
 
 
-def dist_elbo_bernoulli(x, recon, mu, logvar):
+def dist_elbo_bernoulli(recon, x, mu, logvar):
     ll = Bernoulli(logits=recon).log_prob(x).sum(-1)
     posterior = Normal(mu, (0.5 * logvar).exp())
     prior = Normal(torch.zeros_like(mu), torch.ones_like(mu))
@@ -72,13 +72,13 @@ def dist_elbo_bernoulli(x, recon, mu, logvar):
     return (kl - ll).mean(), ll, kl
 
 
-def eager_elbo_gaussian(x, recon, mu, logvar, obs_logvar):
+def eager_elbo_gaussian(recon, x, mu, logvar, obs_logvar):
     ll = (-0.5 * (LOG_2PI + obs_logvar + (x - recon).pow(2) / obs_logvar.exp())).sum(-1)
     kl = 0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar).sum(-1)
     return (kl - ll).mean(), ll, kl
 
 
-def dist_elbo_gaussian(x, recon, mu, logvar, obs_logvar):
+def dist_elbo_gaussian(recon, x, mu, logvar, obs_logvar):
     ll = Normal(recon, (0.5 * obs_logvar).exp()).log_prob(x).sum(-1)
     posterior = Normal(mu, (0.5 * logvar).exp())
     prior = Normal(torch.zeros_like(mu), torch.ones_like(mu))
@@ -161,7 +161,7 @@ def _make_elbo_bernoulli(B, D, Z, dtype, device, grad):
     recon = _leaf(torch.randn(B, D, **kw) * 2, grad)
     mu = _leaf(torch.randn(B, Z, **kw), grad)
     logvar = _leaf(torch.randn(B, Z, **kw) * 0.5, grad)
-    return Inputs((x, recon, mu, logvar), [recon, mu, logvar])
+    return Inputs((recon, x, mu, logvar), [recon, mu, logvar])  # elbo's order: recon, x
 
 
 def _make_elbo_gaussian(B, D, Z, dtype, device, grad):
@@ -171,7 +171,7 @@ def _make_elbo_gaussian(B, D, Z, dtype, device, grad):
     mu = _leaf(torch.randn(B, Z, **kw), grad)
     logvar = _leaf(torch.randn(B, Z, **kw) * 0.5, grad)
     obs_logvar = _leaf(torch.randn(D, **kw) * 0.1, grad)  # learnable, per feature
-    return Inputs((x, recon, mu, logvar, obs_logvar), [recon, mu, logvar, obs_logvar])
+    return Inputs((recon, x, mu, logvar, obs_logvar), [recon, mu, logvar, obs_logvar])
 
 
 def _make_kl(B, D, Z, dtype, device, grad):
@@ -202,7 +202,7 @@ def _make_gaussian_log_prob(B, D, Z, dtype, device, grad):
 
 
 def _elbo_gaussian(api):
-    return lambda x, r, mu, lv, obs: api.elbo(x, r, mu, lv, likelihood="gaussian", obs_logvar=obs)
+    return lambda r, x, mu, lv, obs: api.elbo(r, x, mu, lv, likelihood="gaussian", obs_logvar=obs)
 
 
 class _Decoded(torch.autograd.Function):
@@ -220,11 +220,11 @@ class _Decoded(torch.autograd.Function):
 
 
 def _elbo_inplace(**kwargs):
-    def call(x, recon, mu, logvar, *obs):
+    def call(recon, x, mu, logvar, *obs):
         obs_kw = {"obs_logvar": obs[0]} if obs else {}
         if recon.requires_grad:  # (forward only: there is no gradient to write)
             recon = _Decoded.apply(recon)
-        return vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True, **kwargs, **obs_kw)
+        return vae_fast.elbo(recon, x, mu, logvar, inplace_grad=True, **kwargs, **obs_kw)
 
     return call
 

@@ -61,10 +61,10 @@ class Variant:
 
         def forward_loss(x):
             out = model_(x)
-            return loss_fn(x, out.recon, out.mu, out.logvar)[0]
+            return loss_fn(out.recon, x, out.mu, out.logvar)[0]
 
         def loss_only(x, recon, mu, logvar):
-            return loss_fn(x, recon, mu, logvar)[0]
+            return loss_fn(recon, x, mu, logvar)[0]
 
         if mode == "compile":
             forward_loss = torch.compile(forward_loss, dynamic=False)

@@ -10,8 +10,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(vae_fast, m) {
-  // sum over the last `event_dims` dims of x*logits - softplus(logits)
-  m.def("bernoulli_log_prob(Tensor x, Tensor logits, int event_dims) -> Tensor");
+  // sum over the last `event_dims` dims of x*logits - softplus(logits). validate_x:
+  // raise if an element of x lies outside [0, 1] (found in the same pass over x).
+  m.def(
+      "bernoulli_log_prob(Tensor x, Tensor logits, int event_dims, bool validate_x=True) -> "
+      "Tensor");
   m.def(
       "_bernoulli_log_prob_backward(Tensor grad, Tensor x, Tensor logits, int event_dims, "
       "bool[2] output_mask) -> (Tensor grad_x, Tensor grad_logits)");
@@ -50,7 +53,8 @@ TORCH_LIBRARY(vae_fast, m) {
   // changes every step (a KL warm-up) does not make torch.compile recompile.
   m.def(
       "elbo(Tensor x, Tensor recon, Tensor mu, Tensor logvar, Tensor? obs_logvar, "
-      "str likelihood, Tensor beta, str reduction, bool compute_grad) -> (Tensor loss, "
+      "str likelihood, Tensor beta, str reduction, bool compute_grad, bool validate_x=True) -> "
+      "(Tensor loss, "
       "Tensor log_likelihood, Tensor kl, Tensor grad_recon, Tensor grad_obs_logvar, "
       "Tensor grad_mu, Tensor grad_logvar)");
   // elbo(..., inplace_grad=True): the same pass, with d(loss)/d(recon) written over
@@ -58,7 +62,8 @@ TORCH_LIBRARY(vae_fast, m) {
   // cross-entropy does the same with its logits).
   m.def(
       "_elbo_into_recon(Tensor x, Tensor(a!) recon, Tensor mu, Tensor logvar, "
-      "Tensor? obs_logvar, str likelihood, Tensor beta, str reduction) -> (Tensor loss, "
+      "Tensor? obs_logvar, str likelihood, Tensor beta, str reduction, bool validate_x=True) -> "
+      "(Tensor loss, "
       "Tensor log_likelihood, Tensor kl, Tensor grad_obs_logvar, Tensor grad_mu, "
       "Tensor grad_logvar)");
 }

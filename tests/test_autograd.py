@@ -113,7 +113,7 @@ def test_elbo_hessian_wrt_recon(likelihood, reduction):
 
     def loss(r):
         kw = {"likelihood": likelihood, "obs_logvar": obs, "reduction": reduction}
-        return vae_fast.elbo(x, r, mu, logvar, **kw)[0].sum()
+        return vae_fast.elbo(r, x, mu, logvar, **kw)[0].sum()
 
     fused, ref = _both_backends(lambda: torch.autograd.functional.hessian(loss, recon))
     assert ref.abs().max() > 1e-3  # a Hessian worth comparing
@@ -129,7 +129,7 @@ def test_elbo_hvp_wrt_all_inputs(likelihood):
     def loss(*ts):
         r, m, lv, *o = ts
         kw = {"likelihood": likelihood, "obs_logvar": o[0] if o else None, "beta": 0.7}
-        return vae_fast.elbo(x, r, m, lv, **kw)[0]
+        return vae_fast.elbo(r, x, m, lv, **kw)[0]
 
     fused, ref = _both_backends(lambda: torch.autograd.functional.hvp(loss, inputs, v)[1])
     _assert_same(fused, ref)
@@ -148,7 +148,7 @@ def test_gradient_penalty_reaches_the_decoder(likelihood):
             decoder.weight.copy_(_tensor(D, Z, seed=6))
             decoder.bias.zero_()
         recon = decoder(z)
-        loss = vae_fast.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs)[0]
+        loss = vae_fast.elbo(recon, x, mu, logvar, likelihood=likelihood, obs_logvar=obs)[0]
         (g,) = torch.autograd.grad(loss, recon, create_graph=True)
         penalty = 10 * g.square().sum()
         return torch.autograd.grad(penalty, [decoder.weight, decoder.bias])
@@ -214,7 +214,7 @@ def test_forward_ad_elbo(likelihood, reduction):
     def loss(*ts):
         r, m, lv, *o = ts
         kw = {"likelihood": likelihood, "obs_logvar": o[0] if o else None}
-        return vae_fast.elbo(x, r, m, lv, reduction=reduction, **kw)
+        return vae_fast.elbo(r, x, m, lv, reduction=reduction, **kw)
 
     fused, ref = _both_backends(lambda: jvp(loss, primals, _tangents(primals))[1])
     _assert_same(fused, ref)
@@ -228,10 +228,10 @@ def test_func_grad_jacrev_jacfwd_elbo(likelihood):
     x, recon, mu, logvar, obs = _elbo_inputs(likelihood, requires_grad=False)
 
     def loss(r, m, lv):
-        return vae_fast.elbo(x, r, m, lv, likelihood=likelihood, obs_logvar=obs)[0]
+        return vae_fast.elbo(r, x, m, lv, likelihood=likelihood, obs_logvar=obs)[0]
 
     def rows(r):
-        return vae_fast.elbo(x, r, mu, logvar, likelihood=likelihood, obs_logvar=obs)[1]
+        return vae_fast.elbo(r, x, mu, logvar, likelihood=likelihood, obs_logvar=obs)[1]
 
     for transform in (
         lambda: grad(loss, argnums=(0, 1, 2))(recon, mu, logvar),
@@ -250,7 +250,7 @@ def test_per_sample_gradients(likelihood):
 
     def one_sample_loss(r, xi, m, lv):
         kw = {"likelihood": likelihood, "obs_logvar": obs}
-        return vae_fast.elbo(xi[None], r[None], m[None], lv[None], **kw)[0]
+        return vae_fast.elbo(r[None], xi[None], m[None], lv[None], **kw)[0]
 
     per_sample = vmap(grad(one_sample_loss, argnums=(0, 2, 3)))(recon, x, mu, logvar)
     for i in range(B):
@@ -299,7 +299,7 @@ def test_beta_tensor_gets_its_gradient(likelihood, reduction):
     def grads():
         beta = torch.tensor(0.3, dtype=F64, requires_grad=True)
         kw = {"likelihood": likelihood, "obs_logvar": obs, "reduction": reduction}
-        loss = vae_fast.elbo(x, recon, mu, logvar, beta=beta, **kw)[0]
+        loss = vae_fast.elbo(recon, x, mu, logvar, beta=beta, **kw)[0]
         return torch.autograd.grad(loss.sum() * 1.5, [beta, recon, mu])
 
     fused, ref = _both_backends(grads)
@@ -320,7 +320,7 @@ def test_beta_tensor_gets_its_gradient(likelihood, reduction):
 def test_bad_beta_raises_naming_it(beta, error):
     x, recon, mu, logvar, _ = _elbo_inputs("bernoulli")
     with pytest.raises(error, match="`beta`"):
-        vae_fast.elbo(x, recon, mu, logvar, beta=beta)
+        vae_fast.elbo(recon, x, mu, logvar, beta=beta)
 
 
 @pytest.mark.slow
@@ -331,7 +331,7 @@ def test_changing_beta_does_not_recompile():
     x, recon, mu, logvar, _ = _elbo_inputs("bernoulli")
 
     def step(x, recon, mu, logvar, beta):
-        return vae_fast.elbo(x, recon, mu, logvar, beta=beta)[0]
+        return vae_fast.elbo(recon, x, mu, logvar, beta=beta)[0]
 
     for make_beta, max_graphs in ((lambda b: torch.tensor(b, dtype=F64), 1), (float, 2)):
         torch._dynamo.reset()
@@ -350,7 +350,7 @@ def test_changing_beta_does_not_recompile():
     compiled = torch.compile(loss_fn, backend="aot_eager")
     for i in range(12):
         loss_fn.beta = i / 12
-        compiled(x, recon, mu, logvar)[0].backward()
+        compiled(recon, x, mu, logvar)[0].backward()
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
 
@@ -363,11 +363,11 @@ def test_gradients_only_where_they_flow(likelihood):
     # Optimizers treat no gradient and a zero gradient differently (weight decay,
     # momentum): a backward through one term leaves the other term's inputs at None.
     x, recon, mu, logvar, obs = _elbo_inputs(likelihood)
-    _, ll, kl = vae_fast.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs)
+    _, ll, kl = vae_fast.elbo(recon, x, mu, logvar, likelihood=likelihood, obs_logvar=obs)
     ll.sum().backward()
     assert mu.grad is None and logvar.grad is None and recon.grad is not None
     x, recon, mu, logvar, obs = _elbo_inputs(likelihood)
-    _, ll, kl = vae_fast.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs)
+    _, ll, kl = vae_fast.elbo(recon, x, mu, logvar, likelihood=likelihood, obs_logvar=obs)
     kl.sum().backward()
     assert recon.grad is None and mu.grad is not None
     assert obs is None or obs.grad is None
@@ -393,7 +393,7 @@ def test_cuda_training_step_has_no_host_sync():
     beta = torch.tensor(0.5, device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = vae_fast.elbo(x, recon, mu, logvar, beta=beta)[0]
+        loss = vae_fast.elbo(recon, x, mu, logvar, beta=beta)[0]
         (2.0 * loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -430,9 +430,9 @@ def test_infinite_logits(device, dtype):
     with vae_fast.backend("reference"):
         torch.testing.assert_close(vae_fast.bernoulli_log_prob(x, logits.detach()), want)
     mu = torch.zeros(len(INFINITE_LOGITS), 2, dtype=dtype, device=device)
-    _, ll, _ = vae_fast.elbo(x, logits, mu, mu, reduction="none")
+    _, ll, _ = vae_fast.elbo(logits, x, mu, mu, reduction="none")
     torch.testing.assert_close(ll, want)
-    (g,) = torch.autograd.grad(vae_fast.elbo(x, logits, mu, mu, reduction="sum")[0], logits)
+    (g,) = torch.autograd.grad(vae_fast.elbo(logits, x, mu, mu, reduction="sum")[0], logits)
     torch.testing.assert_close(g, -want_grad)
 
 
@@ -453,11 +453,11 @@ def test_meta_tensors_infer_shapes():
 def test_autocast_keeps_float64():
     x, recon, mu, logvar, _ = _elbo_inputs("bernoulli")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = vae_fast.elbo(x, recon, mu, logvar)
-        half = vae_fast.elbo(x.float(), recon.bfloat16(), mu.float(), logvar.float())
+        got = vae_fast.elbo(recon, x, mu, logvar)
+        half = vae_fast.elbo(recon.bfloat16(), x.float(), mu.float(), logvar.float())
     assert all(t.dtype == F64 for t in got)
     assert all(t.dtype == torch.float32 for t in half)
-    _assert_same(got, vae_fast.elbo(x, recon, mu, logvar))
+    _assert_same(got, vae_fast.elbo(recon, x, mu, logvar))
 
 
 # --------------------------------------------------------------------------- 9. owned gradients
@@ -468,7 +468,7 @@ def test_autocast_keeps_float64():
 def test_gradients_clipped_in_place_do_not_change_a_second_backward(likelihood, grad_scale):
     x, recon, mu, logvar, obs = _elbo_inputs(likelihood)
     inputs = [t for t in (recon, mu, logvar, obs) if t is not None]
-    loss = vae_fast.elbo(x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs)[0]
+    loss = vae_fast.elbo(recon, x, mu, logvar, likelihood=likelihood, obs_logvar=obs)[0]
     first = torch.autograd.grad(loss * grad_scale, inputs, retain_graph=True)
     want = [g.clone() for g in first]
     for g in first:

@@ -82,10 +82,10 @@ def inputs(
 
 
 def call(fn, ins, **kw):
-    return fn(ins["x"], ins["recon"], ins["mu"], ins["logvar"], obs_logvar=ins["obs_logvar"], **kw)
+    return fn(ins["recon"], ins["x"], ins["mu"], ins["logvar"], obs_logvar=ins["obs_logvar"], **kw)
 
 
-def truth(x, recon, mu, logvar, obs_logvar=None, **kw):
+def truth(recon, x, mu, logvar, obs_logvar=None, **kw):  # the public elbo's order
     return truth_elbo(x, recon, mu, logvar, obs_logvar=obs_logvar, **kw)
 
 
@@ -410,7 +410,7 @@ def test_fused_matches_reference_in_a_model(device, dtype, likelihood, vae_backe
             )
             kw = {"obs_logvar": obs} if likelihood == "gaussian" else {}
             loss, ll, kl = vae_fast.elbo(
-                x, dec(z), mu, logvar, likelihood=likelihood, beta=0.5, **kw
+                dec(z), x, mu, logvar, likelihood=likelihood, beta=0.5, **kw
             )
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss, grads
@@ -429,8 +429,8 @@ def test_fused_matches_reference_in_a_model(device, dtype, likelihood, vae_backe
 # --------------------------------------------------------------------------- bad input
 
 
-def _ok():
-    return torch.rand(3, 8), torch.randn(3, 8), torch.randn(3, 2), torch.randn(3, 2)
+def _ok():  # (recon, x, mu, logvar), the public order
+    return torch.randn(3, 8), torch.rand(3, 8), torch.randn(3, 2), torch.randn(3, 2)
 
 
 def test_unknown_likelihood():
@@ -450,20 +450,20 @@ def test_unknown_reduction():
 
 
 def test_mismatched_shapes():
-    x, recon, mu, logvar = _ok()
+    recon, x, mu, logvar = _ok()
     with pytest.raises(ValueError, match=r"`recon` has shape \(3, 7\) but `x` has shape \(3, 8\)"):
-        op(x, recon[:, :7], mu, logvar)
+        op(recon[:, :7], x, mu, logvar)
     with pytest.raises(
         ValueError, match=r"`logvar` has shape \(3, 3\) but `mu` has shape \(3, 2\)"
     ):
-        op(x, recon, mu, torch.zeros(3, 3))
+        op(recon, x, mu, torch.zeros(3, 3))
     with pytest.raises(ValueError, match=r"`mu` has batch size 2 \(shape \(2, 2\)\) but `x` has 3"):
-        op(x, recon, mu[:2], logvar[:2])
+        op(recon, x, mu[:2], logvar[:2])
 
 
 def test_missing_batch_dim():
     with pytest.raises(ValueError, match=r"`x` and `mu` need a leading batch dim"):
-        op(torch.tensor(0.5), torch.tensor(0.1), torch.zeros(1, 2), torch.zeros(1, 2))
+        op(torch.tensor(0.1), torch.tensor(0.5), torch.zeros(1, 2), torch.zeros(1, 2))
 
 
 def test_obs_logvar_with_bernoulli():
@@ -483,22 +483,22 @@ def test_obs_logvar_not_broadcastable():
 
 @pytest.mark.parametrize("name", ["x", "recon", "mu", "logvar"])
 def test_integer_dtype(name):
-    args = dict(zip(("x", "recon", "mu", "logvar"), _ok()))
+    args = dict(zip(("recon", "x", "mu", "logvar"), _ok()))
     args[name] = args[name].to(torch.int64)
     with pytest.raises(TypeError, match=rf"`{name}` has dtype torch.int64; expected a floating"):
         op(*args.values())
 
 
 def test_mixed_dtypes():
-    x, recon, mu, logvar = _ok()
+    recon, x, mu, logvar = _ok()
     with pytest.raises(TypeError, match=r"`mu` has dtype torch.float64 but `x` has torch.float32"):
-        op(x, recon, mu.double(), logvar.double())
+        op(recon, x, mu.double(), logvar.double())
     with pytest.raises(
         TypeError, match=r"`obs_logvar` has dtype torch.bfloat16 but `x` has torch.float32"
     ):
         op(
-            x,
             recon,
+            x,
             mu,
             logvar,
             likelihood="gaussian",
@@ -508,9 +508,26 @@ def test_mixed_dtypes():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
 def test_mixed_devices():
-    x, recon, mu, logvar = _ok()
+    recon, x, mu, logvar = _ok()
     with pytest.raises(ValueError, match=r"`mu` is on cuda:0 but `x` is on cpu"):
-        op(x, recon, mu.cuda(), logvar.cuda())
+        op(recon, x, mu.cuda(), logvar.cuda())
+
+
+def test_argument_order_is_recon_then_x():
+    # The public order is (recon, x, mu, logvar), as in torch's losses (input, target) and
+    # pytorch/examples' loss_function(recon_x, x, mu, logvar): positional and keyword
+    # calls agree, and recon is read as the logits, x as the targets.
+    gen = torch.Generator().manual_seed(0)
+    recon = torch.randn(3, 7, dtype=torch.float64, generator=gen)
+    x = torch.rand(3, 7, dtype=torch.float64, generator=gen).round()
+    mu, logvar = (torch.randn(3, 2, dtype=torch.float64, generator=gen) for _ in range(2))
+    got = vae_fast.elbo(recon, x, mu, logvar, reduction="sum")
+    by_name = vae_fast.elbo(recon=recon, x=x, mu=mu, logvar=logvar, reduction="sum")
+    ll = torch.distributions.Bernoulli(logits=recon).log_prob(x).sum(-1)
+    kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(-1)
+    for g, n, w in zip(got, by_name, ((kl - ll).sum(), ll, kl)):
+        torch.testing.assert_close(g, n, rtol=0, atol=0)
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
@@ -586,7 +603,7 @@ def test_saturated_logits_gradient(device, dtype, reduction):
     recon = torch.tensor([[1e4, -1e4, 1e4, -1e4, 1e4, -1e4]], dtype=dtype, device=device)
     recon.requires_grad_(True)
     zeros = torch.zeros(1, 2, dtype=dtype, device=device)
-    loss, _, _ = op(x, recon, zeros, zeros, reduction=reduction)
+    loss, _, _ = op(recon, x, zeros, zeros, reduction=reduction)
     (g,) = torch.autograd.grad(loss.sum(), recon)
     want = torch.tensor([[0.0, 0.0, 1.0, -1.0, 0.5, -0.5]], dtype=dtype, device=device)
     assert torch.equal(g, want), g
@@ -600,9 +617,9 @@ def test_autocast_mixed_dtypes_run_in_float32():
     recon = torch.randn(6, 10, generator=gen).bfloat16().requires_grad_()
     mu, logvar = (torch.randn(6, 3, generator=gen).bfloat16().requires_grad_() for _ in range(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, ll, kl = vae_fast.elbo(x, recon, mu, logvar)
+        loss, ll, kl = vae_fast.elbo(recon, x, mu, logvar)
     assert loss.dtype == ll.dtype == kl.dtype == torch.float32
-    expected = vae_fast.reference.elbo(x, recon.float(), mu.float(), logvar.float())
+    expected = vae_fast.reference.elbo(recon.float(), x, mu.float(), logvar.float())
     for got, want in zip((loss, ll, kl), expected):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-5)
     loss.backward()

@@ -39,8 +39,8 @@ def _step(model, likelihood, reduction, inplace, grad_scale):
     seen = []
     recon.register_hook(lambda g: seen.append(g))
     loss, ll, kl = vae_fast.elbo(
-        x,
         recon,
+        x,
         mu,
         logvar,
         likelihood=likelihood,
@@ -81,7 +81,7 @@ def test_a_second_scaled_backward_through_a_retained_graph(device, gen):
     # so a second backward reads the saved ones unchanged, even after the caller
     # clipped the first ones in place; without it they are scaled in place (no copy).
     x, weight, hidden, mu, logvar, _ = _model(torch.float32, device, "bernoulli", gen)
-    loss, _, _ = vae_fast.elbo(x, hidden @ weight, mu, logvar, inplace_grad=True)
+    loss, _, _ = vae_fast.elbo(hidden @ weight, x, mu, logvar, inplace_grad=True)
     first = torch.autograd.grad(2.5 * loss, [weight, mu, logvar], retain_graph=True)
     want = [g.clone() for g in first]
     for g in first:
@@ -93,7 +93,7 @@ def test_a_second_scaled_backward_through_a_retained_graph(device, gen):
 
 def test_create_graph_raises(gen):
     x, weight, hidden, mu, logvar, _ = _model(torch.float32, "cpu", "bernoulli", gen)
-    loss, _, _ = vae_fast.elbo(x, hidden @ weight, mu, logvar, inplace_grad=True)
+    loss, _, _ = vae_fast.elbo(hidden @ weight, x, mu, logvar, inplace_grad=True)
     with pytest.raises(RuntimeError, match="inplace_grad=True. cannot be differentiated twice"):
         torch.autograd.grad(loss, [weight], create_graph=True)
 
@@ -101,7 +101,7 @@ def test_create_graph_raises(gen):
 @pytest.mark.parametrize("device", DEVICES)
 def test_log_likelihood_and_kl_are_detached(device, gen):
     x, weight, hidden, mu, logvar, _ = _model(torch.float32, device, "bernoulli", gen)
-    loss, ll, kl = vae_fast.elbo(x, hidden @ weight, mu, logvar, inplace_grad=True)
+    loss, ll, kl = vae_fast.elbo(hidden @ weight, x, mu, logvar, inplace_grad=True)
     assert loss.requires_grad and not ll.requires_grad and not kl.requires_grad
 
 
@@ -111,7 +111,7 @@ def test_without_grad_recon_is_untouched(device, gen):
     with torch.no_grad():
         recon = hidden @ weight
         before = recon.clone()
-        vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True)
+        vae_fast.elbo(recon, x, mu, logvar, inplace_grad=True)
     assert torch.equal(recon, before)
 
 
@@ -120,7 +120,7 @@ def test_under_compile_it_matches_eager(device, gen):
     x, weight, hidden, mu, logvar, _ = _model(torch.float32, device, "bernoulli", gen)
 
     def loss_fn(weight, mu, logvar):
-        return vae_fast.elbo(x, hidden @ weight, mu, logvar, inplace_grad=True)[0]
+        return vae_fast.elbo(hidden @ weight, x, mu, logvar, inplace_grad=True)[0]
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     got = torch.autograd.grad(compiled(weight, mu, logvar), [weight, mu, logvar])
@@ -141,14 +141,14 @@ def test_refuses_a_leaf(device, gen):
     x, _, _, mu, logvar, _ = _inputs(device, gen)
     recon = torch.zeros(B, D, device=device, requires_grad=True)
     with pytest.raises(ValueError, match=r"inplace_grad=True\): `recon` is a leaf"):
-        vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True)
+        vae_fast.elbo(recon, x, mu, logvar, inplace_grad=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_refuses_a_recon_its_producer_saved(device, gen):
     x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
     with pytest.raises(ValueError, match=r"saved by SigmoidBackward0"):
-        vae_fast.elbo(x, torch.sigmoid(hidden @ weight), mu, logvar, inplace_grad=True)
+        vae_fast.elbo(torch.sigmoid(hidden @ weight), x, mu, logvar, inplace_grad=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -157,7 +157,7 @@ def test_a_saved_tensor_behind_a_view_fails_at_backward(device, gen):
     # it because the op bumps recon's version.
     x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
     recon = torch.sigmoid(hidden @ weight).view(B, D)
-    loss, _, _ = vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True)
+    loss, _, _ = vae_fast.elbo(recon, x, mu, logvar, inplace_grad=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
@@ -166,7 +166,7 @@ def test_a_saved_tensor_behind_a_view_fails_at_backward(device, gen):
 def test_refuses_reduction_none(device, gen):
     x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
     with pytest.raises(ValueError, match=r"needs reduction 'mean' or 'sum'"):
-        vae_fast.elbo(x, hidden @ weight, mu, logvar, reduction="none", inplace_grad=True)
+        vae_fast.elbo(hidden @ weight, x, mu, logvar, reduction="none", inplace_grad=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,14 +174,14 @@ def test_refuses_non_contiguous_recon(device, gen):
     x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
     recon = (weight.t() @ hidden.t()).t()  # (B, D) with transposed strides
     with pytest.raises(ValueError, match=r"must be contiguous; got shape \(6, 11\)"):
-        vae_fast.elbo(x, recon, mu, logvar, inplace_grad=True)
+        vae_fast.elbo(recon, x, mu, logvar, inplace_grad=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_refuses_x_that_requires_grad(device, gen):
     x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
     with pytest.raises(ValueError, match=r"`x` requires grad"):
-        vae_fast.elbo(x.requires_grad_(), hidden @ weight, mu, logvar, inplace_grad=True)
+        vae_fast.elbo(hidden @ weight, x.requires_grad_(), mu, logvar, inplace_grad=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -73,7 +73,7 @@ def test_conv_vae_shapes(backend, in_shape):
         assert model.sample(2).shape == (2, *in_shape)
         assert model.reconstruct(x).shape == x.shape
         loss_fn = ELBOLoss("gaussian", "feature", event_shape=in_shape)
-        loss, ll, kl = loss_fn(x, out.recon, out.mu, out.logvar)
+        loss, ll, kl = loss_fn(out.recon, x, out.mu, out.logvar)
         loss.backward()
         assert loss.shape == () and ll.shape == kl.shape == (3,)
         assert loss_fn.obs_logvar.grad.shape == in_shape
@@ -107,9 +107,9 @@ def test_elbo_loss_owns_the_observation_logvar(mode, shape, learnable):
     x, recon = torch.randn(5, 4, 3), torch.randn(5, 4, 3)
     mu, logvar = torch.randn(5, 2), torch.randn(5, 2)
     with vae_fast.backend("reference"):
-        loss, ll, kl = loss_fn(x, recon, mu, logvar)
+        loss, ll, kl = loss_fn(recon, x, mu, logvar)
         want, _, _ = vae_fast.elbo(
-            x, recon, mu, logvar, likelihood="gaussian", obs_logvar=torch.full(shape, -1.0)
+            recon, x, mu, logvar, likelihood="gaussian", obs_logvar=torch.full(shape, -1.0)
         )
     torch.testing.assert_close(loss, want)
     if learnable:
@@ -123,9 +123,9 @@ def test_elbo_loss_beta_is_a_live_attribute():
     mu, logvar = torch.randn(4, 2), torch.randn(4, 2)
     loss_fn = ELBOLoss()
     with vae_fast.backend("reference"):
-        _, ll, kl = loss_fn(x, recon, mu, logvar)
+        _, ll, kl = loss_fn(recon, x, mu, logvar)
         loss_fn.beta = 0.25
-        loss, _, _ = loss_fn(x, recon, mu, logvar)
+        loss, _, _ = loss_fn(recon, x, mu, logvar)
     torch.testing.assert_close(loss, (0.25 * kl - ll).mean())
 
 
@@ -153,7 +153,7 @@ def test_elbo_loss_under_bf16_autocast(backend):
     with vae_fast.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
         assert out.recon.dtype == torch.bfloat16
-        loss, ll, kl = loss_fn(x, out.recon, out.mu, out.logvar)
+        loss, ll, kl = loss_fn(out.recon, x, out.mu, out.logvar)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -261,7 +261,7 @@ def _loss_and_grads(backend, model, loss_fn, x):
     loss_fn.zero_grad(set_to_none=True)
     with vae_fast.backend(backend):
         out = model(x, generator=_seeded(11))
-        loss, ll, kl = loss_fn(x, out.recon, out.mu, out.logvar)
+        loss, ll, kl = loss_fn(out.recon, x, out.mu, out.logvar)
     loss.backward()
     named = [*model.named_parameters(), *loss_fn.named_parameters()]
     return loss.detach(), ll.detach(), kl.detach(), {n: p.grad.clone() for n, p in named}

@@ -319,7 +319,7 @@ def test_gradcheck_elbo(device, likelihood, obs_shape, reduction):
 
     def fn(r, m, lv, obs=None):
         return vae_fast.elbo(
-            x, r, m, lv, likelihood=likelihood, obs_logvar=obs, beta=0.7, reduction=reduction
+            r, x, m, lv, likelihood=likelihood, obs_logvar=obs, beta=0.7, reduction=reduction
         )
 
     _gradcheck(fn, *inputs)
@@ -331,10 +331,10 @@ def test_gradcheck_elbo_wrt_x(device):
     x, recon = _t((3, 5), device, grad=True), _t((3, 5), device, grad=True, seed=1)
     mu, logvar = _t((3, 2), device, grad=True, seed=2), _t((3, 2), device, grad=True, seed=3)
     _gradcheck(
-        lambda a, b, c, d: vae_fast.elbo(a, b, c, d, likelihood="gaussian"), x, recon, mu, logvar
+        lambda a, b, c, d: vae_fast.elbo(b, a, c, d, likelihood="gaussian"), x, recon, mu, logvar
     )
     xb = _x01((3, 5), device, grad=True)
-    _gradcheck(lambda a, b, c, d: vae_fast.elbo(a, b, c, d), xb, recon, mu, logvar)
+    _gradcheck(lambda a, b, c, d: vae_fast.elbo(b, a, c, d), xb, recon, mu, logvar)
 
 
 # --------------------------------------------------------------------------- backward ops
@@ -437,7 +437,7 @@ def test_elbo_op_saved_gradients(device, likelihood, obs_shape, reduction):
     obs = None if obs_shape is None else _t(obs_shape, device, low=-1.0, high=1.0, seed=4)
     outs = ops.elbo(x, recon, mu, logvar, obs, likelihood, _BETA, reduction, True)
     loss = lambda r, m, lv, o: reference.elbo(  # noqa: E731
-        x, r, m, lv, likelihood=likelihood, obs_logvar=o, beta=0.5, reduction=reduction
+        r, x, m, lv, likelihood=likelihood, obs_logvar=o, beta=0.5, reduction=reduction
     )[0].sum()
     want = _vjp(loss, (recon, mu, logvar, obs), torch.ones((), dtype=x.dtype, device=device))
     for g, w in zip((outs[3], outs[5], outs[6], outs[4]), want):
@@ -446,7 +446,7 @@ def test_elbo_op_saved_gradients(device, likelihood, obs_shape, reduction):
         else:
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     ref = reference.elbo(
-        x, recon, mu, logvar, likelihood=likelihood, obs_logvar=obs, beta=0.5, reduction=reduction
+        recon, x, mu, logvar, likelihood=likelihood, obs_logvar=obs, beta=0.5, reduction=reduction
     )
     for o, r in zip(outs[:3], ref):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
@@ -529,7 +529,7 @@ class _TinyVAE(torch.nn.Module):
         z = vae_fast.reparameterize(mu, logvar)
         kind = "bernoulli" if self.obs_logvar is None else "gaussian"
         loss, ll, kl = vae_fast.elbo(
-            x, self.dec(z), mu, logvar, likelihood=kind, obs_logvar=self.obs_logvar, beta=0.5
+            self.dec(z), x, mu, logvar, likelihood=kind, obs_logvar=self.obs_logvar, beta=0.5
         )
         return loss, ll, kl
 
@@ -588,7 +588,7 @@ def _double_backward_cases():
             ).square(),
             (3, 5),
         ),
-        "elbo": (lambda a: vae_fast.elbo(x01, a, a[:, :2].detach(), a[:, 2:4])[0], (3, 5)),
+        "elbo": (lambda a: vae_fast.elbo(a, x01, a[:, :2].detach(), a[:, 2:4])[0], (3, 5)),
     }
 
 
@@ -618,8 +618,8 @@ def _all_ops(x, recon, mu, logvar, obs, prior_mu, prior_logvar):
     lb = vae_fast.bernoulli_log_prob(x, recon)
     lg = vae_fast.gaussian_log_prob(x, recon, obs, event_dims=1)
     kl = vae_fast.gaussian_kl(mu, logvar, prior_mu, prior_logvar)
-    loss, ll, kl2 = vae_fast.elbo(x, recon, mu, logvar, likelihood="gaussian", obs_logvar=obs)
-    loss_n, _, _ = vae_fast.elbo(x, recon, mu, logvar, reduction="none", beta=0.5)
+    loss, ll, kl2 = vae_fast.elbo(recon, x, mu, logvar, likelihood="gaussian", obs_logvar=obs)
+    loss_n, _, _ = vae_fast.elbo(recon, x, mu, logvar, reduction="none", beta=0.5)
     return (
         loss
         + z.square().mean()
@@ -667,9 +667,9 @@ def test_autocast(dtype):
     x = torch.rand(4, 9, generator=g).to(dtype)
     recon, mu, logvar = (torch.randn(s, generator=g).to(dtype) for s in ((4, 9), (4, 3), (4, 3)))
     with torch.autocast("cpu", dtype=dtype):
-        got = vae_fast.elbo(x, recon, mu, logvar)
+        got = vae_fast.elbo(recon, x, mu, logvar)
         got_b = vae_fast.bernoulli_log_prob(x, recon)
-    want = vae_fast.elbo(x.float(), recon.float(), mu.float(), logvar.float())
+    want = vae_fast.elbo(recon.float(), x.float(), mu.float(), logvar.float())
     for a, b in zip((*got, got_b), (*want, vae_fast.bernoulli_log_prob(x.float(), recon.float()))):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -248,8 +248,8 @@ def test_elbo_property(data):
     # the returned log-likelihood / KL (the general route)
     use = draw(st.sampled_from([(0,), (0,), (0, 1), (2,), (0, 1, 2)]))
     kw = {"likelihood": likelihood, "beta": beta, "reduction": reduction}
-    outs = vae_fast.elbo(x, recon, mu, logvar, obs_logvar=obs, **kw)
-    ins = [x, recon, mu, logvar, obs]
+    outs = vae_fast.elbo(recon, x, mu, logvar, obs_logvar=obs, **kw)
+    ins = [recon, x, mu, logvar, obs]  # the public order, for reference.elbo below
 
     def combined(ts, fn):
         loss, ll, kl = fn(*ts[:4], obs_logvar=ts[4], **kw)
@@ -320,8 +320,8 @@ def _sweep_inputs(op_name, D, dtype, layout, g):
         return [t(-2.0, 2.0), t(-2.0, 2.0), t(-2.0, 2.0, (D,))]
     if op_name == "gaussian_kl":
         return [t(-2.0, 2.0), t(-3.0, 2.0), t(-1.0, 1.0, (D,)), t(-1.0, 1.0)]
-    x = t(0.0, 1.0)
-    return [x.detach(), t(-8.0, 8.0), t(-2.0, 2.0, (3, D // 2 + 1)), t(-3.0, 2.0, (3, D // 2 + 1))]
+    x, recon = t(0.0, 1.0), t(-8.0, 8.0)  # elbo's public order: recon, then x
+    return [recon, x.detach(), t(-2.0, 2.0, (3, D // 2 + 1)), t(-3.0, 2.0, (3, D // 2 + 1))]
 
 
 def _close_to_reference(got, want, dtype, what):

@@ -2,6 +2,7 @@
 
 from vae_fast import nn, reference
 from vae_fast._backend import backend, current_backend
+from vae_fast._validate import set_default_validate_args
 from vae_fast.ops import (
     bernoulli_log_prob,
     elbo,
@@ -20,5 +21,6 @@ __all__ = [
     "nn",
     "reference",
     "reparameterize",
+    "set_default_validate_args",
 ]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ def backend(name: str) -> Iterator[None]:
 
     Example:
         >>> with vae_fast.backend("reference"):
-        ...     loss, ll, kl = vae_fast.elbo(x, logits, mu, logvar)
+        ...     loss, ll, kl = vae_fast.elbo(logits, x, mu, logvar)
     """
     if name not in BACKENDS:
         raise ValueError(f"vae_fast.backend: unknown backend {name!r}; expected one of {BACKENDS}")

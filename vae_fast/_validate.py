@@ -18,6 +18,43 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+_validate_args_default = True
+
+
+def set_default_validate_args(value: bool) -> None:
+    """Whether the Bernoulli ops check that their targets lie in [0, 1] when a call
+    does not say (``validate_args=None``), as ``torch.distributions.Distribution.
+    set_default_validate_args`` does for distributions. On by default. The check is
+    made in the pass that reads x (no extra pass); on CUDA it reads one flag back,
+    a host sync, so training loops that trust their data may turn it off."""
+    global _validate_args_default
+    if not isinstance(value, bool):
+        raise TypeError(f"set_default_validate_args: expected a bool, got {value!r}")
+    _validate_args_default = value
+
+
+def resolve_validate_args(value: bool | None) -> bool:
+    if value is None:
+        return _validate_args_default
+    if not isinstance(value, bool):
+        raise TypeError(f"`validate_args` must be a bool or None, got {value!r}")
+    return value
+
+
+def check_targets_in_unit_interval(fn: str, x: torch.Tensor) -> None:
+    """The reference's check of Bernoulli targets (the fused ops make it in their pass
+    over x). Skipped inside torch.func transforms, where a value cannot steer Python."""
+    if torch._C._are_functorch_transforms_active() or x.device.type == "meta" or x.numel() == 0:
+        return
+    if bool(((x < 0) | (x > 1)).any()):
+        lo, hi = torch.aminmax(x.double())
+        raise ValueError(
+            f"{fn}: `x` holds Bernoulli targets outside [0, 1] (min {lo.item():g}, max "
+            f"{hi.item():g}); expected probabilities (scale 0..255 pixels to [0, 1]; the "
+            "argument order is elbo(recon, x, mu, logvar)). validate_args=False skips this check"
+        )
+
+
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the ops compute and accumulate in: float32 for half inputs."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -117,7 +117,7 @@ class ELBOLoss(nn.Module):
             tensor (see `vae_fast.elbo`); `recon` holds the gradient after the call.
 
     Shape:
-        forward(x (B, *event), recon (B, *event), mu (B, L), logvar (B, L)) returns
+        forward(recon (B, *event), x (B, *event), mu (B, L), logvar (B, L)) returns
         ``(loss, log_likelihood (B,), kl (B,))`` with loss reduced as asked.
     """
 
@@ -168,19 +168,19 @@ class ELBOLoss(nn.Module):
             self._beta.fill_(float(value))
 
     def forward(
-        self, x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+        self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Under autocast the decoder's output is bf16 while x is float32: the loss is
-        # computed in the wider dtype, as torch's own losses are.
-        dtype = x.dtype
-        for t in (recon, mu, logvar):
-            dtype = torch.promote_types(dtype, t.dtype)
-        obs = self.obs_logvar.to(dtype) if self.obs_logvar is not None else None
+        # x is taken as it is: integer data is refused by vae_fast.elbo, never scaled
+        # here (uint8 pixels of 0..255 are not Bernoulli targets). Under autocast the
+        # half decoder output runs in float32 there, as torch's own losses do.
+        obs = self.obs_logvar
+        if obs is not None and recon.is_floating_point():
+            obs = obs.to(recon.dtype)
         return vae_fast.elbo(
-            x.to(dtype),
-            recon.to(dtype),
-            mu.to(dtype),
-            logvar.to(dtype),
+            recon,
+            x,
+            mu,
+            logvar,
             likelihood=self.likelihood,
             obs_logvar=obs,
             beta=self._beta,
@@ -358,8 +358,14 @@ class ConvVAE(_VAEBase):
     ) -> None:
         super().__init__()
         _check_choice("likelihood", likelihood, LIKELIHOODS)
-        if len(in_shape) != 3:
-            raise ValueError(f"in_shape must be (C, H, W), got {tuple(in_shape)}")
+        if len(in_shape) != 3 or min(in_shape) < 1:
+            raise ValueError(f"in_shape must be (C, H, W) of positive sizes, got {tuple(in_shape)}")
+        if len(channels) == 0:
+            raise ValueError("channels must give at least one conv width (one per level), got ()")
+        if min(channels) < 1:
+            raise ValueError(f"channels must be positive, got {tuple(channels)}")
+        if latent_dim < 1 or hidden < 1:
+            raise ValueError(f"latent_dim and hidden must be >= 1, got {latent_dim} and {hidden}")
         self.in_shape = self.event_shape = tuple(int(s) for s in in_shape)
         self.latent_dim, self.channels, self.hidden = int(latent_dim), tuple(channels), int(hidden)
         self.likelihood = likelihood

@@ -97,7 +97,11 @@ def _like_or_empty(wanted: bool, like: torch.Tensor | None, fallback: torch.Tens
 
 @_public(reference.bernoulli_log_prob)
 def bernoulli_log_prob(
-    x: torch.Tensor, logits: torch.Tensor, *, event_dims: int | None = None
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    event_dims: int | None = None,
+    validate_args: bool | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of x under Bernoulli(logits), summed over the event dims.
 
@@ -105,15 +109,18 @@ def bernoulli_log_prob(
         x: targets in [0, 1] (binary or soft), any shape (B, ...).
         logits: same shape as `x`. Exact for logits of +-1e4 and +-inf.
         event_dims: how many trailing dims to sum; None sums every dim but the first.
+        validate_args: raise a ValueError naming `x` if a target lies outside [0, 1]
+            (found in the pass that reads x; NaN targets give NaN). None follows
+            `vae_fast.set_default_validate_args` (on by default).
 
     Returns:
         The batch-shaped sum of ``x*logits - softplus(logits)``, in x's dtype.
     """
     k = V.check_bernoulli_log_prob(x, logits, event_dims)
-    return _ops.bernoulli_log_prob(x, logits, k)
+    return _ops.bernoulli_log_prob(x, logits, k, V.resolve_validate_args(validate_args))
 
 
-def _fake_bernoulli(x, logits, event_dims):
+def _fake_bernoulli(x, logits, event_dims, validate_x=True):
     return x.new_empty(_batch_shape(x, event_dims))
 
 
@@ -122,7 +129,7 @@ def _fake_bernoulli_backward(grad, x, logits, event_dims, output_mask):
 
 
 def _setup_bernoulli(ctx, inputs, output):
-    x, logits, event_dims = inputs
+    x, logits, event_dims, _ = inputs
     ctx.save_for_backward(x, logits)
     ctx.event_dims = event_dims
 
@@ -132,13 +139,17 @@ def _backward_bernoulli(ctx, grad):
     needs = ctx.needs_input_grad[:2]
     if torch.is_grad_enabled():
         return _autograd.reference_vjp(
-            lambda x, logits: (reference.bernoulli_log_prob(x, logits, event_dims=ctx.event_dims),),
+            lambda x, logits: (
+                reference.bernoulli_log_prob(
+                    x, logits, event_dims=ctx.event_dims, validate_args=False
+                ),
+            ),
             (x, logits),
             needs,
             (grad,),
-        ) + (None,)
+        ) + (None, None)
     gx, gl = _ops._bernoulli_log_prob_backward(grad, x, logits, ctx.event_dims, list(needs))
-    return (*_wanted((gx, gl), needs), None)
+    return (*_wanted((gx, gl), needs), None, None)
 
 
 # --------------------------------------------------------------------------- gaussian_log_prob
@@ -333,8 +344,8 @@ def _backward_reparameterize(ctx, grad_z, grad_eps):
 
 @_public(reference.elbo)
 def elbo(
-    x: torch.Tensor,
     recon: torch.Tensor,
+    x: torch.Tensor,
     mu: torch.Tensor,
     logvar: torch.Tensor,
     *,
@@ -343,13 +354,19 @@ def elbo(
     beta: float | torch.Tensor = 1.0,
     reduction: str = "mean",
     inplace_grad: bool = False,
+    validate_args: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The negative ELBO of a VAE with a diagonal Gaussian encoder and N(0, I) prior.
 
+    The argument order is that of the VAE losses users port from (pytorch/examples'
+    ``loss_function(recon_x, x, mu, logvar)``, pythae) and of torch's own losses,
+    ``(input, target)``.
+
     Args:
-        x: data, shape (B, ...).
-        recon: decoder output of x's shape: logits for ``likelihood="bernoulli"``,
+        recon: decoder output of x's shape: logits for ``likelihood="bernoulli"``
+            (not probabilities: apply ``torch.sigmoid`` only where pictures are made),
             means for ``"gaussian"``.
+        x: data, shape (B, ...).
         mu, logvar: the encoder's posterior, shape (B, ...) (any trailing shape).
         likelihood: ``"bernoulli"`` or ``"gaussian"``.
         obs_logvar: Gaussian observation log-variance broadcastable to x (scalar,
@@ -368,6 +385,10 @@ def elbo(
             or ``"sum"`` and `x` must not require grad; a backward with
             create_graph=True raises. It only acts when `recon` needs a gradient, in
             eager mode (torch.compile plans its own buffers).
+        validate_args: for the Bernoulli likelihood, raise a ValueError naming `x` if a
+            target lies outside [0, 1] (raw 0..255 pixels, or recon and x swapped);
+            found in the pass that reads x. None follows
+            `vae_fast.set_default_validate_args` (on by default).
 
     Returns:
         ``(loss, log_likelihood, kl)``: loss is ``beta*kl - log_likelihood`` reduced;
@@ -376,6 +397,7 @@ def elbo(
     """
     V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
     beta = V.check_beta(beta, x)
+    validate = V.resolve_validate_args(validate_args)
     inputs = (x, recon, mu, logvar, obs_logvar, beta)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in inputs
@@ -384,16 +406,18 @@ def elbo(
         V.check_inplace_grad_layout(recon, reduction)
         V.check_inplace_grad_autograd(x, recon)
         loss, ll, kl, *_ = _ops._elbo_into_recon(
-            x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction
+            x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, validate
         )
         return loss, ll, kl
     loss, ll, kl, *_ = _ops.elbo(
-        x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad
+        x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, validate
     )
     return loss, ll, kl
 
 
-def _fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad):
+def _fake_elbo(
+    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, validate_x=True
+):
     V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
     batch = x.shape[0]
     return (
@@ -407,7 +431,9 @@ def _fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, co
     )
 
 
-def _fake_elbo_into_recon(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction):
+def _fake_elbo_into_recon(
+    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, validate_x=True
+):
     V.check_inplace_grad_layout(recon, reduction)
     outputs = _fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, True)
     loss, ll, kl, _, g_obs, g_mu, g_logvar = outputs
@@ -419,21 +445,22 @@ def _elbo_reference(ctx):
 
     def loss_ll_kl(x, recon, mu, logvar, obs_logvar, beta):
         return reference.elbo(
-            x,
             recon,
+            x,
             mu,
             logvar,
             likelihood=ctx.likelihood,
             obs_logvar=obs_logvar,
             beta=beta,
             reduction=ctx.reduction,
+            validate_args=False,
         )
 
     return loss_ll_kl
 
 
 def _setup_elbo(ctx, inputs, output):
-    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad = inputs
+    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, _ = inputs
     _, _, kl, g_recon, g_obs, g_mu, g_logvar = output
     ctx.mark_non_differentiable(g_recon, g_obs, g_mu, g_logvar)
     ctx.set_materialize_grads(False)
@@ -479,19 +506,19 @@ def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
             _elbo_reference(ctx), inputs, needs[:5] + needs[6:7], (grad_loss, grad_ll, grad_kl)
         )
         gx, gr, gmu, glv, gobs, gbeta = grads
-        return gx, gr, gmu, glv, gobs, None, gbeta, None, None
+        return gx, gr, gmu, glv, gobs, None, gbeta, None, None, None
     g_beta = _beta_gradient(ctx, kl, beta, grad_loss) if needs[6] else None
     only_loss = grad_ll is None and grad_kl is None and ctx.reduction != "none"
     if ctx.has_fused_grads and only_loss and not needs[0]:
         # The usual case: d(loss)/d(inputs) was computed in the forward pass.
         if grad_loss is None:
-            return (None,) * 6 + (g_beta, None, None)
+            return (None,) * 6 + (g_beta, None, None, None)
         grads = _hand_back(_wanted(fused, needs[1:5]), grad_loss)
-        return (None, *grads, None, g_beta, None, None)
+        return (None, *grads, None, g_beta, None, None, None)
     gx, gr, gmu, glv, gobs = _elbo_general_backward(
         ctx, x, recon, mu, logvar, obs_logvar, beta, grad_loss, grad_ll, grad_kl
     )
-    return gx, gr, gmu, glv, gobs, None, g_beta, None, None
+    return gx, gr, gmu, glv, gobs, None, g_beta, None, None, None
 
 
 def _beta_gradient(ctx, kl, beta, grad_loss):
@@ -544,7 +571,7 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype) -> 
 
 
 def _setup_elbo_into_recon(ctx, inputs, output):
-    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction = inputs
+    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, _ = inputs
     _, ll, kl, g_obs, g_mu, g_logvar = output
     # Ops declared in C++ do not bump the version of what they mutate; this does,
     # so that a backward that saved recon (or a view of it) raises, not lies.
@@ -566,9 +593,9 @@ def _backward_elbo_into_recon(ctx, grad_loss, *_):
     needs = ctx.needs_input_grad
     g_beta = _beta_gradient(ctx, kl, beta, grad_loss) if needs[6] else None
     if grad_loss is None:
-        return (None,) * 6 + (g_beta, None)
+        return (None,) * 6 + (g_beta, None, None)
     grads = _hand_back(_wanted(fused, needs[1:5]), grad_loss)
-    return (None, *grads, None, g_beta, None)
+    return (None, *grads, None, g_beta, None, None)
 
 
 # --------------------------------------------------------------------------- registration

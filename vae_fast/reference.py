@@ -28,10 +28,16 @@ def _sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:
 
 
 def bernoulli_log_prob(
-    x: torch.Tensor, logits: torch.Tensor, *, event_dims: int | None = None
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    event_dims: int | None = None,
+    validate_args: bool | None = None,
 ) -> torch.Tensor:
     """Sum over the event dims of x*logits - softplus(logits)."""
     k = V.check_bernoulli_log_prob(x, logits, event_dims)
+    if V.resolve_validate_args(validate_args):
+        V.check_targets_in_unit_interval("vae_fast.bernoulli_log_prob", x)
     xf, lf = _opmath(x, logits)
     # x*l - softplus(l) = (x - [l >= 0])*l - log1p(exp(-|l|)): exp never sees a positive
     # argument, and the linear part is formed first, so that a tiny loss at large |l| is
@@ -99,8 +105,8 @@ def reparameterize(
 
 
 def elbo(
-    x: torch.Tensor,
     recon: torch.Tensor,
+    x: torch.Tensor,
     mu: torch.Tensor,
     logvar: torch.Tensor,
     *,
@@ -109,6 +115,7 @@ def elbo(
     beta: float | torch.Tensor = 1.0,
     reduction: str = "mean",
     inplace_grad: bool = False,
+    validate_args: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(beta*KL - log-likelihood reduced, per-sample log-likelihood, per-sample KL).
 
@@ -118,7 +125,9 @@ def elbo(
     V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
     beta = V.check_beta(beta, x)
     if likelihood == "bernoulli":
-        ll = bernoulli_log_prob(x, recon)
+        if V.resolve_validate_args(validate_args):
+            V.check_targets_in_unit_interval("vae_fast.elbo", x)
+        ll = bernoulli_log_prob(x, recon, validate_args=False)
     else:
         if obs_logvar is None:
             obs_logvar = x.new_zeros(())

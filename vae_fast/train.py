@@ -465,7 +465,7 @@ class Objective(nn.Module):
         self, x: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.model(x, generator=generator)
-        return self.loss(x, out.recon, out.mu, out.logvar)
+        return self.loss(out.recon, x, out.mu, out.logvar)
 
 
 def _shard_seed(seed: int, step: int, shard: int) -> int:

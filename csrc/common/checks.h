@@ -3,7 +3,7 @@
 // same things first (vae_fast/_validate.py) with the same wording; these guard
 // direct torch.ops.vae_fast.* calls, so a bad call never reaches a kernel.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace vae_fast {
 

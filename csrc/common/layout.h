@@ -2,7 +2,7 @@
 // How the ops see their inputs: a (rows, cols) matrix, where cols is the product of
 // the last `event_dims` dims (summed per row) and rows the product of the rest.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <vector>
 
@@ -76,11 +76,6 @@ inline at::Tensor operand_gradient_in_shape(Broadcast kind, const at::Tensor& gr
 
 inline at::Tensor as_matrix(const at::Tensor& t, const RowLayout& layout) {
   return t.reshape({layout.rows, layout.cols}).contiguous();
-}
-
-// The accumulation type of a dtype: float for bfloat16/float16, itself otherwise.
-inline at::ScalarType opmath_type(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
 }  // namespace vae_fast

@@ -3,7 +3,9 @@
 // both devices accept and reject exactly the same calls with the same messages.
 // Each returns the (rows, cols) layout the kernels use where there is one.
 
-#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 
 #include <optional>
 #include <string_view>
@@ -21,6 +23,20 @@ inline RowLayout check_bernoulli_log_prob(const at::Tensor& x, const at::Tensor&
   check_same_shape(fn, "x", x, "logits", logits);
   check_event_dims(fn, x, event_dims);
   return row_layout(x, event_dims);
+}
+
+// Bernoulli targets must lie in [0, 1]: others make the "log-likelihood" unbounded
+// (raw 0..255 pixels, or recon and x swapped). The kernels note an element outside
+// in the same pass that reads x (`found_outside`); this raises, with the range found
+// (computed here, on the error path only). NaN targets pass and give a NaN result.
+inline void check_targets_found_in_unit_interval(const char* fn, const at::Tensor& x,
+                                                 bool found_outside) {
+  if (!found_outside) return;
+  const auto [lo, hi] = at::aminmax(x.to(at::kDouble));
+  TORCH_CHECK_VALUE(false, fn, ": `x` holds Bernoulli targets outside [0, 1] (min ",
+                    lo.item<double>(), ", max ", hi.item<double>(),
+                    "); expected probabilities (scale 0..255 pixels to [0, 1]; the argument "
+                    "order is elbo(recon, x, mu, logvar)). validate_args=False skips this check");
 }
 
 inline RowLayout check_gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean,
@@ -81,7 +97,7 @@ inline void check_reparameterize_backward(const at::Tensor& grad_z, const at::Te
   TORCH_CHECK(eps.device() == logvar.device(), fn, ": `eps` is on ", eps.device(),
               " but `logvar` is on ", logvar.device(),
               "; all inputs of one call must be on the same device");
-  TORCH_CHECK(eps.scalar_type() == opmath_type(logvar.scalar_type()), fn,
+  TORCH_CHECK(eps.scalar_type() == at::toOpMathType(logvar.scalar_type()), fn,
               ": `eps` must have the accumulation dtype of `logvar`");
   TORCH_CHECK(logvar.numel() == 0 || eps.numel() % logvar.numel() == 0, fn,
               ": `eps` has shape ", eps.sizes(), ", not (samples, *logvar.shape) for logvar ",

@@ -1,3 +1,4 @@
+#include <ATen/ops/empty.h>
 #include "cpu/allocation.h"
 
 #include <ATen/EmptyTensor.h>

@@ -1,7 +1,7 @@
 #pragma once
 // Allocation of the large full-size gradients the CPU kernels write.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace vae_fast::cpu {
 

@@ -1,6 +1,7 @@
 // vae_fast::bernoulli_log_prob and its backward on CPU: checks, layout and
 // allocation; the vectorized loop is in bernoulli_kernel.cpp.
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "common/op_checks.h"
@@ -14,15 +15,19 @@ namespace {
 
 constexpr const char* kFn = "vae_fast.bernoulli_log_prob";
 
-at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims) {
+at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims,
+                              bool validate_x) {
   const RowLayout layout = check_bernoulli_log_prob(x, logits, event_dims);
   at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
   if (x.numel() == 0) return log_prob.zero_();  // an empty event sums to 0
+  std::atomic<bool> found_outside{false};
   BernoulliArgs args;
   args.x = as_matrix(x, layout);
   args.logits = as_matrix(logits, layout);
   args.log_prob = log_prob;
+  if (validate_x) args.found_outside = &found_outside;
   VAE_FAST_CPU_DISPATCH(bernoulli_kernel, args);
+  check_targets_found_in_unit_interval(kFn, x, found_outside.load());
   return log_prob;
 }
 

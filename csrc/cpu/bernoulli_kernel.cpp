@@ -19,10 +19,12 @@ namespace {
 template <typename scalar_t, bool kLogProb, bool kGradLogits, bool kGradX>
 inline void bernoulli_columns(const scalar_t* x, const scalar_t* logits, scalar_t* grad_x,
                               scalar_t* grad_logits, int64_t j, int64_t n,
-                              const OpVec<scalar_t>& weight, OpVec<scalar_t>& sum) {
+                              const OpVec<scalar_t>& weight, OpVec<scalar_t>& sum,
+                              TargetRange<OpVec<scalar_t>>& range) {
   using Vec = OpVec<scalar_t>;
-  const Vec xv = load_n(x + j, n);
+  const Vec xv = load_n(x + j, n);  // lanes past n are 0, inside [0, 1]
   const Vec l = load_n(logits + j, n);
+  if constexpr (kLogProb) range.add(xv);
   // e = exp(-|l|) is in (0, 1]: exp never overflows, even at |l| = 1e4.
   // (-|l| is l with its sign bit set: one instruction.)
   const Vec e = exp_nonpositive(l | Vec(-0.0));
@@ -57,6 +59,7 @@ void bernoulli_rows(const BernoulliArgs& a) {
   const opmath scale = static_cast<opmath>(a.scale);
 
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    TargetRange<Vec> range;
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
       const int64_t off = r * cols;
@@ -66,15 +69,18 @@ void bernoulli_rows(const BernoulliArgs& a) {
       int64_t j = 0;
       for (; j + W <= cols; j += W) {
         bernoulli_columns<scalar_t, kLogProb, kGradLogits, kGradX>(
-            x + off, logits + off, grad_x_row, grad_logits_row, j, W, weight, sum);
+            x + off, logits + off, grad_x_row, grad_logits_row, j, W, weight, sum, range);
       }
       if (j < cols) {
         bernoulli_columns<scalar_t, kLogProb, kGradLogits, kGradX>(
-            x + off, logits + off, grad_x_row, grad_logits_row, j, cols - j, weight, sum);
+            x + off, logits + off, grad_x_row, grad_logits_row, j, cols - j, weight, sum, range);
       }
       if constexpr (kLogProb) {
         log_prob[r] = static_cast<scalar_t>(horizontal_sum(sum));
       }
+    }
+    if (kLogProb && a.found_outside != nullptr && range.outside_unit_interval()) {
+      a.found_outside->store(true, std::memory_order_relaxed);
     }
   });
 }

@@ -4,6 +4,10 @@
 // same for the KL. Backward (vae_fast/ops.py) then only scales the saved gradients.
 // _elbo_into_recon writes d(loss)/d(recon) over recon itself (inplace_grad=True).
 
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <string_view>
@@ -27,7 +31,7 @@ using ElboOutputs =
 ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
                       const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
                       c10::string_view likelihood, const at::Tensor& beta, c10::string_view reduction,
-                      bool compute_grad, const at::Tensor& grad_recon) {
+                      bool compute_grad, bool validate_x, const at::Tensor& grad_recon) {
   const int64_t batch = x.size(0);
   const int64_t x_event_dims = x.dim() - 1, z_event_dims = mu.dim() - 1;
   const double beta_value = beta.item<double>();  // on the CPU (checked): no sync
@@ -52,7 +56,10 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
     args.log_prob = ll;
     if (compute_grad) args.grad_logits = grad_recon.view({x_layout.rows, x_layout.cols});
     args.scale = -per_sample;  // loss = beta*kl - ll
+    std::atomic<bool> found_outside{false};
+    if (validate_x) args.found_outside = &found_outside;
     VAE_FAST_CPU_DISPATCH(bernoulli_kernel, args);
+    check_targets_found_in_unit_interval("vae_fast.elbo", x, found_outside.load());
   } else {
     const at::Tensor obs = obs_logvar ? *obs_logvar : at::zeros({}, x.options());
     GaussianArgs args;
@@ -95,7 +102,7 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
   }
 
   // The batch-sized combination is cheap; do it in the accumulation dtype.
-  const at::ScalarType opmath = opmath_type(x.scalar_type());
+  const at::ScalarType opmath = at::toOpMathType(x.scalar_type());
   at::Tensor per_row = kl.to(opmath).mul(beta_value).sub_(ll.to(opmath));
   at::Tensor loss = reduction == "mean" ? per_row.mean() : reduction == "sum" ? per_row.sum() : per_row;
   return {loss.to(x.scalar_type()), ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
@@ -104,22 +111,22 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
 ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
                  const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
                  c10::string_view likelihood, const at::Tensor& beta, c10::string_view reduction,
-                 bool compute_grad) {
+                 bool compute_grad, bool validate_x) {
   check_elbo(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   const at::Tensor grad_recon =
       compute_grad ? empty_output(x.sizes(), x.options()) : empty_grad(x);
   return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad,
-                   grad_recon);
+                   validate_x, grad_recon);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo_into_recon(
     const at::Tensor& x, at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
     const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, const at::Tensor& beta,
-    c10::string_view reduction) {
+    c10::string_view reduction, bool validate_x) {
   check_elbo_into_recon(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   // The kernels read each element of recon before they write its gradient there.
   auto [loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv] =
-      elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, true, recon);
+      elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, true, validate_x, recon);
   return {loss, ll, kl, grad_obs, grad_mu, grad_lv};
 }
 

@@ -1,6 +1,9 @@
 // vae_fast::gaussian_log_prob and its backward on CPU: checks, layout (including
 // how logvar broadcasts) and allocation; the loop is in gaussian_kernel.cpp.
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "common/op_checks.h"

@@ -8,7 +8,9 @@
 // undefined tensors when not wanted. Gradients are multiplied by `scale` and, when
 // `row_weight` is defined, by row_weight[row] (the incoming per-row gradient).
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+
+#include <atomic>
 
 #include "common/layout.h"
 
@@ -20,6 +22,8 @@ struct BernoulliArgs {
   at::Tensor grad_x, grad_logits;  // out (rows, cols)
   at::Tensor row_weight;           // (rows)
   double scale = 1.0;
+  // With log_prob: set when an element of x lies outside [0, 1] (null: not checked).
+  std::atomic<bool>* found_outside = nullptr;
 };
 
 struct GaussianArgs {

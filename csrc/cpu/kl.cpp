@@ -2,6 +2,7 @@
 // the loop is in kl_kernel.cpp. A prior that broadcasts to mu (per-feature, say)
 // is expanded for the kernel and its gradient summed back to the prior's shape.
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "common/op_checks.h"

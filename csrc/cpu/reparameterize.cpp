@@ -6,6 +6,8 @@
 // normal_ is one sequential Mersenne Twister stream).
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -32,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at
   std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
   if (num_samples) shape.insert(shape.begin(), *num_samples);
   // eps in the accumulation dtype: float32 draws for half inputs, kept for backward.
-  at::Tensor eps = at::empty(shape, mu.options().dtype(opmath_type(mu.scalar_type())));
+  at::Tensor eps = at::empty(shape, mu.options().dtype(at::toOpMathType(mu.scalar_type())));
   NormalArgs normal;
   normal.out = eps;
   normal.key = draw_philox_key(generator);  // drawn even for an empty eps: one per call

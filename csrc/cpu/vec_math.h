@@ -224,6 +224,40 @@ inline Vec bernoulli_log_prob_from_exp(const Vec& x, const Vec& l, const Vec& e)
   return linear - log1p_exp_plus(e, Vec(0));
 }
 
+// The running min and max of Bernoulli targets, two operations per vector, so that
+// a target outside [0, 1] is found in the pass that reads x anyway (no second pass).
+// A NaN target is not "outside": it propagates to a NaN result instead.
+template <typename Vec>
+struct TargetRange {
+  Vec lo = Vec(std::numeric_limits<float>::infinity());
+  Vec hi = Vec(-std::numeric_limits<float>::infinity());
+
+  void add(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+      // minps/maxps return their second operand when either is NaN: one instruction
+      // each, and a NaN x leaves the range as it was.
+      lo = _mm256_min_ps(x, lo);
+      hi = _mm256_max_ps(x, hi);
+      return;
+    }
+#endif
+    lo = at::vec::minimum(lo, x);
+    hi = at::vec::maximum(hi, x);
+  }
+
+  bool outside_unit_interval() const {
+    using T = typename Vec::value_type;
+    T l[Vec::size()], h[Vec::size()];
+    lo.store(l);
+    hi.store(h);
+    for (int i = 0; i < Vec::size(); ++i) {
+      if (l[i] < T(0) || h[i] > T(1)) return true;
+    }
+    return false;
+  }
+};
+
 // 1/v for v in [1, 2]. AVX2 float: rcp (12 bits) refined by one Newton step
 // (~23 bits) at a third of a division's cost; elsewhere a true division.
 template <typename Vec>

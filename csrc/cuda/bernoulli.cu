@@ -19,20 +19,25 @@ void run(const BernoulliRows<scalar_t, kLogProb>& op, const RowLayout& layout,
   run_rows<scalar_t>(op, layout, {op.x, op.logits, op.grad_x, op.grad_logits}, options);
 }
 
-at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims) {
+at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims,
+                              bool validate_x) {
   const RowLayout layout = check_bernoulli_log_prob(x, logits, event_dims);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
   if (x.numel() == 0) return log_prob.zero_();  // an empty event sums to 0
   const at::Tensor xm = as_matrix(x, layout);
   const at::Tensor lm = as_matrix(logits, layout);
+  // Validation reads one flag back (a host sync); without it nothing is read.
+  const at::Tensor found_outside = validate_x ? at::zeros({}, x.options().dtype(at::kInt)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vae_fast::bernoulli_log_prob", [&] {
     BernoulliRows<scalar_t, true> op;
     op.x = xm.const_data_ptr<scalar_t>();
     op.logits = lm.const_data_ptr<scalar_t>();
     op.log_prob = log_prob.mutable_data_ptr<scalar_t>();
+    if (validate_x) op.found_outside = found_outside.mutable_data_ptr<int>();
     run<true>(op, layout, x.options());
   });
+  if (validate_x) check_targets_found_in_unit_interval(kFn, x, found_outside.item<int>() != 0);
   return log_prob;
 }
 

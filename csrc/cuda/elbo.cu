@@ -63,7 +63,7 @@ using ElboOutputs =
 ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
                       const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
                       c10::string_view likelihood, const at::Tensor& beta, c10::string_view reduction,
-                      bool compute_grad, const at::Tensor& grad_recon) {
+                      bool compute_grad, bool validate_x, const at::Tensor& grad_recon) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t batch = x.size(0);
   const int64_t x_event_dims = x.dim() - 1;
@@ -97,15 +97,22 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
     const at::Tensor xm = as_matrix(x, x_layout);
     const at::Tensor rm = as_matrix(recon, x_layout);
     if (likelihood == "bernoulli") {
+      // Validation reads one flag back (a host sync); without it nothing is read.
+      const at::Tensor found_outside =
+          validate_x ? at::zeros({}, x.options().dtype(at::kInt)) : at::Tensor();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vae_fast::elbo", [&] {
         BernoulliRows<scalar_t, true> op;
         op.x = xm.const_data_ptr<scalar_t>();
         op.logits = rm.const_data_ptr<scalar_t>();
         op.log_prob = ll.mutable_data_ptr<scalar_t>();
         if (compute_grad) op.grad_logits = grad_recon.mutable_data_ptr<scalar_t>();
+        if (validate_x) op.found_outside = found_outside.mutable_data_ptr<int>();
         op.weight.scale = static_cast<acc_t<scalar_t>>(-per_sample);  // loss = beta*kl - ll
         run_rows<scalar_t>(op, x_layout, {op.x, op.logits, op.grad_logits}, x.options());
       });
+      if (validate_x) {
+        check_targets_found_in_unit_interval("vae_fast.elbo", x, found_outside.item<int>() != 0);
+      }
     } else {
       // No obs_logvar means logvar = 0: a null operand, which the kernel reads as 0.
       std::optional<BroadcastOperand> obs;
@@ -185,19 +192,20 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
 
 ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
                  const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, const at::Tensor& beta,
-                 c10::string_view reduction, bool compute_grad) {
+                 c10::string_view reduction, bool compute_grad, bool validate_x) {
   check_elbo(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   const at::Tensor grad_recon = compute_grad ? at::empty(x.sizes(), x.options()) : empty_grad(x);
-  return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, grad_recon);
+  return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, validate_x,
+                   grad_recon);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo_into_recon(
     const at::Tensor& x, at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
     const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood, const at::Tensor& beta,
-    c10::string_view reduction) {
+    c10::string_view reduction, bool validate_x) {
   check_elbo_into_recon(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   auto [loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv] =
-      elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, true, recon);
+      elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, true, validate_x, recon);
   return {loss, ll, kl, grad_obs, grad_mu, grad_lv};
 }
 

@@ -23,6 +23,7 @@
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
 #include <curand_kernel.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -151,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at
   std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
   if (num_samples) shape.insert(shape.begin(), *num_samples);
   // eps in the accumulation dtype: float32 draws for half inputs, kept for backward.
-  at::Tensor eps = at::empty(shape, mu.options().dtype(opmath_type(mu.scalar_type())));
+  at::Tensor eps = at::empty(shape, mu.options().dtype(at::toOpMathType(mu.scalar_type())));
   at::Tensor z = at::empty(shape, mu.options());
   const int64_t n = z.numel(), period = mu.numel();
   if (n == 0) return {z, eps};

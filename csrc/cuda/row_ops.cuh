@@ -37,6 +37,7 @@ struct BernoulliRows {
   scalar_t* grad_x = nullptr;
   scalar_t* grad_logits = nullptr;
   scalar_t* log_prob = nullptr;
+  int* found_outside = nullptr;  // set to 1 when an x lies outside [0, 1] (null: not checked)
   int64_t cols = 0;
 
   template <int V>
@@ -45,6 +46,12 @@ struct BernoulliRows {
     acc xv[V], lv[V], gx[V], gl[V];
     load_vec<V>(x + off, xv);
     load_vec<V>(logits + off, lv);
+    if (found_outside != nullptr) {
+      bool outside = false;
+#pragma unroll
+      for (int i = 0; i < V; ++i) outside |= (xv[i] < acc(0)) | (xv[i] > acc(1));  // NaN: false
+      if (outside) *found_outside = 1;  // every writer stores the same value
+    }
     const acc w = (grad_x != nullptr || grad_logits != nullptr) ? weight(row) : acc(0);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
