@@ -399,16 +399,17 @@ def elbo(
     beta = V.check_beta(beta, x)
     validate = V.resolve_validate_args(validate_args)
     inputs = (x, recon, mu, logvar, obs_logvar, beta)
-    compute_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in inputs
-    )
-    if inplace_grad and compute_grad and recon.requires_grad and not torch.compiler.is_compiling():
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if inplace_grad and wants_grad and recon.requires_grad and not torch.compiler.is_compiling():
         V.check_inplace_grad_layout(recon, reduction)
         V.check_inplace_grad_autograd(x, recon)
         loss, ll, kl, *_ = _ops._elbo_into_recon(
             x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, validate
         )
         return loss, ll, kl
+    # With reduction="none" the gradient depends on grad_output per row, so the
+    # forward pass has nothing to precompute: backward runs one pass per term.
+    compute_grad = wants_grad and reduction != "none"
     loss, ll, kl, *_ = _ops.elbo(
         x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, validate
     )
