@@ -225,17 +225,25 @@ def _cpu_flags() -> set[str] | None:
 
 
 def test_cpu_capability() -> None:
-    """AVX2 kernels on an x86 CPU with AVX2 and FMA, the portable ones otherwise."""
+    """AVX-512 kernels on an x86 CPU with avx512f/bw/vl/dq, AVX2 ones with AVX2 and FMA,
+    the portable ones otherwise; ATEN_CPU_CAPABILITY caps the choice, as for ATen."""
     _C = _import_extension()
     if platform.machine().lower() not in ("x86_64", "amd64"):
         expected = "DEFAULT"
-    elif os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-        expected = "DEFAULT"  # forced, as for ATen
     else:
         flags = _cpu_flags()
         if flags is None:
             pytest.skip("cannot read the CPU's flags")
-        expected = "AVX2" if {"avx2", "fma"} <= flags else "DEFAULT"
+        expected = "DEFAULT"
+        if {"avx2", "fma"} <= flags:
+            expected = "AVX2"
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            expected = "AVX512"
+        cap = os.environ.get("ATEN_CPU_CAPABILITY")
+        if cap == "default":
+            expected = "DEFAULT"
+        elif cap == "avx2" and expected == "AVX512":
+            expected = "AVX2"
     assert _C.cpu_capability() == expected
 
 

@@ -4,6 +4,15 @@
 and whether the values are probabilities in [0, 1] (to be binarized for a Bernoulli
 likelihood) or real numbers (for a Gaussian one). Anything wrong with the input raises
 `DataError` with a one-line message that names the file and what was expected.
+
+How numbers are read (one rule per dtype, nothing guessed from the values):
+- floats are taken as they are; bool is 0/1;
+- uint8 is divided by 255 (pixels);
+- other integer dtypes are refused: their full scale is unknown (0..255 pixels in an
+  int64 array, 0..16 grey levels, counts...). Save them as floats, or pass
+  ``scale=S`` (``--data-scale S``), which divides any data by S.
+Data that a scaling rule leaves in a small corner of [0, 1] (uint8 holding only 0..16)
+gets a `DataWarning`: it still loads.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import gzip
 import math
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -19,7 +29,7 @@ from typing import IO
 import numpy as np
 import torch
 
-__all__ = ["DataError", "Dataset", "load_dataset"]
+__all__ = ["DataError", "DataWarning", "Dataset", "load_dataset"]
 
 # The train/test split of a single array is fixed (not --seed): every run of the
 # same data is scored on the same test rows.
@@ -28,10 +38,18 @@ TEST_FRACTION = 0.2
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _NPZ_PAIRS = (("x_train", "x_test"), ("X_train", "X_test"), ("train", "test"))
 _NPZ_SINGLE = ("x", "X", "data", "images")
+# A scaling rule that leaves every value below this fraction of its full scale warns.
+SMALL_RANGE = 1 / 8
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip
 
 
 class DataError(ValueError):
     """The data cannot be used; the message is one line, fit for a command-line error."""
+
+
+class DataWarning(UserWarning):
+    """The data loads but looks unintended (e.g. uint8 pixels that only reach 16 of 255)."""
 
 
 @dataclass(frozen=True)
@@ -43,19 +61,31 @@ class Dataset:
     test: torch.Tensor
     binary: bool  # values are in [0, 1]: probabilities for a Bernoulli likelihood
     image_shape: tuple[int, int, int] | None  # (C, H, W) when rows are images
+    reading: str = ""  # how the stored numbers became these values, e.g. "uint8 / 255"
 
     @property
     def event_shape(self) -> tuple[int, ...]:
         return tuple(self.train.shape[1:])
 
 
-def load_dataset(spec: str) -> Dataset:
+def load_dataset(spec: str, *, scale: float | None = None) -> Dataset:
     """Load ``digits``, ``synthetic:NxD``, or a path to .npz/.npy/IDX data (or a directory
-    holding MNIST-style IDX files)."""
-    if spec == "digits":
-        return _digits()
-    if spec.startswith("synthetic:"):
-        return _synthetic(spec)
+    holding MNIST-style IDX files).
+
+    Args:
+        spec: what to load (see above).
+        scale: divide a file's data by this (any dtype); None applies the dtype rule of
+            the module docstring (uint8 / 255, other integers refused).
+    """
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise DataError(f"--data-scale {scale}: must be positive and finite")
+    if spec == "digits" or spec.startswith("synthetic:"):
+        if scale is not None:
+            raise DataError(
+                f"--data-scale {scale:g}: --data {spec} is already in [0, 1]; the scale "
+                "applies to .npz/.npy/IDX files"
+            )
+        return _digits() if spec == "digits" else _synthetic(spec)
     path = Path(spec)
     if not path.exists():
         raise DataError(
@@ -72,7 +102,7 @@ def load_dataset(spec: str) -> Dataset:
         train, test = _read_idx(path), _idx_test_sibling(path)
     else:
         raise DataError(f"{path}: unknown file type; expected .npz, .npy or an IDX file")
-    return _prepare(path.stem or path.name, str(path), train, test)
+    return _prepare(path.stem or path.name, str(path), train, test, scale)
 
 
 # --------------------------------------------------------------------------- sources
@@ -86,7 +116,7 @@ def _digits() -> Dataset:
     # 8x8 grey levels 0..16, scaled to [0, 1]: probabilities of a pixel being on.
     x = torch.from_numpy(load_digits().data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     train, test = _split(x)
-    return Dataset("digits", train, test, binary=True, image_shape=(1, 8, 8))
+    return Dataset("digits", train, test, binary=True, image_shape=(1, 8, 8), reading="0..16 / 16")
 
 
 def _synthetic(spec: str) -> Dataset:
@@ -103,10 +133,30 @@ def _synthetic(spec: str) -> Dataset:
     x = torch.sigmoid(torch.randn(n + n_test, 16, generator=g) @ w)
     side = math.isqrt(d)
     image = (1, side, side) if side * side == d else None
-    return Dataset(f"synthetic-{n}x{d}", x[:n], x[n:], binary=True, image_shape=image)
+    return Dataset(
+        f"synthetic-{n}x{d}", x[:n], x[n:], binary=True, image_shape=image, reading="probabilities"
+    )
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_NPY_MAGIC))
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({_one_line(error)})") from None
 
 
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    # np.load sniffs the format itself and falls back to pickle, whose complaint
+    # ("pickled data") would mislead: check the magic bytes first.
+    head = _magic(path)
+    if head.startswith(_NPY_MAGIC):
+        raise DataError(f"{path}: cannot read as .npz: it is a .npy file; name it .npy")
+    if not head.startswith(_ZIP_MAGICS):
+        raise DataError(
+            f"{path}: cannot read as .npz: the file is not a .npz file "
+            f"({'it is empty' if not head else 'not a zip archive'})"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
@@ -127,6 +177,12 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _load_npy(path: Path) -> np.ndarray:
+    head = _magic(path)
+    if head.startswith(_ZIP_MAGICS):
+        raise DataError(f"{path}: cannot read as .npy: it is a .npz archive; name it .npz")
+    if head != _NPY_MAGIC:
+        why = "it is empty" if not head else r"it does not start with numpy's \x93NUMPY"
+        raise DataError(f"{path}: cannot read as .npy: the file is not a .npy file ({why})")
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
@@ -214,19 +270,81 @@ def _event_layout(name: str, a: np.ndarray) -> tuple[np.ndarray, tuple[int, int,
     )
 
 
-def _as_float(name: str, a: np.ndarray) -> tuple[np.ndarray, bool]:
-    """float32 values and whether they are probabilities (bytes are scaled by 1/255)."""
-    if a.dtype == np.bool_:
-        return a.astype(np.float32), True
-    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+def _fmt(v: float) -> str:
+    return f"{v:.6g}"
+
+
+def _as_float(
+    name: str, a: np.ndarray, scale: float | None, *, warn: bool = True
+) -> tuple[np.ndarray, bool, str]:
+    """float32 values, whether they are probabilities, and how they were read (the dtype
+    rules of the module docstring); `warn` about a small range (once per dataset)."""
+    if not (
+        a.dtype == np.bool_
+        or np.issubdtype(a.dtype, np.integer)
+        or np.issubdtype(a.dtype, np.floating)
+    ):
         raise DataError(f"{name}: array of dtype {a.dtype}; expected numbers")
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0, True
-    f = a.astype(np.float32)
+    integer = np.issubdtype(a.dtype, np.integer)
+    if scale is None and a.dtype == np.bool_:
+        return a.astype(np.float32), True, "bool as 0/1"
+    if scale is None and integer and a.dtype != np.uint8:
+        lo, hi = (_fmt(a.min()), _fmt(a.max())) if a.size else ("-", "-")
+        example = f"--data-scale {hi}" if a.size and a.max() > 0 else "--data-scale 255"
+        raise DataError(
+            f"{name}: {a.dtype} data (values {lo}..{hi}); integers other than uint8 have no "
+            f"fixed scale: save the data as floats, or pass --data-scale S to divide it by S "
+            f"(e.g. {example})"
+        )
+    divisor = scale if scale is not None else (255.0 if a.dtype == np.uint8 else None)
+    # Divide in float64 where float32 would lose the values or the divisor first (int64,
+    # float64 beyond float32's range, a scale of 1e39): only the result must fit float32.
+    with np.errstate(over="ignore", under="ignore"):
+        small = divisor is None or 0 < np.float32(divisor) < np.inf
+    narrow = a.dtype.itemsize <= 2 or a.dtype == np.float32
+    work = np.float32 if narrow and small else np.float64
+    f = a.astype(work)
+    if divisor is not None:
+        f /= work(divisor)
     if not np.isfinite(f).all():
         bad = int((~np.isfinite(f)).sum())
         raise DataError(f"{name}: {bad} non-finite values (nan or inf); the data must be finite")
-    return f, bool(f.size) and float(f.min()) >= 0.0 and float(f.max()) <= 1.0
+    big = float(np.abs(f).max()) if f.size else 0.0
+    if big > float(np.finfo(np.float32).max):
+        raise DataError(
+            f"{name}: values as large as {big:.3g} overflow float32 (at most 3.4e+38); "
+            f"divide them with --data-scale, e.g. --data-scale {_power_of_ten(big):g}"
+        )
+    f = f.astype(np.float32, copy=False)
+    if divisor is None:
+        reading = f"{a.dtype} as is"
+    else:
+        rule = f"{a.dtype} / {_fmt(divisor)}"
+        reading = rule if scale is None else f"{rule} (--data-scale)"
+        if warn and a.dtype != np.bool_ and big < SMALL_RANGE:
+            top = float(np.abs(a).max()) if a.size else 0.0
+            what = (
+                "uint8 is divided by 255"
+                if scale is None
+                else f"--data-scale {_fmt(divisor)} divides by {_fmt(divisor)}"
+            )
+            hint = (
+                f"if {_fmt(top)} is the full scale, pass --data-scale {_fmt(top)}"
+                if top > 0
+                else "every value is 0"
+            )
+            warnings.warn(
+                f"{name}: {a.dtype} values only reach {_fmt(top)} ({what}, so the data lies "
+                f"in [{f.min():.3g}, {f.max():.3g}]); {hint}",
+                DataWarning,
+                stacklevel=2,
+            )
+    return f, bool(f.size) and float(f.min()) >= 0.0 and float(f.max()) <= 1.0, reading
+
+
+def _power_of_ten(v: float) -> float:
+    """The power of ten at or above |v|: a divisor that brings v into [-1, 1]."""
+    return 10.0 ** math.ceil(math.log10(v)) if v > 0 else 1.0
 
 
 def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,9 +353,11 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[perm[n_test:]].contiguous(), x[perm[:n_test]].contiguous()
 
 
-def _prepare(name: str, where: str, train: np.ndarray, test: np.ndarray | None) -> Dataset:
+def _prepare(
+    name: str, where: str, train: np.ndarray, test: np.ndarray | None, scale: float | None
+) -> Dataset:
     train, image = _event_layout(where, train)
-    train, binary = _as_float(where, train)
+    train, binary, reading = _as_float(where, train, scale)
     if train.shape[0] < 2:
         raise DataError(f"{where}: {train.shape[0]} rows; need at least 2")
     x = torch.from_numpy(np.ascontiguousarray(train))
@@ -245,7 +365,7 @@ def _prepare(name: str, where: str, train: np.ndarray, test: np.ndarray | None) 
         x_train, x_test = _split(x)
     else:
         test, _ = _event_layout(f"{where} (test)", test)
-        test, test_binary = _as_float(f"{where} (test)", test)
+        test, test_binary, _ = _as_float(f"{where} (test)", test, scale, warn=False)
         if test.shape[1:] != train.shape[1:] or test.shape[0] < 1:
             raise DataError(
                 f"{where}: test rows have shape {test.shape[1:]} (n={test.shape[0]}) "
@@ -253,4 +373,4 @@ def _prepare(name: str, where: str, train: np.ndarray, test: np.ndarray | None) 
             )
         binary = binary and test_binary
         x_train, x_test = x, torch.from_numpy(np.ascontiguousarray(test))
-    return Dataset(name, x_train, x_test, binary=binary, image_shape=image)
+    return Dataset(name, x_train, x_test, binary=binary, image_shape=image, reading=reading)

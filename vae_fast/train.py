@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 import vae_fast
 from vae_fast import _plots
 from vae_fast._backend import BACKENDS
-from vae_fast.data import DataError, Dataset, load_dataset
+from vae_fast.data import DataError, Dataset, DataWarning, load_dataset
 from vae_fast.nn import VAE, ConvVAE, ELBOLoss
 
 CHECKPOINT = "checkpoint.pt"
@@ -44,6 +45,7 @@ METRICS = "metrics.jsonl"
 # Options that define the run: --resume refuses a checkpoint written with other values.
 IDENTITY = (
     "data",
+    "data_scale",
     "model",
     "latent_dim",
     "hidden",
@@ -66,10 +68,34 @@ IDENTITY = (
 # A batch of at most this many values trains on one thread unless --threads says otherwise.
 SMALL_BATCH = 1 << 16
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
+# Exit statuses (also in --help): 2 is argparse's own for a usage error.
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
+EPILOG = (
+    "exit status: 0 done (or stopped by --stop-after); 1 the training diverged (the loss or "
+    "the weights became nan/inf; checkpoint.pt keeps the last good epoch); 2 a bad option "
+    "or bad data (a one-line error); 130 interrupted (Ctrl-C; --resume continues from the "
+    "last checkpoint)"
+)
 
 
 class ConfigError(ValueError):
     """A bad combination of options; reported as a one-line command-line error."""
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights became non-finite: the run stops (exit status 1)."""
+
+
+class _Interrupted(Exception):
+    """Ctrl-C during training; the message says where --resume continues."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no usage block): every
+    mistake, argparse's or ours, reads the same and scripts can grep it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -129,8 +155,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vae-fast-train",
+        epilog=EPILOG,
         description=(
             "Train a VAE with vae_fast's fused loss ops and report the test ELBO and the "
             "importance-weighted test log-likelihood (nats per example). Run it under "
@@ -148,7 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(x_train/x_test, train/test, or one array) or .npy file, an IDX file (MNIST's "
         "format, .gz allowed; the t10k-* file next to a train-* file is its test set), or a "
         "directory of IDX files. A single array is split 80/20 with a fixed seed. Rows are "
-        "(N, D), (N, H, W) or (N, C, H, W); bytes are scaled to [0, 1]",
+        "(N, D), (N, H, W) or (N, C, H, W). Numbers are read by dtype: floats as they are, "
+        "bool as 0/1, uint8 divided by 255; other integer dtypes need --data-scale",
+    )
+    g.add_argument(
+        "--data-scale",
+        type=_positive(float),
+        default=None,
+        metavar="S",
+        help="divide a file's data by S, whatever its dtype (e.g. 16 for grey levels 0..16 "
+        "in an int64 array, or 1e30 for values too large to standardize in float32)",
     )
     g.add_argument(
         "--likelihood",
@@ -411,7 +447,9 @@ class Prepared:
     log_jacobian: float = 0.0  # sum(log scale): nats per row added to losses in data units
 
 
-def _prepare(data: Dataset, likelihood: str) -> Prepared:
+def _prepare(data: Dataset, likelihood: str, label: str | None = None) -> Prepared:
+    """The likelihood's view of the data; `label` names the data in errors (--data X)."""
+    label = label or data.name
     if likelihood == "auto":
         likelihood = "bernoulli" if data.binary else "gaussian"
     if likelihood == "bernoulli":
@@ -428,15 +466,18 @@ def _prepare(data: Dataset, likelihood: str) -> Prepared:
     std = data.train.std(0)
     # Constant features would get a zero scale: leave those unscaled.
     scale = torch.where(std > 1e-6 * float(std.max().clamp_min(1e-30)), std, torch.ones_like(std))
-    return Prepared(
-        (data.train - shift) / scale,
-        (data.test - shift) / scale,
-        data.test,
-        "gaussian",
-        shift,
-        scale,
-        float(scale.log().sum()),
-    )
+    train, test = (data.train - shift) / scale, (data.test - shift) / scale
+    # Finite float32 data near float32's limit (say ±3e38) overflows the mean or the
+    # standard deviation: the run would train on nan. Refuse it, with the way out.
+    if not all(bool(t.isfinite().all()) for t in (shift, scale, train, test)):
+        big = max(float(data.train.abs().max()), float(data.test.abs().max()))
+        divisor = 10.0 ** math.ceil(math.log10(big)) if big > 0 else 1.0
+        raise DataError(
+            f"--data {label}: values as large as {big:.3g} overflow float32 when standardized "
+            f"for the Gaussian likelihood (the mean or standard deviation is not finite); "
+            f"divide them, e.g. with --data-scale {divisor:g}"
+        )
+    return Prepared(train, test, data.test, "gaussian", shift, scale, float(scale.log().sum()))
 
 
 def _build_model(args: argparse.Namespace, data: Dataset, likelihood: str) -> nn.Module:
@@ -571,15 +612,71 @@ def _identity(args: argparse.Namespace) -> dict:
     }
 
 
+# What a checkpoint of format 1 holds (see _save_checkpoint), with each entry's type.
+_CHECKPOINT_ENTRIES = {
+    "config": dict,
+    "epoch": int,
+    "history": list,
+    "objective": dict,
+    "optimizer": dict,
+    "scaler": dict,
+    "rng": list,
+}
+
+
+def _first_sentence(error: BaseException, limit: int = 100) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """torch.load `path` and check that it is a checkpoint of this command; anything
+    else (truncated, empty, garbage, another program's file) is a one-line ConfigError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # EOFError, UnpicklingError, RuntimeError (zip), ...
+        why = "the file is empty" if path.stat().st_size == 0 else _first_sentence(error)
+        raise ConfigError(
+            f"--resume: cannot read {path}: not a readable torch checkpoint, truncated or "
+            f"damaged ({why})"
+        ) from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        what = (
+            f"a dict with keys {', '.join(map(repr, list(ckpt)[:5]))}"
+            if isinstance(ckpt, dict) and ckpt
+            else f"a {type(ckpt).__name__}"
+        )
+        raise ConfigError(f"--resume: {path} is not a vae-fast-train checkpoint (it holds {what})")
+    fmt = ckpt["format"]
+    if not (type(fmt) is int and fmt == 1):
+        shown = repr(fmt)[:40] if isinstance(fmt, (int, float, str)) else type(fmt).__name__
+        raise ConfigError(
+            f"--resume: {path} has checkpoint format {shown}; this vae_fast "
+            f"{vae_fast.__version__} reads format 1"
+        )
+    bad = [k for k, kind in _CHECKPOINT_ENTRIES.items() if not isinstance(ckpt.get(k), kind)]
+    if bad:
+        raise ConfigError(
+            f"--resume: {path} is not a complete vae-fast-train checkpoint (missing or bad: "
+            f"{', '.join(bad)})"
+        )
+    return ckpt
+
+
 def _load_checkpoint(args: argparse.Namespace, rt: Runtime) -> dict:
     """Rank 0 reads the checkpoint and hands it to every rank (no shared disk needed)."""
     box: list = [None]
     if rt.main:
-        path = args.out / CHECKPOINT
+        path, ckpt = args.out / CHECKPOINT, None
         if not path.exists():
             box[0] = ConfigError(f"--resume: no checkpoint at {path}")
         else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                ckpt = _read_checkpoint(path)
+            except ConfigError as error:
+                ckpt, box[0] = None, error
+        if ckpt is not None:
             want, have = _identity(args), ckpt["config"]
             diff = [k for k in IDENTITY if want.get(k) != have.get(k)]
             if diff:
@@ -610,7 +707,7 @@ def evaluate(
     for start in range(0, x.shape[0], batch):
         xb = x[start : start + batch].to(device)
         out = objective.model(xb, generator=g)
-        _, ll, kl = objective.loss(xb, out.recon, out.mu, out.logvar)
+        _, ll, kl = objective.loss(out.recon, xb, out.mu, out.logvar)
         total_ll += float(ll.double().sum())
         total_kl += float(kl.double().sum())
     n = x.shape[0]
@@ -649,7 +746,9 @@ def _pictures(
     g = torch.Generator(device=device).manual_seed(seed)
 
     def to_data(t: torch.Tensor) -> torch.Tensor:
-        t = t.float().cpu() * prep.scale + prep.shift
+        # An MLP gives flat rows: back to the data's shape before the per-feature
+        # shift and scale (of that shape), then to the picture's (C, H, W).
+        t = t.float().cpu().reshape(-1, *data.event_shape) * prep.scale + prep.shift
         return t.reshape(-1, *image)
 
     lo, hi = (
@@ -718,16 +817,35 @@ def _check(args: argparse.Namespace, rt: Runtime, n_train: int) -> None:
         raise ConfigError("--resume needs the --out DIR of the run to continue")
 
 
+def _load_data(args: argparse.Namespace, prog: str) -> Dataset:
+    """load_dataset, with its DataWarnings printed as one line each on stderr (rank 0)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        data = load_dataset(args.data, scale=args.data_scale)
+    for w in caught:
+        if not issubclass(w.category, DataWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        elif int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    return data
+
+
 def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse `argv`, train, and return the final metrics (the last metrics.jsonl record)."""
+    """Parse `argv`, train, and return the final metrics (the last metrics.jsonl record).
+
+    Failures raise SystemExit with a one-line message on stderr and the status of
+    EPILOG: 2 for bad options or data, 1 when the training diverges, 130 on Ctrl-C.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        data = load_dataset(args.data)
-        prep = _prepare(data, args.likelihood)
+        data = _load_data(args, parser.prog)
+        prep = _prepare(data, args.likelihood, args.data)
         rt = _start_runtime(args)
     except (DataError, ConfigError) as error:
         parser.error(str(error))
+    except KeyboardInterrupt:
+        parser.exit(EXIT_INTERRUPTED, f"{parser.prog}: interrupted\n")
     threads = torch.get_num_threads()
     try:
         if args.threads is None and args.batch_size * math.prod(data.event_shape) <= SMALL_BATCH:
@@ -740,6 +858,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
             return _train(args, data, prep, rt)
     except (DataError, ConfigError) as error:
         parser.error(str(error))
+    except Diverged as error:
+        parser.exit(EXIT_DIVERGED, f"{parser.prog}: error: {error}\n" if rt.main else None)
+    except _Interrupted as error:
+        parser.exit(EXIT_INTERRUPTED, f"{parser.prog}: {error}\n" if rt.main else None)
+    except KeyboardInterrupt:  # before the training loop: building, compiling, resuming
+        parser.exit(EXIT_INTERRUPTED, f"{parser.prog}: interrupted\n" if rt.main else None)
     finally:
         torch.set_num_threads(threads)  # callers in the same process keep their setting
         if rt.distributed:
@@ -784,12 +908,18 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
     start_epoch, history = 0, []
     if args.resume:
         ckpt = _load_checkpoint(args, rt)
-        objective.load_state_dict(ckpt["objective"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        try:
+            objective.load_state_dict(ckpt["objective"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            if len(ckpt["rng"]) == world:
+                _set_rng_state(ckpt["rng"][rt.rank])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
+            raise ConfigError(
+                f"--resume: {args.out / CHECKPOINT} does not fit this run's model and "
+                f"optimizer ({_first_sentence(error)})"
+            ) from None
         start_epoch, history = ckpt["epoch"], ckpt["history"]
-        if len(ckpt["rng"]) == world:
-            _set_rng_state(ckpt["rng"][rt.rank])
         if rt.main:  # drop metrics lines of epochs after the checkpoint
             _write_metrics(args.out / METRICS, history)
     elif rt.main:
@@ -831,6 +961,8 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
     binarize = prep.likelihood == "bernoulli"
     log_every = args.log_every or max(1, math.ceil(epochs / 10))
 
+    if rt.main:
+        print(_startup_line(args, data, prep, rt, sched, epochs, start_epoch), flush=True)
     bar = None
     if rt.main and args.progress and start_epoch < epochs:
         from tqdm import tqdm
@@ -844,91 +976,170 @@ def _train(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime)
         )
     stop = min(epochs, args.stop_after or epochs)
     step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, stop):
-        objective.train()
-        sampler.set_epoch(epoch)
-        n_steps = min(steps_per_epoch, total_steps - step)
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, steps
-        t0 = time.perf_counter()
-        for i, xb in enumerate(_batches(loader, n_steps)):
-            lr = sched.lr(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_fn.beta = sched.kl_weight(step)
-            sums[0] += _train_step(
-                trainer,
-                xb,
-                step,
-                args=args,
-                rt=rt,
-                noise=noise,
-                binarize=binarize,
-                amp=amp,
-                scaler=scaler,
-                optimizer=optimizer,
-            )
-            sums[1] += 1
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                if i % 25 == 0 or i == n_steps - 1:
-                    rate = (i + 1) * args.batch_size / (time.perf_counter() - t0)
-                    bar.set_postfix(
-                        epoch=epoch + 1,
-                        loss=f"{float(sums[0] / sums[1]):.3f}",
-                        samples_s=f"{rate:,.0f}",
-                        refresh=False,
-                    )
-        if rt.distributed:
-            dist.all_reduce(sums)
-        seconds = time.perf_counter() - t0
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": float(sums[0] / sums[1]) + prep.log_jacobian,
-            "samples_per_s": n_steps * args.batch_size / seconds,
-            "epoch_time_s": seconds,
-            "lr": lr,
-            "beta": loss_fn.beta,
-        }
-        final = epoch + 1 == epochs
-        checkpoint = final or epoch + 1 == stop or (epoch + 1) % args.checkpoint_every == 0
-        rng = _gather_rng(rt) if checkpoint else None
-        if rt.main:
-            objective.eval()
-            test = evaluate(objective, prep.test, args.seed, device)
-            test["test_loss"] += prep.log_jacobian
-            record.update(test)
-            if final and args.eval_samples:
-                t1 = time.perf_counter()
-                record["test_log_likelihood"] = (
-                    evaluate_log_likelihood(
-                        objective, prep.test, args.eval_samples, args.seed, device
-                    )
-                    - prep.log_jacobian
-                )
-                record["log_likelihood_samples"] = args.eval_samples
-                record["log_likelihood_time_s"] = time.perf_counter() - t1
-            history.append(record)
-            _append_metrics(args.out / METRICS, record)
-            if (epoch + 1) % log_every == 0 or final or epoch + 1 == stop:
-                line = json.dumps(
-                    {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-                )
-                (bar.write if bar is not None else print)(line)
-            if checkpoint:
-                _save_checkpoint(args, objective, optimizer, scaler, epoch + 1, history, rng)
-    if bar is not None:
-        bar.close()
+    saved = start_epoch if args.resume else None  # the epoch that checkpoint.pt holds
 
-    result = history[-1] if history else {}
-    if rt.main and stop == epochs:
-        objective.eval()
-        samples, recons = _pictures(objective, prep, data, args.out, args.seed, device)
-        _summary(args, result, samples, recons)
-    elif rt.main:
-        print(f"stopped after epoch {stop} of {epochs}; continue with --resume --out {args.out}")
-    return result
+    def diverged(what: str) -> Diverged:
+        kept = (
+            f"{args.out / CHECKPOINT} keeps epoch {saved}, the last good one"
+            if saved
+            else "this run wrote no checkpoint"
+        )
+        return Diverged(
+            f"{what}: the run diverged (lower --lr, now {args.lr:g}, or raise "
+            f"--warmup-steps); {kept}"
+        )
+
+    try:
+        for epoch in range(start_epoch, stop):
+            objective.train()
+            sampler.set_epoch(epoch)
+            n_steps = min(steps_per_epoch, total_steps - step)
+            sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, steps
+            t0 = time.perf_counter()
+            for i, xb in enumerate(_batches(loader, n_steps)):
+                lr = sched.lr(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_fn.beta = sched.kl_weight(step)
+                sums[0] += _train_step(
+                    trainer,
+                    xb,
+                    step,
+                    args=args,
+                    rt=rt,
+                    noise=noise,
+                    binarize=binarize,
+                    amp=amp,
+                    scaler=scaler,
+                    optimizer=optimizer,
+                )
+                sums[1] += 1
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                # The host reads the loss only every 25 steps (a read waits for the
+                # device). One process stops there on a nan; processes of a distributed
+                # run check together at the end of the epoch, where they all-reduce.
+                if (i % 25 == 0 or i == n_steps - 1) and (bar is not None or not rt.distributed):
+                    mean = float(sums[0] / sums[1])
+                    if not rt.distributed and not math.isfinite(mean):
+                        raise diverged(f"the training loss became {mean} by step {step}")
+                    if bar is not None:
+                        postfix = {"epoch": epoch + 1, "loss": f"{mean:.3f}"}
+                        if loss_fn.beta < sched.beta:  # KL warm-up: why the loss may rise
+                            postfix["beta"] = f"{loss_fn.beta:.3g}"
+                        rate = (i + 1) * args.batch_size / (time.perf_counter() - t0)
+                        postfix["samples_s"] = f"{rate:,.0f}"
+                        bar.set_postfix(postfix, refresh=False)
+            if rt.distributed:
+                dist.all_reduce(sums)
+            train_loss = float(sums[0] / sums[1])
+            # Every process has the same reduced loss and the same weights: they agree.
+            if not math.isfinite(train_loss):
+                raise diverged(f"the training loss became {train_loss} in epoch {epoch + 1}")
+            if not _finite_weights(objective):
+                raise diverged(f"the weights became nan or inf in epoch {epoch + 1}")
+            seconds = time.perf_counter() - t0
+            record = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": train_loss + prep.log_jacobian,
+                "samples_per_s": n_steps * args.batch_size / seconds,
+                "epoch_time_s": seconds,
+                "lr": lr,
+                "beta": loss_fn.beta,
+            }
+            final = epoch + 1 == epochs
+            checkpoint = final or epoch + 1 == stop or (epoch + 1) % args.checkpoint_every == 0
+            rng = _gather_rng(rt) if checkpoint else None
+            if rt.main:
+                objective.eval()
+                test = evaluate(objective, prep.test, args.seed, device)
+                test["test_loss"] += prep.log_jacobian
+                record.update(test)
+                if final and args.eval_samples:
+                    t1 = time.perf_counter()
+                    record["test_log_likelihood"] = (
+                        evaluate_log_likelihood(
+                            objective, prep.test, args.eval_samples, args.seed, device
+                        )
+                        - prep.log_jacobian
+                    )
+                    record["log_likelihood_samples"] = args.eval_samples
+                    record["log_likelihood_time_s"] = time.perf_counter() - t1
+                history.append(record)
+                _append_metrics(args.out / METRICS, record)
+                if (epoch + 1) % log_every == 0 or final or epoch + 1 == stop:
+                    (bar.write if bar is not None else print)(_json_line(record, 4))
+                if checkpoint:
+                    _save_checkpoint(args, objective, optimizer, scaler, epoch + 1, history, rng)
+            if checkpoint:
+                saved = epoch + 1
+        if bar is not None:
+            bar.close()
+
+        result = history[-1] if history else {}
+        if rt.main and stop == epochs:
+            objective.eval()
+            samples, recons = _pictures(objective, prep, data, args.out, args.seed, device)
+            _summary(args, result, samples, recons)
+        elif rt.main:
+            print(
+                f"stopped after epoch {stop} of {epochs}; continue with --resume --out {args.out}"
+            )
+        return result
+    except KeyboardInterrupt:
+        raise _Interrupted(
+            f"interrupted; `--resume` continues from epoch {saved}"
+            if saved
+            else "interrupted before the first checkpoint; nothing to resume (start again)"
+        ) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _finite_weights(module: nn.Module) -> bool:
+    """Whether every parameter of `module` is finite (one host read for all of them)."""
+    flags = [torch.isfinite(p.detach()).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _startup_line(
+    args: argparse.Namespace,
+    data: Dataset,
+    prep: Prepared,
+    rt: Runtime,
+    sched: Schedule,
+    epochs: int,
+    start_epoch: int,
+) -> str:
+    """One line with what the run chose: data, likelihood, model, device, threads, batch,
+    learning rate, length (the defaults and 'auto' choices included)."""
+    shape = "x".join(map(str, data.event_shape))
+    reading = f", {data.reading}" if data.reading else ""
+    why = "values in [0, 1]" if prep.likelihood == "bernoulli" else "real values, standardized"
+    likelihood = prep.likelihood + (f" (auto: {why})" if args.likelihood == "auto" else "")
+    if args.model == "conv":
+        model = f"conv channels {','.join(map(str, args.channels))} fc {args.hidden[0]}"
+    else:
+        model = f"mlp hidden {','.join(map(str, args.hidden))}"
+    device = str(rt.device) + (f" x {rt.world} processes" if rt.distributed else "")
+    threads = torch.get_num_threads()
+    lr = f"{sched.peak_lr:.3g}"
+    if not math.isclose(sched.peak_lr, args.lr):
+        lr += f" (--lr {args.lr:g} at batch {args.lr_batch}, {args.lr_scaling} scaling)"
+    length = f"{epochs} epochs ({sched.total_steps} steps)"
+    if sched.kl_warmup_steps:
+        length += f", KL weight 0 -> {args.beta:g} over {sched.kl_warmup_steps} steps"
+    if start_epoch:
+        length += f", resuming after epoch {start_epoch}"
+    return (
+        f"data {args.data} ({data.train.shape[0]} train + {data.test.shape[0]} test rows of "
+        f"{shape}{reading}); likelihood {likelihood}; model {model} latent {args.latent_dim}; "
+        f"device {device}; {threads} thread{'s' if threads > 1 else ''}; batch "
+        f"{args.batch_size}; lr {lr}; {length}; out {args.out}"
+    )
 
 
 def _train_step(
@@ -1004,14 +1215,29 @@ def _save_checkpoint(
     _atomic_write(args.out / CHECKPOINT, lambda f: torch.save(ckpt, f))
 
 
+def _json_line(record: dict, digits: int | None = None) -> str:
+    """`record` as strict JSON: nan and inf (which json.dumps would write as the bare
+    tokens NaN/Infinity that strict readers refuse) become null; floats rounded to
+    `digits` when given."""
+
+    def value(v: Any) -> Any:
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return None
+            return round(v, digits) if digits is not None else v
+        return v
+
+    return json.dumps({k: value(v) for k, v in record.items()}, allow_nan=False)
+
+
 def _write_metrics(path: Path, history: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in history).encode()
+    text = "".join(_json_line(r) + "\n" for r in history).encode()
     _atomic_write(path, lambda f: f.write(text))
 
 
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(_json_line(record) + "\n")
 
 
 def _summary(args: argparse.Namespace, result: dict, samples: Path, recons: Path) -> None:

@@ -6,15 +6,33 @@
 namespace vae_fast::cpu {
 
 namespace {
-Capability detect() {
-#if defined(VAE_FAST_HAVE_AVX2) && (defined(__x86_64__) || defined(_M_X64))
-  // ATEN_CPU_CAPABILITY=default forces the portable kernels, as it does for ATen.
+// The highest capability ATEN_CPU_CAPABILITY allows (unset: any), as for ATen.
+Capability allowed_by_environment() {
   const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
-  const bool force_default = forced != nullptr && std::strcmp(forced, "default") == 0;
-  if (!force_default && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (forced == nullptr) return Capability::kAVX512;
+  if (std::strcmp(forced, "default") == 0) return Capability::kDefault;
+  if (std::strcmp(forced, "avx2") == 0) return Capability::kAVX2;
+  return Capability::kAVX512;
+}
+
+Capability detect() {
+  const Capability allowed = allowed_by_environment();
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(VAE_FAST_HAVE_AVX512)
+  if (allowed == Capability::kAVX512 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq")) {
+    return Capability::kAVX512;
+  }
+#endif
+#if defined(VAE_FAST_HAVE_AVX2)
+  if (allowed != Capability::kDefault && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma")) {
     return Capability::kAVX2;
   }
 #endif
+#endif
+  (void)allowed;
   return Capability::kDefault;
 }
 }  // namespace
@@ -25,7 +43,14 @@ Capability capability() {
 }
 
 std::string capability_name() {
-  return capability() == Capability::kAVX2 ? "AVX2" : "DEFAULT";
+  switch (capability()) {
+    case Capability::kAVX512:
+      return "AVX512";
+    case Capability::kAVX2:
+      return "AVX2";
+    default:
+      return "DEFAULT";
+  }
 }
 
 }  // namespace vae_fast::cpu

@@ -65,17 +65,27 @@ struct ReparameterizeBackwardArgs {
   at::Tensor grad_mu, grad_logvar;  // out (n)
 };
 
-#define VAE_FAST_DECLARE_CPU_KERNELS(capability)                         \
-  namespace capability {                                                 \
-  void bernoulli_kernel(const BernoulliArgs& args);                      \
-  void gaussian_kernel(const GaussianArgs& args);                        \
-  void kl_kernel(const KLArgs& args);                                    \
-  void normal_kernel(const NormalArgs& args);                            \
-  void reparameterize_kernel(const ReparameterizeArgs& args);            \
-  void reparameterize_backward_kernel(const ReparameterizeBackwardArgs& args); \
+// The loss kernels, compiled for every capability.
+#define VAE_FAST_DECLARE_LOSS_KERNELS(capability)   \
+  namespace capability {                            \
+  void bernoulli_kernel(const BernoulliArgs& args); \
+  void gaussian_kernel(const GaussianArgs& args);   \
+  void kl_kernel(const KLArgs& args);               \
   }
 
-VAE_FAST_DECLARE_CPU_KERNELS(DEFAULT)
-VAE_FAST_DECLARE_CPU_KERNELS(AVX2)
+// The sampler's kernels, compiled for DEFAULT and AVX2 only: the eps stream is
+// defined in blocks of 8 Philox counters, one per AVX2 float lane.
+#define VAE_FAST_DECLARE_SAMPLER_KERNELS(capability)                             \
+  namespace capability {                                                         \
+  void normal_kernel(const NormalArgs& args);                                    \
+  void reparameterize_kernel(const ReparameterizeArgs& args);                    \
+  void reparameterize_backward_kernel(const ReparameterizeBackwardArgs& args);   \
+  }
+
+VAE_FAST_DECLARE_LOSS_KERNELS(DEFAULT)
+VAE_FAST_DECLARE_LOSS_KERNELS(AVX2)
+VAE_FAST_DECLARE_LOSS_KERNELS(AVX512)
+VAE_FAST_DECLARE_SAMPLER_KERNELS(DEFAULT)
+VAE_FAST_DECLARE_SAMPLER_KERNELS(AVX2)
 
 }  // namespace vae_fast::cpu

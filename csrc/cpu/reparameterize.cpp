@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at
   NormalArgs normal;
   normal.out = eps;
   normal.key = draw_philox_key(generator);  // drawn even for an empty eps: one per call
-  if (eps.numel() > 0) VAE_FAST_CPU_DISPATCH(normal_kernel, normal);
+  if (eps.numel() > 0) VAE_FAST_CPU_DISPATCH_SAMPLER(normal_kernel, normal);
   at::Tensor z = at::empty(shape, mu.options());
   if (mu.numel() == 0) return {z, eps};
   const int64_t n = mu.numel();
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at
   args.logvar = logvar.reshape({n}).contiguous();
   args.eps = eps.view({-1, n});
   args.z = z.view({-1, n});
-  VAE_FAST_CPU_DISPATCH(reparameterize_kernel, args);
+  VAE_FAST_CPU_DISPATCH_SAMPLER(reparameterize_kernel, args);
   return {z, eps};
 }
 
@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
   args.eps = eps.reshape({-1, n}).contiguous();
   if (output_mask[0]) args.grad_mu = grad_mu.view({n});
   if (output_mask[1]) args.grad_logvar = grad_lv.view({n});
-  VAE_FAST_CPU_DISPATCH(reparameterize_backward_kernel, args);
+  VAE_FAST_CPU_DISPATCH_SAMPLER(reparameterize_backward_kernel, args);
   return {grad_mu, grad_lv};
 }
 

@@ -3,7 +3,7 @@
 //
 // Loads and stores convert bfloat16/float16 to and from float, so every kernel
 // computes and accumulates in at::opmath_type<scalar_t>. float uses a polynomial
-// for log1p and, on AVX2, a short-chain exp/expm1 (relative errors ~2e-7 to 4e-7,
+// for log1p and, on AVX2 and AVX-512, a short-chain exp/expm1 (relative errors ~2e-7 to 4e-7,
 // below float32's own rounding of a row sum); double keeps Sleef's 1-ulp exp and
 // log1p.
 
@@ -71,8 +71,56 @@ inline auto horizontal_sum(const Vec& v) {
   return at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, v);
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
-namespace avx2_exp {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define VAE_FAST_SIMD_FLOAT 1
+// The float register of this capability (the one Vectorized<float> wraps) and the
+// few intrinsics the hand-written float paths below need, so that each path is
+// written once for AVX2 (__m256, 8 lanes) and AVX-512 (__m512, 16 lanes, where the
+// compares give mask registers and the blends take them: no blend-by-vector).
+namespace simd {
+#if defined(CPU_CAPABILITY_AVX512)
+using Reg = __m512;
+inline Reg set1(float v) { return _mm512_set1_ps(v); }
+inline Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+inline Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
+inline Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+inline Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+inline Reg fnmadd(Reg a, Reg b, Reg c) { return _mm512_fnmadd_ps(a, b, c); }
+// max/min return their second operand when either is NaN.
+inline Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
+inline Reg min(Reg a, Reg b) { return _mm512_min_ps(a, b); }
+// The float whose bits are those of `a`'s integer lanes shifted left by 23.
+inline Reg shift_bits_23(Reg a) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(a), 23));
+}
+// v where a <= b (or unordered), else `above`.
+inline Reg above_to(Reg a, Reg b, Reg v, Reg above) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), v, above);
+}
+// 1/v to 14 bits (vrcp14ps).
+inline Reg rcp(Reg v) { return _mm512_rcp14_ps(v); }
+#else
+using Reg = __m256;
+inline Reg set1(float v) { return _mm256_set1_ps(v); }
+inline Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+inline Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
+inline Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+inline Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+inline Reg fnmadd(Reg a, Reg b, Reg c) { return _mm256_fnmadd_ps(a, b, c); }
+inline Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
+inline Reg min(Reg a, Reg b) { return _mm256_min_ps(a, b); }
+inline Reg shift_bits_23(Reg a) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(a), 23));
+}
+inline Reg above_to(Reg a, Reg b, Reg v, Reg above) {
+  return _mm256_blendv_ps(v, above, _mm256_cmp_ps(a, b, _CMP_GT_OQ));
+}
+// 1/v to 12 bits (rcpps).
+inline Reg rcp(Reg v) { return _mm256_rcp_ps(v); }
+#endif
+}  // namespace simd
+
+namespace fast_exp_impl {
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2].
 // float(ln 2) is off by 1.9e-9, so r is off by at most 127 * 1.9e-9 = 2.4e-7.
 constexpr float kLog2e = 1.44269504088896341f;
@@ -98,60 +146,57 @@ enum class Exp { kExp, kExpm1MinusX };
 // These kernels are bound by their instruction count, so each operation here is
 // one the result needs.
 template <Exp kWhat, bool kNonPositive>
-inline __m256 exp_impl(__m256 x) {
+inline simd::Reg exp_impl(simd::Reg x) {
+  using namespace simd;
   constexpr bool kExpm1 = kWhat == Exp::kExpm1MinusX;
   // (max/min return their second operand for NaN, so NaN propagates.)
-  const __m256 x_low = _mm256_max_ps(_mm256_set1_ps(kMinArg), x);
+  const Reg x_low = max(set1(kMinArg), x);
   // n from x clamped so that 2^n stays a normal float; r from x itself, so the
   // top of the range, (88.03, 88.72], is reached with r up to 0.7 (error ~2e-6).
-  const __m256 xc =
-      kNonPositive ? x_low : _mm256_min_ps(_mm256_set1_ps(kMaxN / kLog2e), x_low);
-  const __m256 k = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kShifter));
-  const __m256 n = _mm256_sub_ps(k, _mm256_set1_ps(kShifter));
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), x_low);
-  const __m256 pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  __m256 p;
+  const Reg xc = kNonPositive ? x_low : min(set1(kMaxN / kLog2e), x_low);
+  const Reg k = fmadd(xc, set1(kLog2e), set1(kShifter));
+  const Reg n = sub(k, set1(kShifter));
+  const Reg r = fnmadd(n, set1(kLn2), x_low);
+  const Reg pow2n = shift_bits_23(k);
+  const Reg r2 = mul(r, r);
+  Reg p;
   if constexpr (kExpm1) {
     // P(r) = (c0 + c1 r) + r^2 ((c2 + c3 r) + r^2 c4)
-    const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(0.16666577756404877f), r,
-                                       _mm256_set1_ps(0.5f));
-    const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(0.008363170549273491f), r,
-                                       _mm256_set1_ps(0.04166685417294502f));
-    const __m256 p24 = _mm256_fmadd_ps(_mm256_set1_ps(0.0013901293277740479f), r2, p23);
-    p = _mm256_fmadd_ps(p24, r2, p01);
+    const Reg p01 = fmadd(set1(0.16666577756404877f), r, set1(0.5f));
+    const Reg p23 = fmadd(set1(0.008363170549273491f), r, set1(0.04166685417294502f));
+    const Reg p24 = fmadd(set1(0.0013901293277740479f), r2, p23);
+    p = fmadd(p24, r2, p01);
   } else {
     // P(r) = (c0 + c1 r) + r^2 (c2 + c3 r)
-    const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(0.16667114431416602f), r,
-                                       _mm256_set1_ps(0.4999923169673017f));
-    const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(0.008312531095900045f), r,
-                                       _mm256_set1_ps(0.04189012369979417f));
-    p = _mm256_fmadd_ps(p23, r2, p01);
+    const Reg p01 = fmadd(set1(0.16667114431416602f), r, set1(0.4999923169673017f));
+    const Reg p23 = fmadd(set1(0.008312531095900045f), r, set1(0.04189012369979417f));
+    p = fmadd(p23, r2, p01);
   }
-  __m256 result;
+  Reg result;
   if constexpr (kExpm1) {
-    const __m256 low = _mm256_sub_ps(_mm256_sub_ps(pow2n, _mm256_set1_ps(1.0f)), x);
-    result = _mm256_fmadd_ps(pow2n, _mm256_mul_ps(p, r2), _mm256_fmadd_ps(pow2n, r, low));
+    const Reg low = sub(sub(pow2n, set1(1.0f)), x);
+    result = fmadd(pow2n, mul(p, r2), fmadd(pow2n, r, low));
   } else {
-    const __m256 exp_r = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    result = _mm256_mul_ps(exp_r, pow2n);
+    const Reg exp_r = fmadd(p, r2, add(r, set1(1.0f)));
+    result = mul(exp_r, pow2n);
   }
   // Above kMaxArg: +inf. (NaN compares false, and has propagated.)
   if constexpr (!kNonPositive) {
-    result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY),
-                              _mm256_cmp_ps(x, _mm256_set1_ps(kMaxArg), _CMP_GT_OQ));
+    result = above_to(x, set1(kMaxArg), result, set1(INFINITY));
   }
   return result;
 }
-}  // namespace avx2_exp
+}  // namespace fast_exp_impl
 #endif
 
-// exp for the kernels: on AVX2 float, the short exp above; else ATen's (Sleef's
+// exp for the kernels: on AVX2/AVX-512 float, the short exp above; else ATen's (Sleef's
 // 1-ulp exp for double).
 template <typename Vec>
 inline Vec fast_exp(const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return avx2_exp::exp_impl<avx2_exp::Exp::kExp, false>(x);
+#if defined(VAE_FAST_SIMD_FLOAT)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+    return fast_exp_impl::exp_impl<fast_exp_impl::Exp::kExp, false>(x);
+  }
 #endif
   return x.exp();
 }
@@ -159,21 +204,23 @@ inline Vec fast_exp(const Vec& x) {
 // exp(x) for x <= 0 (a result in [0, 1], which never overflows).
 template <typename Vec>
 inline Vec exp_nonpositive(const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return avx2_exp::exp_impl<avx2_exp::Exp::kExp, true>(x);
+#if defined(VAE_FAST_SIMD_FLOAT)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+    return fast_exp_impl::exp_impl<fast_exp_impl::Exp::kExp, true>(x);
+  }
 #endif
   return x.exp();
 }
 
 // expm1(x) - x, the KL's variance term, without the cancellation of subtracting
-// x from expm1(x) near 0. AVX2 float: in one piece, above. Elsewhere: ATen's
+// x from expm1(x) near 0. AVX2/AVX-512 float: in one piece, above. Elsewhere: ATen's
 // expm1 minus x, but for |x| below a cutoff the Taylor series sum_{k>=2} x^k/k!
 // (float: |x| < 0.5 to x^9; double: |x| < 0.01 to x^7; both below 1 ulp).
 template <typename Vec>
 inline Vec expm1_minus_x(const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(VAE_FAST_SIMD_FLOAT)
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    return avx2_exp::exp_impl<avx2_exp::Exp::kExpm1MinusX, false>(x);
+    return fast_exp_impl::exp_impl<fast_exp_impl::Exp::kExpm1MinusX, false>(x);
   }
 #endif
   using T = typename Vec::value_type;
@@ -233,12 +280,12 @@ struct TargetRange {
   Vec hi = Vec(-std::numeric_limits<float>::infinity());
 
   void add(const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(VAE_FAST_SIMD_FLOAT)
     if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-      // minps/maxps return their second operand when either is NaN: one instruction
+      // min/max return their second operand when either is NaN: one instruction
       // each, and a NaN x leaves the range as it was.
-      lo = _mm256_min_ps(x, lo);
-      hi = _mm256_max_ps(x, hi);
+      lo = simd::min(x, lo);
+      hi = simd::max(x, hi);
       return;
     }
 #endif
@@ -258,14 +305,14 @@ struct TargetRange {
   }
 };
 
-// 1/v for v in [1, 2]. AVX2 float: rcp (12 bits) refined by one Newton step
+// 1/v for v in [1, 2]. AVX2/AVX-512 float: rcp (12/14 bits) refined by one Newton step
 // (~23 bits) at a third of a division's cost; elsewhere a true division.
 template <typename Vec>
 inline Vec reciprocal_1_2(const Vec& v) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(VAE_FAST_SIMD_FLOAT)
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    const __m256 r0 = _mm256_rcp_ps(v);
-    return _mm256_mul_ps(r0, _mm256_fnmadd_ps(v, r0, _mm256_set1_ps(2.0f)));
+    const simd::Reg r0 = simd::rcp(v);
+    return simd::mul(r0, simd::fnmadd(v, r0, simd::set1(2.0f)));
   }
 #endif
   return Vec(1) / v;
