@@ -43,10 +43,13 @@ def inputs(
     return {"x": leaf(x, grad[0]), "logits": leaf(logits, grad[1])}
 
 
+# dtype x shape on the value path (event_dims=None); event_dims on the 3-d shape.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("event_dims", EVENT_DIMS)
+@pytest.mark.parametrize(
+    "dtype, shape, event_dims",
+    [(dt, shape, None) for dt in FLOAT_DTYPES for shape in SHAPES]
+    + [(dt, (3, 5, 17), k) for dt in EXACT_DTYPES for k in EVENT_DIMS if k is not None],
+)
 def test_matches_distributions(device, dtype, shape, event_dims, gen):
     k = resolve_event_dims(event_dims, len(shape))
     out = check_against_truth(

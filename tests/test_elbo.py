@@ -177,13 +177,23 @@ SHAPES = [
 ]
 
 
+# The value path: every dtype on every shape, both likelihoods (the default reduction).
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("x_shape, z_shape", SHAPES)
-def test_matches_distributions(device, dtype, likelihood, reduction, x_shape, z_shape, gen):
+def test_matches_distributions(device, dtype, likelihood, x_shape, z_shape, gen):
     ins = inputs(x_shape, z_shape, dtype, device, gen, likelihood=likelihood)
+    check_elbo(ins, dtype, gen, likelihood=likelihood)
+
+
+# Reductions on one shape (odd sizes): how the rows combine does not depend on the shape.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(device, dtype, likelihood, reduction, gen):
+    ins = inputs((7, 13), (7, 3), dtype, device, gen, likelihood=likelihood)
     check_elbo(ins, dtype, gen, likelihood=likelihood, reduction=reduction)
 
 
@@ -335,8 +345,9 @@ def test_extremes(device, dtype, gen):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
+# An empty batch: one exact and one half dtype (the accumulation path differs).
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_empty_batch(device, dtype, reduction, likelihood, gen):

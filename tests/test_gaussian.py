@@ -53,10 +53,13 @@ def inputs(
     return {"x": leaf(x, grad[0]), "mean": leaf(mean, grad[1]), "logvar": leaf(logvar, grad[2])}
 
 
+# dtype x shape on the value path (event_dims=None); event_dims on the 3-d shape.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("event_dims", EVENT_DIMS)
+@pytest.mark.parametrize(
+    "dtype, shape, event_dims",
+    [(dt, shape, None) for dt in FLOAT_DTYPES for shape in SHAPES]
+    + [(dt, (3, 5, 17), k) for dt in EXACT_DTYPES for k in EVENT_DIMS if k is not None],
+)
 def test_matches_distributions(device, dtype, shape, event_dims, gen):
     k = resolve_event_dims(event_dims, len(shape))
     ins = inputs(shape, dtype, device, gen, grad=(True, True, True))

@@ -115,6 +115,7 @@ def test_without_grad_recon_is_untouched(device, gen):
     assert torch.equal(recon, before)
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("device", DEVICES)
 def test_under_compile_it_matches_eager(device, gen):
     x, weight, hidden, mu, logvar, _ = _model(torch.float32, device, "bernoulli", gen)
