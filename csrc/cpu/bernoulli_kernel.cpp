@@ -19,7 +19,7 @@ namespace {
 template <typename scalar_t, bool kLogProb, bool kGradLogits, bool kGradX>
 inline void bernoulli_columns(const scalar_t* x, const scalar_t* logits, scalar_t* grad_x,
                               scalar_t* grad_logits, int64_t j, int64_t n,
-                              const OpVec<scalar_t>& weight, OpVec<scalar_t>& sum,
+                              const OpVec<scalar_t>& weight, BlockedSum<OpVec<scalar_t>>& sum,
                               TargetRange<OpVec<scalar_t>>& range) {
   using Vec = OpVec<scalar_t>;
   const Vec xv = load_n(x + j, n);  // lanes past n are 0, inside [0, 1]
@@ -29,7 +29,7 @@ inline void bernoulli_columns(const scalar_t* x, const scalar_t* logits, scalar_
   // (-|l| is l with its sign bit set: one instruction.)
   const Vec e = exp_nonpositive(l | Vec(-0.0));
   if constexpr (kLogProb) {
-    sum += keep_first(bernoulli_log_prob_from_exp(xv, l, e), n);
+    sum.add(keep_first(bernoulli_log_prob_from_exp(xv, l, e), n));
   }
   if constexpr (kGradLogits) {
     // x - sigmoid(l) from the same e, t = e/(1+e): x - t for l < 0 and
@@ -60,12 +60,12 @@ void bernoulli_rows(const BernoulliArgs& a) {
 
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     TargetRange<Vec> range;
+    BlockedSum<Vec> sum;
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
       const int64_t off = r * cols;
       scalar_t* grad_x_row = kGradX ? grad_x + off : nullptr;
       scalar_t* grad_logits_row = kGradLogits ? grad_logits + off : nullptr;
-      Vec sum(0);
       int64_t j = 0;
       for (; j + W <= cols; j += W) {
         bernoulli_columns<scalar_t, kLogProb, kGradLogits, kGradX>(
@@ -76,7 +76,7 @@ void bernoulli_rows(const BernoulliArgs& a) {
             x + off, logits + off, grad_x_row, grad_logits_row, j, cols - j, weight, sum, range);
       }
       if constexpr (kLogProb) {
-        log_prob[r] = static_cast<scalar_t>(horizontal_sum(sum));
+        log_prob[r] = static_cast<scalar_t>(sum.take());
       }
     }
     if (kLogProb && a.found_outside != nullptr && range.outside_unit_interval()) {

@@ -49,16 +49,28 @@ void gaussian_rows(const GaussianArgs& a) {
   scalar_t* grad_lv = mutable_ptr_or_null<scalar_t>(a.grad_logvar);
   const opmath scale = static_cast<opmath>(a.scale);
 
-  // Per-chunk accumulators for a shared logvar's gradient (chunks x cols).
+  // Per-chunk accumulators for a shared logvar's gradient (chunks x cols): rows add
+  // into `partial` (opmath), flushed every kBlockRows rows into double `totals`, so
+  // that a column summed over millions of rows keeps its accuracy.
+  constexpr int64_t kBlockRows = 64;
   const int64_t chunks = num_row_chunks(rows, cols);
-  std::vector<opmath> lv_partial(grad_lv && shared ? chunks * cols : 0, opmath(0));
+  const bool reduce_lv = grad_lv && shared;
+  std::vector<opmath> lv_partial(reduce_lv ? chunks * cols : 0, opmath(0));
+  std::vector<double> lv_totals(reduce_lv ? chunks * cols : 0, 0.0);
 
   for_each_row_chunk(rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    opmath* partial = lv_partial.empty() ? nullptr : lv_partial.data() + chunk * cols;
+    opmath* partial = reduce_lv ? lv_partial.data() + chunk * cols : nullptr;
+    double* totals = reduce_lv ? lv_totals.data() + chunk * cols : nullptr;
+    const auto flush_partial = [&] {
+      for (int64_t j = 0; j < cols; ++j) {
+        totals[j] += partial[j];
+        partial[j] = opmath(0);
+      }
+    };
+    BlockedSum<Vec> sum;
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
       const int64_t off = r * cols;
-      Vec sum(0);
       for (int64_t j = 0; j < cols; j += W) {
         const int64_t n = std::min<int64_t>(W, cols - j);
         const Vec diff = load_n(x + off + j, n) - load_n(mean + off + j, n);
@@ -73,7 +85,7 @@ void gaussian_rows(const GaussianArgs& a) {
         const Vec scaled_diff = diff * inv_var;  // (x - mean) / var
         const Vec sq = diff * scaled_diff;       // (x - mean)^2 / var
         if (log_prob) {
-          sum += keep_first(Vec(-0.5) * (Vec(static_cast<opmath>(kLog2Pi)) + lv + sq), n);
+          sum.add(keep_first(Vec(-0.5) * (Vec(static_cast<opmath>(kLog2Pi)) + lv + sq), n));
         }
         if (grad_mean) store_n(grad_mean + off + j, scaled_diff * weight, n);
         if (grad_x) store_n(grad_x + off + j, scaled_diff.neg() * weight, n);
@@ -86,18 +98,21 @@ void gaussian_rows(const GaussianArgs& a) {
           }
         }
       }
-      if (log_prob) log_prob[r] = static_cast<scalar_t>(horizontal_sum(sum));
+      if (log_prob) log_prob[r] = static_cast<scalar_t>(sum.take());
+      if (reduce_lv && (r - begin + 1) % kBlockRows == 0) flush_partial();
     }
+    if (reduce_lv) flush_partial();
   });
 
   if (grad_lv && shared) {
-    // Combine the chunks in a fixed order; a scalar logvar also sums its columns.
-    std::vector<opmath> total(cols, opmath(0));
+    // Combine the chunks in a fixed order, in double; a scalar logvar also sums its
+    // columns.
+    std::vector<double> total(cols, 0.0);
     for (int64_t c = 0; c < chunks; ++c) {
-      for (int64_t j = 0; j < cols; ++j) total[j] += lv_partial[c * cols + j];
+      for (int64_t j = 0; j < cols; ++j) total[j] += lv_totals[c * cols + j];
     }
     if (lv_cols == 1) {
-      opmath s = 0;
+      double s = 0;
       for (int64_t j = 0; j < cols; ++j) s += total[j];
       grad_lv[0] = static_cast<scalar_t>(s);
     } else {

@@ -7,6 +7,7 @@
 
 #include "common/op_checks.h"
 #include "common/layout.h"
+#include "cpu/allocation.h"
 #include "cpu/capability.h"
 #include "cpu/kernels.h"
 
@@ -54,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
   // Full-size buffers; a broadcast prior's gradient is summed to its shape below.
   at::Tensor full[4];
   for (int i = 0; i < 4; ++i) {
-    full[i] = want[i] ? at::empty(mu.sizes(), mu.options()) : mu.new_empty({0});
+    full[i] = want[i] ? empty_output(mu.sizes(), mu.options()) : mu.new_empty({0});
   }
   if (mu.numel() > 0 && (want[0] || want[1] || want[2] || want[3])) {
     KLArgs args = make_args(mu, logvar, prior_mu, prior_logvar, layout);

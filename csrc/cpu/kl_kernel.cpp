@@ -31,10 +31,10 @@ void kl_rows(const KLArgs& a) {
   const opmath scale = static_cast<opmath>(a.scale);
 
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    BlockedSum<Vec> sum;
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
       const int64_t off = r * cols;
-      Vec sum(0);
       for (int64_t j = 0; j < cols; j += W) {
         const int64_t n = std::min<int64_t>(W, cols - j);
         const Vec m = load_n(mu + off + j, n);
@@ -48,13 +48,13 @@ void kl_rows(const KLArgs& a) {
         const Vec em1_minus_d = expm1_minus_x(dlv);
         const Vec em1 = em1_minus_d + dlv;
         const Vec scaled_diff = diff * inv_prior_var;
-        if (kl) sum += keep_first(Vec(0.5) * (em1_minus_d + diff * scaled_diff), n);
+        if (kl) sum.add(keep_first(Vec(0.5) * (em1_minus_d + diff * scaled_diff), n));
         if (g_mu) store_n(g_mu + off + j, scaled_diff * weight, n);
         if (g_pmu) store_n(g_pmu + off + j, scaled_diff.neg() * weight, n);
         if (g_lv) store_n(g_lv + off + j, Vec(0.5) * em1 * weight, n);
         if (g_plv) store_n(g_plv + off + j, Vec(-0.5) * (em1 + diff * scaled_diff) * weight, n);
       }
-      if (kl) kl[r] = static_cast<scalar_t>(horizontal_sum(sum));
+      if (kl) kl[r] = static_cast<scalar_t>(sum.take());
     }
   });
 }

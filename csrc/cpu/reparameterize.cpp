@@ -7,13 +7,13 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <mutex>
 
 #include "common/op_checks.h"
 #include "common/layout.h"
+#include "cpu/allocation.h"
 #include "cpu/capability.h"
 #include "cpu/kernels.h"
 
@@ -34,12 +34,12 @@ std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at
   std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
   if (num_samples) shape.insert(shape.begin(), *num_samples);
   // eps in the accumulation dtype: float32 draws for half inputs, kept for backward.
-  at::Tensor eps = at::empty(shape, mu.options().dtype(at::toOpMathType(mu.scalar_type())));
+  at::Tensor eps = empty_output(shape, mu.options().dtype(at::toOpMathType(mu.scalar_type())));
   NormalArgs normal;
   normal.out = eps;
   normal.key = draw_philox_key(generator);  // drawn even for an empty eps: one per call
   if (eps.numel() > 0) VAE_FAST_CPU_DISPATCH_SAMPLER(normal_kernel, normal);
-  at::Tensor z = at::empty(shape, mu.options());
+  at::Tensor z = empty_output(shape, mu.options());
   if (mu.numel() == 0) return {z, eps};
   const int64_t n = mu.numel();
   ReparameterizeArgs args;
@@ -56,9 +56,9 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
                                                            const at::Tensor& eps,
                                                            std::array<bool, 2> output_mask) {
   check_reparameterize_backward(grad_z, logvar, eps);
-  at::Tensor grad_mu = output_mask[0] ? at::empty(logvar.sizes(), logvar.options())
+  at::Tensor grad_mu = output_mask[0] ? empty_output(logvar.sizes(), logvar.options())
                                       : logvar.new_empty({0});
-  at::Tensor grad_lv = output_mask[1] ? at::empty(logvar.sizes(), logvar.options())
+  at::Tensor grad_lv = output_mask[1] ? empty_output(logvar.sizes(), logvar.options())
                                       : logvar.new_empty({0});
   const int64_t n = logvar.numel();
   if (!(output_mask[0] || output_mask[1])) return {grad_mu, grad_lv};

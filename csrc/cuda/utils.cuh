@@ -21,24 +21,14 @@
 #include <initializer_list>
 
 #include "common/layout.h"
+#include "cuda/row_plan.h"
 
 namespace vae_fast::cuda {
 
-// Every row kernel runs 256-thread blocks: 8 per SM at full occupancy.
-constexpr int kBlockThreads = 256;
-constexpr int kWarp = 32;
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
 
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int next_pow2(int64_t v) {
-  int p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
 
 // ---------------------------------------------------------------------------- math
 // float and double overloads spelled out, so that float code never silently runs in
