@@ -1,4 +1,5 @@
-"""Samples per second of a whole VAE training step, fused loss against the reference.
+"""Times a whole VAE training step, fused loss against the reference, and writes samples per
+second as JSON.
 
 A step is what a training loop does per batch: zero the gradients, run the model
 (encoder, reparameterize, decoder), the loss (`vae_fast.nn.ELBOLoss`, the negative
@@ -12,7 +13,8 @@ timed interleaved in one run:
 
 Besides samples/s the script reports the fraction of the step spent in the loss:
 the loss's own forward+backward, timed alone on tensors of the model's output shapes,
-over the step's time; this says where a faster loss can matter at all.
+over the step's time; this says where a faster loss can matter at all. bench/report.py
+makes the table (printed here too) and a plot from the JSON.
 
     python bench/train.py                       # CPU, MLP VAE at B = 256..16384, ConvVAE
     python bench/train.py --quick               # tiny sizes, eager only, < 1 minute
@@ -28,11 +30,15 @@ import copy
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402  (after the path set-up, so `python bench/train.py` works)
+import _cli  # noqa: E402  (after the path set-up, so `python bench/train.py` works)
+import _common as C  # noqa: E402
+import _session as S  # noqa: E402
+import report  # noqa: E402
 
 import vae_fast  # noqa: E402
 from vae_fast.nn import VAE, ConvVAE, ELBOLoss  # noqa: E402
@@ -89,204 +95,109 @@ class Variant:
             self.loss_only(self.x, *self.loss_inputs).backward()
 
 
+class Which(NamedTuple):
+    """One variant of a model and batch size: which loss backend, eager or compiled."""
+
+    backend: str
+    mode: str
+
+
 def run_config(kind: str, batch: int, args, vae_backend: str) -> list[dict]:
-    device, dtype = args.device, C.DTYPES[args.dtype]
+    device, dtype = args.device, S.DTYPES[args.dtype]
     torch.manual_seed(0)
     model, row = make_model(kind, args)
     model = model.to(device=device, dtype=dtype)
     x = (torch.rand(batch, *row, device=device) < 0.5).to(dtype)  # binarized, resident
-    variants: dict[str, Variant] = {}
-    errors: dict[str, str] = {}
-    for backend in args.backends:
-        for mode in args.modes:
-            name = f"{backend}/{mode}"
-            try:
-                variants[name] = Variant(model, backend, mode, vae_backend, x)
-            except Exception as error:  # noqa: BLE001 - report and go on with the others
-                errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    variants: dict[Which, Variant] = {}
+    errors: dict[Which, str] = {}
+    for which in (Which(b, m) for b in args.backends for m in args.modes):
+        try:
+            variants[which] = Variant(model, which.backend, which.mode, vae_backend, x)
+        except Exception as error:  # noqa: BLE001 - report and go on with the others
+            errors[which] = C.describe_error(error)
     measure = dict(device=device, min_time=args.min_time, rounds=args.rounds, warmup=args.warmup)
-    steps = C.measure_interleaved({n: v.step for n, v in variants.items()}, **measure)
-    losses = C.measure_interleaved({n: v.loss_step for n, v in variants.items()}, **measure)
-    records = []
-    for name in [*variants, *errors]:
-        backend, mode = name.split("/")
-        rec = {
-            "model": kind,
-            "batch": batch,
-            "backend": backend,
-            "mode": mode,
-            "dtype": args.dtype,
-            "device": device,
-        }
-        timing = steps.get(name, {"error": errors.get(name)})
+    steps = C.measure_interleaved({w: v.step for w, v in variants.items()}, **measure)
+    losses = C.measure_interleaved({w: v.loss_step for w, v in variants.items()}, **measure)
+    records: dict[Which, dict] = {}
+    for which in [*variants, *errors]:
+        rec = {"model": kind, "batch": batch, **which._asdict(), "dtype": args.dtype}
+        rec["device"] = device
+        timing = steps.get(which, {"error": errors.get(which)})
         rec.update(timing)
         if "median_s" in timing:
             rec["samples_per_s"] = batch / timing["median_s"]
-            loss = losses.get(name, {})
+            loss = losses.get(which, {})
             if "median_s" in loss:
                 rec["loss_median_s"] = loss["median_s"]
                 rec["loss_fraction"] = loss["median_s"] / timing["median_s"]
             else:
                 rec["loss_error"] = loss.get("error")
-        records.append(rec)
-    by_name = {f"{r['backend']}/{r['mode']}": r for r in records}
+        records[which] = rec
     for mode in args.modes:
-        fused, ref = by_name.get(f"fused/{mode}"), by_name.get(f"reference/{mode}")
+        fused, ref = records.get(Which("fused", mode)), records.get(Which("reference", mode))
         if fused and ref and "median_s" in fused and "median_s" in ref:
             fused["speedup_vs_reference"] = ref["median_s"] / fused["median_s"]
-    return records
+    return list(records.values())
 
 
-def markdown(run: dict) -> str:
-    meta, records = run["meta"], run["results"]
-    args = run["config"]
-    fused_title = "fused" if meta["vae_fast_backend"] == "fused" else "fused [reference stand-in]"
-    out = [f"Machine: {C.machine_line(meta)}", ""]
-    if meta["vae_fast_backend"] != "fused":
-        out += [
-            "**vae_fast._C was not built: the fused columns ran the reference backend as a "
-            "stand-in. These numbers say nothing about the fused kernels.**",
-            "",
-        ]
-    header = ["model", "batch"]
-    for mode in args["modes"]:
-        header += [
-            f"{fused_title} {mode} samples/s",
-            f"reference {mode} samples/s",
-            f"{mode}: fused / reference",
-            f"{mode}: loss share fused / ref",
-        ]
-    rows = []
-    for kind, batch in dict.fromkeys((r["model"], r["batch"]) for r in records):
-        row = [kind, str(batch)]
-        for mode in args["modes"]:
-            get = {
-                r["backend"]: r
-                for r in records
-                if r["model"] == kind and r["batch"] == batch and r["mode"] == mode
-            }
-            f, r = get.get("fused", {}), get.get("reference", {})
-            row += [
-                _rate(f),
-                _rate(r),
-                C.fmt_ratio(f.get("speedup_vs_reference")),
-                f"{_pct(f.get('loss_fraction'))} / {_pct(r.get('loss_fraction'))}",
-            ]
-        rows.append(row)
-    out += ["### Training step (forward, loss, backward, Adam)", "", C.md_table(header, rows), ""]
-    ratios = [r for r in records if "speedup_vs_reference" in r]
-    if ratios:
-        slower = [r for r in ratios if r["speedup_vs_reference"] < 1]
-        text = "; ".join(
-            f"{r['model']} B={r['batch']} {r['mode']} {r['speedup_vs_reference']:.2f}×"
-            for r in slower
-        )
-        out += [
-            "Target of issue 5, a step with the fused loss at least as fast as the reference "
-            f"everywhere ({len(ratios)} cases): "
-            + ("met" if not slower else f"**not met** at {text}"),
-            "",
-        ]
-    return "\n".join(out)
-
-
-def _rate(rec: dict) -> str:
-    if "samples_per_s" in rec:
-        return f"{rec['samples_per_s']:,.0f}"
-    return "error" if rec.get("error") else "–"
-
-
-def _pct(frac: float | None) -> str:
-    return "–" if frac is None else f"{100 * frac:.0f}%"
-
-
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    Later = _cli.Later
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=_cli.HelpFormatter
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=sorted(C.DTYPES), default="float32")
-    p.add_argument("--models", nargs="+", choices=("mlp", "conv"), default=["mlp", "conv"])
+    p.add_argument("--dtype", choices=sorted(S.DTYPES), default="float32", help="of model and data")
+    p.add_argument(
+        "--models", nargs="+", choices=("mlp", "conv"), default=["mlp", "conv"], help="which"
+    )
     p.add_argument(
         "--batch-sizes",
         nargs="+",
         type=int,
-        default=None,
-        help="MLP VAE batches (default 256 1024 4096 16384)",
+        default=Later([256, 1024, 4096, 16384], quick=[32]),
+        help="MLP VAE batches",
     )
     p.add_argument(
         "--conv-batch-sizes",
         nargs="+",
         type=int,
-        default=None,
-        help="ConvVAE batches (default 256 1024)",
+        default=Later([256, 1024], quick=[16]),
+        help="ConvVAE batches",
     )
-    p.add_argument("--latent", type=int, default=32)
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument("--latent", type=int, default=32, help="latent size")
+    p.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="which losses"
+    )
     p.add_argument(
         "--modes",
         nargs="+",
         choices=MODES,
-        default=None,
-        help="default: eager compile (--quick: eager)",
+        default=Later(list(MODES), quick=["eager"]),
+        help="as written, or forward and loss under torch.compile",
     )
-    p.add_argument(
-        "--vae-backend",
-        choices=("auto", "fused", "reference"),
-        default="auto",
-        help="what the 'fused' variants run; auto: the kernels if vae_fast._C is "
-        "built, else the reference as a labelled stand-in",
+    _cli.add_run_options(
+        p,
+        runs="the 'fused' variants run",
+        per="variant and configuration",
+        quick="tiny batches, eager only, short timings: checks the script",
+        min_time=Later(2.0, quick=0.05),
+        warmup=Later(3, quick=1),
     )
-    p.add_argument(
-        "--min-time",
-        type=float,
-        default=None,
-        help="seconds of timed steps per variant and config (default 2.0)",
-    )
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="default: every available core")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--append", action="store_true", help="add this run to the --json file")
-    p.add_argument("--markdown", help="write the table here (it is printed anyway)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny batches, eager only, short timings: checks the script",
-    )
-    args = p.parse_args(argv)
-    quick = args.quick
-    defaults = {
-        "batch_sizes": [32] if quick else [256, 1024, 4096, 16384],
-        "conv_batch_sizes": [16] if quick else [256, 1024],
-        "modes": ["eager"] if quick else list(MODES),
-        "min_time": 0.05 if quick else 2.0,
-        "rounds": 3 if quick else 5,
-        "warmup": 1 if quick else 3,
-    }
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    return _cli.fill_defaults(p.parse_args(argv))
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    started = time.perf_counter()
-    C.setup_torch(args.device, args.threads, compile="compile" in args.modes)
-    vae_backend, _ = C.resolve_vae_backend(args.vae_backend)
-    meta = C.machine_meta(args.device, vae_backend)
-    C.warn_if_busy(meta)
+    session = S.Session.begin(args, compile="compile" in args.modes)
     configs = [("mlp", b) for b in args.batch_sizes if "mlp" in args.models]
     configs += [("conv", b) for b in args.conv_batch_sizes if "conv" in args.models]
     records: list[dict] = []
     for i, (kind, batch) in enumerate(configs, 1):
         t0 = time.perf_counter()
-        recs = run_config(kind, batch, args, vae_backend)
+        recs = run_config(kind, batch, args, session.vae_backend)
         records += recs
         summary = " ".join(
             f"{r['backend']}/{r['mode']}={r['samples_per_s']:,.0f}/s"
-            f" (loss {_pct(r.get('loss_fraction'))})"
+            f" (loss {report.fmt_pct(r.get('loss_fraction'))})"
             if "samples_per_s" in r
             else f"{r['backend']}/{r['mode']}=ERROR({r.get('error')})"
             for r in recs
@@ -296,16 +207,10 @@ def main(argv=None) -> dict:
             file=sys.stderr,
             flush=True,
         )
-    C.finish_meta(meta, started)
-    config = {k: v for k, v in vars(args).items() if k not in ("json", "markdown", "append")}
-    run = {"kind": "train", "meta": meta, "config": config, "results": records}
-    table = markdown(run)
-    print(table)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table + "\n")
+    run = session.finish("train", S.options(args), records)
     if args.json:
-        C.write_json(args.json, run, args.append)
+        S.write_json(args.json, run, args.append)
+    report.publish(run, args.markdown)
     return run
 
 

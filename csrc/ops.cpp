@@ -66,4 +66,19 @@ TORCH_LIBRARY(vae_fast, m) {
       "(Tensor loss, "
       "Tensor log_likelihood, Tensor kl, Tensor grad_obs_logvar, Tensor grad_mu, "
       "Tensor grad_logvar)");
+
+  // The importance-weighted bound (Burda et al. 2016) of K samples: recon (K, B, ...)
+  // and z (K, B, ...) against x (B, ...), mu, logvar (B, ...), which are broadcast
+  // over the samples (never repeated). loss = -(logsumexp_k log w - log K), reduced
+  // over the batch; log_weights (K, B) in the accumulation dtype. When compute_grad,
+  // d(loss)/d(recon, z[, mu, logvar][, obs_logvar]) for grad_output = 1 come back
+  // (computed with the normalized weights in the same pass): mu and logvar's score
+  // terms only for estimator "iwae" ("stl" and "dreg" drop them; DReG's reweighting
+  // of the path through z is applied by vae_fast.iwae_sample's backward). Gradients
+  // not computed are empty tensors. obs_logvar broadcasts to recon.
+  m.def(
+      "iwae(Tensor x, Tensor recon, Tensor z, Tensor mu, Tensor logvar, Tensor? obs_logvar, "
+      "str likelihood, str estimator, str reduction, bool compute_grad, bool validate_x=True) "
+      "-> (Tensor loss, Tensor log_weights, Tensor grad_recon, Tensor grad_z, Tensor grad_mu, "
+      "Tensor grad_logvar, Tensor grad_obs_logvar)");
 }

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-import vae_fast.train as train_mod
+import vae_fast.train.loop as loop
 from vae_fast import _plots
 from vae_fast.data import load_dataset
 from vae_fast.nn import ConvVAE
@@ -164,7 +164,7 @@ def test_small_range_warns_in_one_line_and_still_trains(tmp_path, capsys, vae_ba
 def _step_that_diverges(monkeypatch, at_step: int) -> list[int]:
     """Replace the training step: from `at_step` on the weights and the loss are nan, as
     after a step too large. Returns the steps that ran."""
-    real = train_mod._train_step
+    real = loop.train_step
     ran: list[int] = []
 
     def step(trainer, xb, step, **kw):
@@ -177,7 +177,7 @@ def _step_that_diverges(monkeypatch, at_step: int) -> list[int]:
             return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_mod, "_train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
     return ran
 
 
@@ -242,12 +242,12 @@ def test_data_too_large_for_float32_statistics_is_refused(tmp_path, capsys, vae_
 
 
 def test_metrics_jsonl_is_strict_json(tmp_path, capsys, vae_backend, monkeypatch):
-    real = train_mod.evaluate
+    real = loop.evaluate
 
     def evaluate(*a, **kw):  # a test set the model scores as infinitely unlikely
         return dict(real(*a, **kw), test_loss=float("inf"), test_recon=float("nan"))
 
-    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
     out = tmp_path / "run"
     code, stdout, err = cli(capsys, vae_backend, "--out", str(out), "--epochs", "2", *SMALL)
     assert code == 0, err
@@ -354,14 +354,14 @@ def test_convvae_validates_channels(channels):
 
 
 def _step_interrupted_at(monkeypatch, at_step: int) -> None:
-    real = train_mod._train_step
+    real = loop.train_step
 
     def step(trainer, xb, step, **kw):
         if step == at_step:
             raise KeyboardInterrupt
         return real(trainer, xb, step, **kw)
 
-    monkeypatch.setattr(train_mod, "_train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
 
 
 def test_ctrl_c_says_where_resume_continues(tmp_path, capsys, vae_backend, monkeypatch):

@@ -3,6 +3,7 @@
 from vae_fast import nn, reference
 from vae_fast._backend import backend, current_backend
 from vae_fast._validate import set_default_validate_args
+from vae_fast.iwae import iwae, iwae_sample
 from vae_fast.ops import (
     bernoulli_log_prob,
     elbo,
@@ -18,6 +19,8 @@ __all__ = [
     "elbo",
     "gaussian_kl",
     "gaussian_log_prob",
+    "iwae",
+    "iwae_sample",
     "nn",
     "reference",
     "reparameterize",

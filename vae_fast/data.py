@@ -4,6 +4,7 @@
 and whether the values are probabilities in [0, 1] (to be binarized for a Bernoulli
 likelihood) or real numbers (for a Gaussian one). Anything wrong with the input raises
 `DataError` with a one-line message that names the file and what was expected.
+`prepare(data, likelihood)` then gives the likelihood's view of it (`Prepared`).
 
 How numbers are read (one rule per dtype, nothing guessed from the values):
 - floats are taken as they are; bool is 0/1;
@@ -29,7 +30,7 @@ from typing import IO
 import numpy as np
 import torch
 
-__all__ = ["DataError", "DataWarning", "Dataset", "load_dataset"]
+__all__ = ["DataError", "DataWarning", "Dataset", "Prepared", "load_dataset", "prepare"]
 
 # The train/test split of a single array is fixed (not --seed): every run of the
 # same data is scored on the same test rows.
@@ -102,7 +103,7 @@ def load_dataset(spec: str, *, scale: float | None = None) -> Dataset:
         train, test = _read_idx(path), _idx_test_sibling(path)
     else:
         raise DataError(f"{path}: unknown file type; expected .npz, .npy or an IDX file")
-    return _prepare(path.stem or path.name, str(path), train, test, scale)
+    return _dataset(path.stem or path.name, str(path), train, test, scale)
 
 
 # --------------------------------------------------------------------------- sources
@@ -353,7 +354,7 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[perm[n_test:]].contiguous(), x[perm[:n_test]].contiguous()
 
 
-def _prepare(
+def _dataset(
     name: str, where: str, train: np.ndarray, test: np.ndarray | None, scale: float | None
 ) -> Dataset:
     train, image = _event_layout(where, train)
@@ -374,3 +375,53 @@ def _prepare(
         binary = binary and test_binary
         x_train, x_test = x, torch.from_numpy(np.ascontiguousarray(test))
     return Dataset(name, x_train, x_test, binary=binary, image_shape=image, reading=reading)
+
+
+# --------------------------------------------------------------------------- the likelihood's view
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The data as the model sees it, plus how to map results back to the data's units."""
+
+    train: torch.Tensor  # probabilities (Bernoulli) or standardized values (Gaussian)
+    test: torch.Tensor  # binarized once (Bernoulli) or standardized (Gaussian)
+    test_shown: torch.Tensor  # test rows in data space, for the reconstruction picture
+    likelihood: str  # "bernoulli" or "gaussian" ("auto" resolved)
+    shift: torch.Tensor | float = 0.0
+    scale: torch.Tensor | float = 1.0
+    log_jacobian: float = 0.0  # sum(log scale): nats per row added to losses in data units
+
+
+def prepare(data: Dataset, likelihood: str, label: str | None = None) -> Prepared:
+    """The view of `data` for `likelihood` ("auto", "bernoulli" or "gaussian"): Bernoulli
+    takes probabilities (the test set binarized once), Gaussian standardized values.
+    `label` names the data in errors (``--data X``)."""
+    label = label or data.name
+    if likelihood == "auto":
+        likelihood = "bernoulli" if data.binary else "gaussian"
+    if likelihood == "bernoulli":
+        if not data.binary:
+            raise DataError(
+                f"--likelihood bernoulli: {data.name} has values outside [0, 1]; "
+                "use --likelihood gaussian"
+            )
+        # The test set is binarized once, with a fixed seed, so every run is scored alike.
+        g = torch.Generator().manual_seed(1)
+        test = torch.bernoulli(data.test, generator=g)
+        return Prepared(data.train, test, data.test, "bernoulli")
+    shift = data.train.mean(0)
+    std = data.train.std(0)
+    # Constant features would get a zero scale: leave those unscaled.
+    scale = torch.where(std > 1e-6 * float(std.max().clamp_min(1e-30)), std, torch.ones_like(std))
+    train, test = (data.train - shift) / scale, (data.test - shift) / scale
+    # Finite float32 data near float32's limit (say ±3e38) overflows the mean or the
+    # standard deviation: the run would train on nan. Refuse it, with the way out.
+    if not all(bool(t.isfinite().all()) for t in (shift, scale, train, test)):
+        big = max(float(data.train.abs().max()), float(data.test.abs().max()))
+        raise DataError(
+            f"--data {label}: values as large as {big:.3g} overflow float32 when standardized "
+            f"for the Gaussian likelihood (the mean or standard deviation is not finite); "
+            f"divide them, e.g. with --data-scale {_power_of_ten(big):g}"
+        )
+    return Prepared(train, test, data.test, "gaussian", shift, scale, float(scale.log().sum()))

@@ -211,19 +211,33 @@ class VAEOutput(NamedTuple):
 
 
 class _VAEBase(nn.Module):
-    """The interface VAE and ConvVAE share; subclasses define `encode` and `decode`."""
+    """What VAE and ConvVAE share. A subclass builds `encoder` (rows of `event_shape` to
+    2 * latent_dim features: mu, then logvar) and `decoder` (z to logits or means), and
+    names its constructor arguments in `_config`, which `extra_repr` shows."""
 
+    _config: tuple[str, ...]
     latent_dim: int
-    likelihood: str
     event_shape: tuple[int, ...]
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def __init__(self, likelihood: str) -> None:
+        super().__init__()
+        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        self.likelihood = likelihood
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of q(z|x), each (B, latent_dim)."""
-        raise NotImplementedError
+        h = self.encoder(x.reshape(x.shape[0], *self.event_shape))
+        mu, logvar = h.chunk(2, dim=-1)
+        return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder outputs (logits or means) of shape (N, *event_shape) for z of (N, L)."""
-        raise NotImplementedError
+        return self.decoder(z)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._config)
 
     def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> VAEOutput:
         """Encode x (B, *event_shape), draw z ~ q(z|x) and decode it."""
@@ -301,6 +315,8 @@ class VAE(_VAEBase):
     `forward` returns `recon` in the input's shape, `decode` and `sample` give (N, in_features).
     """
 
+    _config = ("in_features", "latent_dim", "hidden", "likelihood")
+
     def __init__(
         self,
         in_features: int,
@@ -309,27 +325,12 @@ class VAE(_VAEBase):
         likelihood: str = "bernoulli",
         activation: Callable[[], nn.Module] = nn.ReLU,
     ) -> None:
-        super().__init__()
-        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        super().__init__(likelihood)
         self.in_features, self.latent_dim = int(in_features), int(latent_dim)
-        self.hidden, self.likelihood = tuple(hidden), likelihood
+        self.hidden = tuple(hidden)
         self.event_shape = (self.in_features,)
         self.encoder = _mlp((self.in_features, *self.hidden, 2 * self.latent_dim), activation)
         self.decoder = _mlp((self.latent_dim, *reversed(self.hidden), self.in_features), activation)
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(x.reshape(x.shape[0], self.in_features))
-        mu, logvar = h.chunk(2, dim=-1)
-        return mu, logvar
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, latent_dim={self.latent_dim}, "
-            f"hidden={self.hidden}, likelihood={self.likelihood!r}"
-        )
 
 
 class ConvVAE(_VAEBase):
@@ -347,6 +348,8 @@ class ConvVAE(_VAEBase):
         activation: the nonlinearity between layers (a module class).
     """
 
+    _config = ("in_shape", "latent_dim", "channels", "hidden", "likelihood")
+
     def __init__(
         self,
         in_shape: Sequence[int],
@@ -356,8 +359,7 @@ class ConvVAE(_VAEBase):
         likelihood: str = "bernoulli",
         activation: Callable[[], nn.Module] = nn.ReLU,
     ) -> None:
-        super().__init__()
-        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        super().__init__(likelihood)
         if len(in_shape) != 3 or min(in_shape) < 1:
             raise ValueError(f"in_shape must be (C, H, W) of positive sizes, got {tuple(in_shape)}")
         if len(channels) == 0:
@@ -368,7 +370,6 @@ class ConvVAE(_VAEBase):
             raise ValueError(f"latent_dim and hidden must be >= 1, got {latent_dim} and {hidden}")
         self.in_shape = self.event_shape = tuple(int(s) for s in in_shape)
         self.latent_dim, self.channels, self.hidden = int(latent_dim), tuple(channels), int(hidden)
-        self.likelihood = likelihood
         c, h, w = self.in_shape
         sizes = [(h, w)]
         down: list[nn.Module] = []
@@ -405,17 +406,3 @@ class ConvVAE(_VAEBase):
             if level > 0:
                 up.append(activation())
         self.decoder = nn.Sequential(*up)
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(x.reshape(x.shape[0], *self.in_shape))
-        mu, logvar = h.chunk(2, dim=-1)
-        return mu, logvar
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_shape={self.in_shape}, latent_dim={self.latent_dim}, channels={self.channels}, "
-            f"hidden={self.hidden}, likelihood={self.likelihood!r}"
-        )

@@ -13,6 +13,7 @@
 #include <atomic>
 
 #include "common/layout.h"
+#include "cpu/iwae_args.h"  // IWAEArgs (vae_fast::iwae)
 
 namespace vae_fast::cpu {
 
@@ -71,6 +72,7 @@ struct ReparameterizeBackwardArgs {
   void bernoulli_kernel(const BernoulliArgs& args); \
   void gaussian_kernel(const GaussianArgs& args);   \
   void kl_kernel(const KLArgs& args);               \
+  void iwae_kernel(const IWAEArgs& args);           \
   }
 
 // The sampler's kernels, compiled for DEFAULT and AVX2 only: the eps stream is

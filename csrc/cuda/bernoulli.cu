@@ -14,9 +14,9 @@ namespace {
 constexpr const char* kFn = "vae_fast.bernoulli_log_prob";
 
 template <bool kLogProb, typename scalar_t>
-void run(const BernoulliRows<scalar_t, kLogProb>& op, const RowLayout& layout,
-         const at::TensorOptions& options) {
-  run_rows<scalar_t>(op, layout, {op.x, op.logits, op.grad_x, op.grad_logits}, options);
+TaskSpec<BernoulliRows<scalar_t, kLogProb>> bernoulli_task(const BernoulliRows<scalar_t, kLogProb>& op,
+                                                           const RowLayout& layout) {
+  return task(op, layout, {op.x, op.logits, op.grad_x, op.grad_logits});
 }
 
 at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims,
@@ -27,17 +27,22 @@ at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int
   if (x.numel() == 0) return log_prob.zero_();  // an empty event sums to 0
   const at::Tensor xm = as_matrix(x, layout);
   const at::Tensor lm = as_matrix(logits, layout);
-  // Validation reads one flag back (a host sync); without it nothing is read.
-  const at::Tensor found_outside = validate_x ? at::zeros({}, x.options().dtype(at::kInt)) : at::Tensor();
+  // Validation reads one flag back (a host sync); without it nothing is read. The
+  // flag is zeroed in the launch's one memset.
+  at::Tensor flags;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vae_fast::bernoulli_log_prob", [&] {
     BernoulliRows<scalar_t, true> op;
     op.x = xm.const_data_ptr<scalar_t>();
     op.logits = lm.const_data_ptr<scalar_t>();
     op.log_prob = log_prob.mutable_data_ptr<scalar_t>();
-    if (validate_x) op.found_outside = found_outside.mutable_data_ptr<int>();
-    run<true>(op, layout, x.options());
+    const auto attach = [&](auto& a, auto&, int* found_outside) {
+      if (validate_x) a.op.found_outside = found_outside;
+    };
+    flags = launch_rows<scalar_t>(bernoulli_task(op, layout), NoTask{}, LossSpec<scalar_t>{}, validate_x ? 1 : 0,
+                                  attach, x.options())
+                .flags;
   });
-  if (validate_x) check_targets_found_in_unit_interval(kFn, x, found_outside.item<int>() != 0);
+  if (validate_x) check_targets_found_in_unit_interval(kFn, x, flags[1].item<int>() != 0);
   return log_prob;
 }
 
@@ -63,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward(const at::Tensor&
         op.weight.row_weight = row_weight.const_data_ptr<scalar_t>();
         if (output_mask[0]) op.grad_x = grad_x.mutable_data_ptr<scalar_t>();
         if (output_mask[1]) op.grad_logits = grad_logits.mutable_data_ptr<scalar_t>();
-        run<false>(op, layout, x.options());
+        launch_rows<scalar_t>(bernoulli_task(op, layout), x.options());
       });
   return {grad_x, grad_logits};
 }

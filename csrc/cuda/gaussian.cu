@@ -31,7 +31,7 @@ at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const 
     op.mean = mm.const_data_ptr<scalar_t>();
     op.logvar = make_operand<scalar_t>(lv);
     op.log_prob = log_prob.mutable_data_ptr<scalar_t>();
-    run_rows<scalar_t>(op, layout, {op.x, op.mean, vector_ptr(op.logvar)}, x.options());
+    launch_rows<scalar_t>(task(op, layout, {op.x, op.mean, matrix_ptr(op.logvar)}), x.options());
   });
   return log_prob;
 }
@@ -44,8 +44,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_mean = output_mask[1] ? at::empty(x.sizes(), x.options()) : x.new_empty({0});
-  at::Tensor grad_logvar = output_mask[2] ? at::zeros(logvar.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_logvar = x.new_empty({0});  // replaced when wanted
   if (x.numel() == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) {
+    // Zeros only here: an empty x adds nothing to logvar's gradient.
+    if (output_mask[2]) grad_logvar = at::zeros(logvar.sizes(), x.options());
     return {grad_x, grad_mean, grad_logvar};
   }
   const at::Tensor xm = as_matrix(x, layout);
@@ -67,9 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
           if (output_mask[0]) op.grad_x = grad_x.mutable_data_ptr<scalar_t>();
           if (output_mask[1]) op.grad_mean = grad_mean.mutable_data_ptr<scalar_t>();
           op.grad_logvar = mutable_ptr_or_null<scalar_t>(grad_lv_elements);
-          grad_lv_columns = run_rows<scalar_t>(
-              op, layout, {op.x, op.mean, vector_ptr(op.logvar), op.grad_x, op.grad_mean, op.grad_logvar},
-              x.options());
+          grad_lv_columns =
+              launch_rows<scalar_t>(task(op, layout, {op.x, op.mean, matrix_ptr(op.logvar), op.grad_x,
+                                                      op.grad_mean, op.grad_logvar}),
+                                    x.options())
+                  .a_columns;
         });
       });
   if (output_mask[2]) {

@@ -51,8 +51,8 @@ at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar,
     op.prior_mu = pm.get<scalar_t>();
     op.prior_logvar = plv.get<scalar_t>();
     op.kl = kl.mutable_data_ptr<scalar_t>();
-    run_rows<scalar_t>(op, layout, {op.mu, op.logvar, vector_ptr(op.prior_mu), vector_ptr(op.prior_logvar)},
-                       mu.options());
+    launch_rows<scalar_t>(
+        task(op, layout, {op.mu, op.logvar, matrix_ptr(op.prior_mu), matrix_ptr(op.prior_logvar)}), mu.options());
   });
   return kl;
 }
@@ -68,11 +68,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
                         output_mask[3] && prior_logvar.has_value()};
   at::Tensor grad_mu = want[0] ? at::empty(mu.sizes(), mu.options()) : mu.new_empty({0});
   at::Tensor grad_lv = want[1] ? at::empty(mu.sizes(), mu.options()) : mu.new_empty({0});
-  at::Tensor grad_pm = want[2] ? at::zeros(prior_mu->sizes(), mu.options()) : mu.new_empty({0});
-  at::Tensor grad_plv = want[3] ? at::zeros(prior_logvar->sizes(), mu.options()) : mu.new_empty({0});
+  at::Tensor grad_pm = mu.new_empty({0});  // replaced when wanted
+  at::Tensor grad_plv = mu.new_empty({0});
   if (mu.numel() == 0 || !(want[0] || want[1] || want[2] || want[3])) {
-    if (want[0]) grad_mu.zero_();
-    if (want[1]) grad_lv.zero_();
+    // Zeros only here: an empty mu adds nothing to the priors' gradients (mu's and
+    // logvar's are empty too, so zeroing them writes nothing).
+    if (want[2]) grad_pm = at::zeros(prior_mu->sizes(), mu.options());
+    if (want[3]) grad_plv = at::zeros(prior_logvar->sizes(), mu.options());
     return {grad_mu, grad_lv, grad_pm, grad_plv};
   }
   const at::Tensor mm = as_matrix(mu, layout);
@@ -99,10 +101,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
       if (want[1]) op.grad_logvar = grad_lv.mutable_data_ptr<scalar_t>();
       op.grad_prior_mu = mutable_ptr_or_null<scalar_t>(pm_elements);
       op.grad_prior_logvar = mutable_ptr_or_null<scalar_t>(plv_elements);
-      columns = run_rows<scalar_t>(op, layout,
-                                   {op.mu, op.logvar, vector_ptr(op.prior_mu), vector_ptr(op.prior_logvar),
-                                    op.grad_mu, op.grad_logvar, op.grad_prior_mu, op.grad_prior_logvar},
-                                   mu.options());
+      columns = launch_rows<scalar_t>(task(op, layout,
+                                           {op.mu, op.logvar, matrix_ptr(op.prior_mu), matrix_ptr(op.prior_logvar),
+                                            op.grad_mu, op.grad_logvar, op.grad_prior_mu, op.grad_prior_logvar}),
+                                      mu.options())
+                    .a_columns;
     });
   });
   if (want[2]) {

@@ -155,18 +155,21 @@ std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at
   at::Tensor eps = at::empty(shape, mu.options().dtype(at::toOpMathType(mu.scalar_type())));
   at::Tensor z = at::empty(shape, mu.options());
   const int64_t n = z.numel(), period = mu.numel();
-  if (n == 0) return {z, eps};
-  const at::Tensor mu_flat = mu.reshape({period}).contiguous();
-  const at::Tensor lv_flat = logvar.reshape({period}).contiguous();
 
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
       generator, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
   at::PhiloxCudaState philox;
   {
-    // See Note [Acquire lock when using random generators].
+    // See Note [Acquire lock when using random generators]. The offset advances on
+    // every call, an empty one too, as the CPU kernel draws its key on every call
+    // (csrc/cpu/reparameterize.cpp): the generator's state after a sequence of calls
+    // then does not depend on whether some of them were empty, on either device.
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(kPhiloxIncrement);
   }
+  if (n == 0) return {z, eps};
+  const at::Tensor mu_flat = mu.reshape({period}).contiguous();
+  const at::Tensor lv_flat = logvar.reshape({period}).contiguous();
 
   const unsigned blocks = grid_for(ceil_div(n, 4));
   auto stream = c10::cuda::getCurrentCUDAStream();

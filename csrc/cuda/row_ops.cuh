@@ -18,15 +18,18 @@ struct RowWeight {
   using acc = acc_t<scalar_t>;
   const scalar_t* row_weight = nullptr;  // (rows) or null
   acc scale = acc(1);
+  const acc* scale_ptr = nullptr;  // multiplies scale when set: a beta that stays on the device
 
   __device__ __forceinline__ acc operator()(int64_t row) const {
-    return row_weight != nullptr ? scale * static_cast<acc>(row_weight[row]) : scale;
+    const acc s = scale_ptr != nullptr ? scale * *scale_ptr : scale;
+    return row_weight != nullptr ? s * static_cast<acc>(row_weight[row]) : s;
   }
 };
 
 // Bernoulli(logits): x*l - softplus(l); d/dx = l, d/dl = x - sigmoid(l).
 template <typename scalar_t, bool kLogProb>
 struct BernoulliRows {
+  using scalar = scalar_t;
   using acc = acc_t<scalar_t>;
   static constexpr int kRowSums = kLogProb ? 1 : 0;
   static constexpr int kFeatSums = 0;
@@ -57,15 +60,17 @@ struct BernoulliRows {
     for (int i = 0; i < V; ++i) {
       const BernoulliTerms<acc> s = bernoulli_terms(xv[i], lv[i]);
       if constexpr (kLogProb) sums[0] += s.log_prob;
-      gl[i] = (xv[i] - s.sigmoid) * w;
+      gl[i] = s.residual * w;
       gx[i] = lv[i] * w;
     }
     if (grad_logits != nullptr) store_vec<V>(grad_logits + off, gl);
     if (grad_x != nullptr) store_vec<V>(grad_x + off, gx);
   }
 
-  __device__ __forceinline__ void finish_row(int64_t row, const acc (&sums)[1]) const {
-    log_prob[row] = static_cast<scalar_t>(sums[0]);
+  __device__ __forceinline__ acc finish_row(int64_t row, const acc (&sums)[1]) const {
+    const scalar_t value = static_cast<scalar_t>(sums[0]);
+    log_prob[row] = value;
+    return static_cast<acc>(value);
   }
 };
 
@@ -75,6 +80,7 @@ struct BernoulliRows {
 // one (kPerColumn) is accumulated per column by the driver.
 template <typename scalar_t, bool kLogProb, bool kPerColumn>
 struct GaussianRows {
+  using scalar = scalar_t;
   using acc = acc_t<scalar_t>;
   static constexpr int kRowSums = kLogProb ? 1 : 0;
   static constexpr int kFeatSums = kPerColumn ? 1 : 0;
@@ -115,9 +121,11 @@ struct GaussianRows {
     if (grad_logvar != nullptr) store_vec<V>(grad_logvar + off, gl);
   }
 
-  __device__ __forceinline__ void finish_row(int64_t row, const acc (&sums)[1]) const {
+  __device__ __forceinline__ acc finish_row(int64_t row, const acc (&sums)[1]) const {
     const acc log_norm = static_cast<acc>(cols) * static_cast<acc>(kLog2Pi);
-    log_prob[row] = static_cast<scalar_t>(acc(-0.5) * (log_norm + sums[0]));
+    const scalar_t value = static_cast<scalar_t>(acc(-0.5) * (log_norm + sums[0]));
+    log_prob[row] = value;
+    return static_cast<acc>(value);
   }
 };
 
@@ -126,6 +134,7 @@ struct GaussianRows {
 // per-feature prior are accumulated per column (slot 0: prior_mu, 1: prior_logvar).
 template <typename scalar_t, bool kKL, bool kPerColumn>
 struct KLRows {
+  using scalar = scalar_t;
   using acc = acc_t<scalar_t>;
   static constexpr int kRowSums = kKL ? 1 : 0;
   static constexpr int kFeatSums = kPerColumn ? 2 : 0;
@@ -181,30 +190,26 @@ struct KLRows {
     if (grad_prior_logvar != nullptr) store_vec<V>(grad_prior_logvar + off, gpl);
   }
 
-  __device__ __forceinline__ void finish_row(int64_t row, const acc (&sums)[1]) const {
-    kl[row] = static_cast<scalar_t>(acc(0.5) * sums[0]);
+  __device__ __forceinline__ acc finish_row(int64_t row, const acc (&sums)[1]) const {
+    const scalar_t value = static_cast<scalar_t>(acc(0.5) * sums[0]);
+    kl[row] = value;
+    return static_cast<acc>(value);
   }
 };
 
 }  // namespace
 
-// Runs a row op over the layout with the widest vector width its pointers allow;
-// returns its per-column sums (see launch_rows).
-template <typename scalar_t, class Op>
-at::Tensor run_rows(Op op, const RowLayout& layout, std::initializer_list<const void*> ptrs,
-                    const at::TensorOptions& options) {
+// A task for launch_rows: `op` over the layout, its vector mode decided by the rows x
+// cols matrices it reads and writes (`ptrs`).
+template <class Op>
+TaskSpec<Op> task(Op op, const RowLayout& layout, std::initializer_list<const void*> ptrs) {
   op.cols = layout.cols;
-  at::Tensor per_column;
-  with_vector_width<scalar_t>(layout.cols, ptrs, [&](auto vec) {
-    per_column = launch_rows<decltype(vec)::value>(op, layout.rows, layout.cols, options);
-  });
-  return per_column;
-}
-
-// The pointer a kernel reads an operand through when it loads vectors from it.
-template <typename T>
-const void* vector_ptr(const Operand<T>& op) {
-  return op.kind == Broadcast::kScalar ? nullptr : op.ptr;
+  TaskSpec<Op> spec;
+  spec.op = op;
+  spec.rows = layout.rows;
+  spec.cols = layout.cols;
+  spec.mode = vector_mode<typename Op::scalar>(layout.cols, ptrs, Op::kFeatSums > 0);
+  return spec;
 }
 
 // Calls body(std::bool_constant<flag>()).

@@ -5,77 +5,76 @@
 //   static constexpr int kRowSums;   // per-row sums it produces (0: elementwise only)
 //   static constexpr int kFeatSums;  // per-column sums over rows (0, 1 or 2)
 //   template <int V> void apply(int64_t row, int64_t col, acc (&sums)[..], acc (&feat)[..][V]);
-//   void finish_row(int64_t row, const acc (&sums)[..]);   // writes a row's outputs
+//   acc finish_row(int64_t row, const acc (&sums)[..]);  // writes a row's outputs, returns
+//                                                        // its value as written (rounded)
 // `apply` handles V consecutive elements of one row (one 16-byte load per input when
-// V > 1), adds to the row sums and the per-column sums, and writes any per-element
-// gradients. The driver owns the thread mapping and every reduction:
+// V > 1; V = 1 for single elements), adds to the row sums and the per-column sums, and
+// writes any per-element gradients. The driver owns the thread mapping, the access
+// widths and every reduction. The geometry is in cuda/row_plan.h (checked on the host
+// by tests/test_build.py):
 //
-// - A row is handled by a team of `tx` threads (a power of two); a 256-thread block
-//   holds ty = 256 / tx teams. Short rows get a warp or less per row (B=65536, D=784:
-//   one warp per row, 8 rows per block); long rows a whole block per row.
+// - A task is one op over its rows x cols. A row is handled by a team of `tx` lanes
+//   (a power of two); a 256-thread block holds ty = 256 / tx teams. Short rows get a
+//   warp or less per row (B=65536, D=784: one warp per row, 8 rows per block); long
+//   rows a whole block per row.
+// - 16-byte vectors wherever the pointers allow: each row's unaligned head and tail
+//   are read element by element, the body in vectors (see row_segment).
 // - Row sums are reduced with warp shuffles (tx <= 32) or shuffles plus shared memory
 //   (tx = 256), in a fixed order.
 // - When there are too few rows to fill every SM (B=256, D=49152), each row is split
 //   into `splits` column ranges handled by different blocks; each writes its partial
-//   sums to a workspace and a second, tiny kernel adds them in split order and calls
-//   finish_row. No float atomics anywhere, so results are deterministic.
+//   sums to a workspace, and the last block of the launch adds them, a warp per row
+//   in split order, and calls finish_row.
 // - Per-column sums (the gradient of a per-feature or scalar log-variance) need each
-//   thread to see the same columns in every row it visits: then every thread owns
-//   exactly one vector of columns (splits = ceil(cols / (tx * V))), accumulates it in
-//   registers over its rows, the block reduces across its teams in shared memory, and
-//   each block writes one partial row of per-column sums. The grid is then kept at
-//   about one wave, so that workspace stays small (~#SMs * 8 * tx * V values), and
-//   at::sum over the blocks finishes it.
+//   lane to see the same columns in every row: then every lane owns exactly one
+//   vector of columns (splits = ceil(cols / (tx * V))), accumulates it in registers
+//   over its rows, the block reduces across its teams in shared memory, and each
+//   block writes one partial row of per-column sums. The grid is then kept at about
+//   one wave, so that workspace stays small (~#SMs * 8 * tx * V values), and at::sum
+//   over the blocks finishes it.
+// - One launch can run two tasks (the fused elbo: the log-likelihood over (x, recon)
+//   and the KL over (mu, logvar)), the second's blocks after the first's, and reduce
+//   a loss over both: each finished row adds coefficient * its value to its block's
+//   partial; the last block to finish (a ticket counter, as in the CUDA samples'
+//   threadfence reduction) finishes the split rows and adds the partials in block order.
+// No float atomics anywhere, so every result is deterministic.
 
 #include "cuda/utils.cuh"
 
 namespace vae_fast::cuda {
 
-struct RowGrid {
-  int64_t rows = 0, cols = 0;
-  int64_t split_cols = 0;  // columns per split, a multiple of the vector width
-  int32_t splits = 1;
-  int32_t row_blocks = 1;  // blocks along the rows; the grid is row_blocks * splits
-  int32_t tx = 1, ty = kBlockThreads;
+// One op over its rows: the plan and the workspaces the launch gives it.
+template <class Op>
+struct RowTask {
+  using acc = typename Op::acc;
+  Op op;
+  RowGrid g;
+  acc* row_ws = nullptr;   // split rows' partial sums (RowGrid::partial_index)
+  acc* feat_ws = nullptr;  // per-column sums, [row_blocks][kFeatSums][cols]
+  // When adds_loss, each row finished adds loss_coef (times *loss_coef_ptr when set:
+  // a beta that stays on the device) times its value to the loss.
+  bool adds_loss = false;
+  acc loss_coef = acc(1);
+  const acc* loss_coef_ptr = nullptr;
+
+  __device__ __forceinline__ acc coefficient() const {
+    return loss_coef_ptr != nullptr ? loss_coef * *loss_coef_ptr : loss_coef;
+  }
 };
 
-// Plans the grid for `rows` x `cols` elements read `vec` at a time. `resident` is
-// the number of blocks the GPU runs at once (SMs x blocks per SM).
-inline RowGrid plan_rows(int64_t rows, int64_t cols, int vec, bool per_column, int64_t resident) {
-  RowGrid g;
-  g.rows = rows;
-  g.cols = cols;
-  const int64_t vectors = ceil_div(cols, vec);  // per row
-  if (vectors <= kWarp) {
-    g.tx = next_pow2(std::max<int64_t>(vectors, 1));  // one vector per thread
-  } else if (vectors < 2048) {
-    g.tx = kWarp;  // a warp per row, up to 64 vectors per thread
-  } else {
-    g.tx = kBlockThreads;  // a block per row
-  }
-  g.ty = kBlockThreads / g.tx;
-  const int64_t row_blocks = std::max<int64_t>(ceil_div(rows, g.ty), 1);
-  int64_t splits = 1;
-  if (per_column) {
-    splits = std::max<int64_t>(ceil_div(vectors, g.tx), 1);  // one vector per thread and row
-  } else if (row_blocks < resident) {
-    // Too few rows to fill the GPU: split rows, keeping >= 4 vectors per thread.
-    // Rounded down, so that all blocks are resident at once (one wave, no tail):
-    // this leaves at most half the slots idle, still plenty of loads in flight.
-    const int64_t max_splits = std::max<int64_t>(vectors / (4 * g.tx), 1);
-    splits = std::min(max_splits, std::max<int64_t>(resident / row_blocks, 1));
-  }
-  const int64_t split_vectors = std::max<int64_t>(ceil_div(vectors, splits), 1);
-  g.split_cols = split_vectors * vec;
-  g.splits = static_cast<int32_t>(std::max<int64_t>(ceil_div(cols, g.split_cols), 1));
-  // Exactly one wave of blocks when per-column sums are kept per block (a block in
-  // a second wave would loop over as many rows as a whole first-wave block, alone);
-  // otherwise up to four waves. Blocks loop over rows with a grid stride.
-  const int64_t waves = per_column ? 1 : 4;
-  const int64_t wanted = std::max<int64_t>(resident * waves / g.splits, 1);
-  g.row_blocks = static_cast<int32_t>(std::min(row_blocks, wanted));
-  return g;
-}
+// The second task of a launch that has only one.
+struct NoTask {};
+
+// What the last block of a launch does once every other block is done. `ticket` is
+// zeroed before the launch; null when nothing waits for the whole grid.
+template <typename scalar_t>
+struct RowEpilogue {
+  using acc = acc_t<scalar_t>;
+  unsigned int* ticket = nullptr;
+  acc* block_loss = nullptr;  // [gridDim.x] each block's part of the loss; null: no loss
+  scalar_t* loss = nullptr;   // 0-d
+  acc loss_scale = acc(1);    // 1 for the sum, 1/B for the mean
+};
 
 // Reduces the row sums of one team. Every thread of the block must call it (it may
 // synchronize); lane 0 of each team gets the team's total.
@@ -106,21 +105,20 @@ __device__ __forceinline__ void reduce_team(acc (&sums)[N], int tx) {
   }
 }
 
-template <int V, class Op>
-__global__ void __launch_bounds__(kBlockThreads)
-    rows_kernel(const Op op, const RowGrid g, typename Op::acc* __restrict__ row_ws,
-                typename Op::acc* __restrict__ feat_ws) {
+// Block `block` of task t, reading vectors of V = 16 bytes. Adds the loss of the
+// rows it finishes to `loss`.
+template <class Op>
+__device__ __forceinline__ void run_task(const RowTask<Op>& t, int64_t block, typename Op::acc& loss) {
   using acc = typename Op::acc;
+  constexpr int V = max_vec<typename Op::scalar>();
   constexpr int NR = Op::kRowSums > 0 ? Op::kRowSums : 1;
   constexpr int NF = Op::kFeatSums > 0 ? Op::kFeatSums : 1;
+  const RowGrid& g = t.g;
   const int tx = g.tx, ty = g.ty;
-  const int lane = threadIdx.x, team = threadIdx.y;
-  const int split = static_cast<int>(blockIdx.x % g.splits);
-  const int64_t row_block = blockIdx.x / g.splits;
-  const int64_t col_begin = static_cast<int64_t>(split) * g.split_cols;
-  const int64_t col_end = col_begin + g.split_cols < g.cols ? col_begin + g.split_cols : g.cols;
-  // Per-column mode: this thread's one vector of columns, the same in every row.
-  const int64_t my_col = col_begin + static_cast<int64_t>(lane) * V;
+  const int lane = static_cast<int>(threadIdx.x) % tx, team = static_cast<int>(threadIdx.x) / tx;
+  const int32_t split = g.split_of(block);
+  const int64_t row_block = g.row_block_of(block);
+  const acc loss_coef = t.adds_loss ? t.coefficient() : acc(0);
 
   acc feat[NF][V];
 #pragma unroll
@@ -130,42 +128,54 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 
   // The loop bound is uniform over the block, so every thread reaches the reductions.
-  for (int64_t first = row_block * ty; first < g.rows; first += static_cast<int64_t>(g.row_blocks) * ty) {
+  for (int64_t first = row_block * ty; first < g.rows; first += g.row_stride()) {
     const int64_t row = first + team;
     acc sums[NR];
 #pragma unroll
     for (int j = 0; j < NR; ++j) sums[j] = acc(0);
     if (row < g.rows) {
-      if constexpr (Op::kFeatSums > 0) {
-        if (my_col < col_end) op.template apply<V>(row, my_col, sums, feat);
-      } else {
-        for (int64_t col = my_col; col < col_end; col += static_cast<int64_t>(tx) * V) {
-          op.template apply<V>(row, col, sums, feat);
-        }
-      }
+      for_each_access(
+          row_segment(g, row, split), g.vec, lane, tx,
+          [&](int64_t col) { t.op.template apply<V>(row, col, sums, feat); },
+          [&](int64_t col) {
+            acc one[NF][1];
+#pragma unroll
+            for (int q = 0; q < NF; ++q) one[q][0] = acc(0);
+            t.op.template apply<1>(row, col, sums, one);
+            if constexpr (Op::kFeatSums > 0) {
+              // Per-column sums in scalar mode: this lane's one column, slot 0.
+#pragma unroll
+              for (int q = 0; q < NF; ++q) feat[q][0] += one[q][0];
+            }
+          });
     }
     if constexpr (Op::kRowSums > 0) {
       reduce_team<NR>(sums, tx);
       if (lane == 0 && row < g.rows) {
         if (g.splits == 1) {
-          op.finish_row(row, sums);
+          const acc value = t.op.finish_row(row, sums);
+          if (t.adds_loss) loss += loss_coef * value;
         } else {
 #pragma unroll
-          for (int j = 0; j < NR; ++j) row_ws[(static_cast<int64_t>(j) * g.splits + split) * g.rows + row] = sums[j];
+          for (int j = 0; j < NR; ++j) t.row_ws[g.partial_index(j, row, split)] = sums[j];
         }
       }
     }
   }
 
   if constexpr (Op::kFeatSums > 0) {
-    // This block's per-column sums, layout [row_blocks][NF][cols].
-    acc* out = feat_ws + row_block * NF * g.cols;
-    if (ty == 1) {  // one team: every thread owns distinct columns
-      if (my_col < col_end) {
+    // This block's per-column sums: slot lane * vec + i holds column begin + lane * vec + i.
+    const int vec = g.vec;
+    const int64_t col_begin = static_cast<int64_t>(split) * g.split_cols;
+    const int64_t col_end = col_begin + g.split_cols < g.cols ? col_begin + g.split_cols : g.cols;
+    acc* out = t.feat_ws + row_block * NF * g.cols;
+    if (ty == 1) {  // one team: every lane owns distinct columns
 #pragma unroll
-        for (int q = 0; q < NF; ++q) {
+      for (int i = 0; i < V; ++i) {
+        const int64_t col = col_begin + static_cast<int64_t>(lane) * vec + i;
+        if (i < vec && col < col_end) {
 #pragma unroll
-          for (int i = 0; i < V; ++i) out[q * g.cols + my_col + i] = feat[q][i];
+          for (int q = 0; q < NF; ++q) out[q * g.cols + col] = feat[q][i];
         }
       }
       return;
@@ -180,7 +190,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         for (int off = tx; off < kWarp; off <<= 1) feat[q][i] += __shfl_xor_sync(0xffffffffu, feat[q][i], off);
       }
     }
-    const int tid = team * tx + lane;
+    const int tid = static_cast<int>(threadIdx.x);
     const int warp = tid / kWarp, warp_lane = tid % kWarp;
     for (int w = 0; w < kBlockThreads / kWarp; ++w) {
       if (warp == w && warp_lane < tx) {
@@ -188,88 +198,227 @@ __global__ void __launch_bounds__(kBlockThreads)
         for (int q = 0; q < NF; ++q) {
 #pragma unroll
           for (int i = 0; i < V; ++i) {
-            acc& slot = shared[q][warp_lane * V + i];
-            slot = (w == 0 ? acc(0) : slot) + feat[q][i];
+            if (i < vec) {
+              acc& slot = shared[q][warp_lane * vec + i];
+              slot = (w == 0 ? acc(0) : slot) + feat[q][i];
+            }
           }
         }
       }
       __syncthreads();
     }
-    for (int t = tid; t < NF * tx * V; t += kBlockThreads) {
-      const int q = t / (tx * V), o = t % (tx * V);
+    for (int s = tid; s < NF * tx * vec; s += kBlockThreads) {
+      const int q = s / (tx * vec), o = s % (tx * vec);
       if (col_begin + o < col_end) out[q * g.cols + col_begin + o] = shared[q][o];
     }
   }
 }
 
-// Adds the per-split row sums in split order and finishes each row.
+template <typename acc>
+__device__ __forceinline__ void run_task(const NoTask&, int64_t, acc&) {}
+
+// In the last block: adds each split row's partial sums in split order, a warp per
+// row (each lane a fixed stride of the splits, then the warp's fixed shuffle tree),
+// and finishes the row; adds the loss of those rows to `loss`.
 template <class Op>
-__global__ void __launch_bounds__(kBlockThreads)
-    finish_rows_kernel(const Op op, int64_t rows, int32_t splits, const typename Op::acc* __restrict__ row_ws) {
+__device__ __forceinline__ void finish_split_rows(const RowTask<Op>& t, typename Op::acc& loss) {
   using acc = typename Op::acc;
   constexpr int NR = Op::kRowSums;
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc sums[NR];
+  if constexpr (NR > 0) {
+    const RowGrid& g = t.g;
+    if (g.splits == 1) return;
+    const acc loss_coef = t.adds_loss ? t.coefficient() : acc(0);
+    const int lane = static_cast<int>(threadIdx.x) % kWarp, warp = static_cast<int>(threadIdx.x) / kWarp;
+    for (int64_t row = warp; row < g.rows; row += kBlockThreads / kWarp) {
+      acc sums[NR];
 #pragma unroll
-    for (int j = 0; j < NR; ++j) {
-      acc s = acc(0);
-      for (int32_t k = 0; k < splits; ++k) s += row_ws[(static_cast<int64_t>(j) * splits + k) * rows + row];
-      sums[j] = s;
+      for (int j = 0; j < NR; ++j) {
+        acc s = acc(0);
+        // Written by other blocks of this launch: read from L2 (__ldcg), never a stale L1 line.
+        for (int32_t k = lane; k < g.splits; k += kWarp) s += __ldcg(t.row_ws + g.partial_index(j, row, k));
+        sums[j] = warp_sum(s);
+      }
+      if (lane == 0) {
+        const acc value = t.op.finish_row(row, sums);
+        if (t.adds_loss) loss += loss_coef * value;
+      }
     }
-    op.finish_row(row, sums);
   }
 }
 
-template <int V, class Op>
+template <typename acc>
+__device__ __forceinline__ void finish_split_rows(const NoTask&, acc&) {}
+
+template <class A, class B, typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    rows_kernel(const A a, const B b, const RowEpilogue<scalar_t> e) {
+  using acc = acc_t<scalar_t>;
+  acc loss = acc(0);  // this thread's part of its block's loss
+  const int64_t a_blocks = a.g.blocks();
+  const int64_t block = blockIdx.x;
+  if (block < a_blocks) {
+    run_task(a, block, loss);
+  } else {
+    run_task(b, block - a_blocks, loss);
+  }
+  if (e.ticket == nullptr) return;
+
+  if (e.block_loss != nullptr) {
+    loss = block_sum(loss);
+    if (threadIdx.x == 0) e.block_loss[blockIdx.x] = loss;
+  }
+  // Every thread makes its writes (row partials, finished rows, the block's loss)
+  // visible device-wide before the block takes a ticket; the block that takes the
+  // last one then sees all of them.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(e.ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+
+  acc total = acc(0);
+  finish_split_rows(a, total);
+  finish_split_rows(b, total);
+  if (e.block_loss != nullptr) {
+    // Each thread a fixed stride of the blocks' parts, then the block's fixed tree:
+    // the same order whichever block is last.
+    for (int64_t k = threadIdx.x; k < gridDim.x; k += kBlockThreads) total += __ldcg(e.block_loss + k);
+    total = block_sum(total);
+    if (threadIdx.x == 0) *e.loss = static_cast<scalar_t>(total * e.loss_scale);
+  }
+}
+
+template <class A, class B, typename scalar_t>
 std::array<std::atomic<int>, 64>& occupancy_cache() {
   static std::array<std::atomic<int>, 64> cache{};
   return cache;
 }
 
-// Runs `op` over a rows x cols matrix on the current device and stream, V elements
-// per access. Returns the per-column sums, shape (kFeatSums, cols) in the
-// accumulation dtype, when the op has any (an undefined tensor otherwise).
-template <int V, class Op>
-at::Tensor launch_rows(const Op& op, int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  if (rows == 0) return at::Tensor();
+// What a task needs from the launch: the op, its rows x cols, how they can be read
+// (vector_mode), and whether its rows add to the loss and with what coefficient.
+template <class Op>
+struct TaskSpec {
+  using acc = typename Op::acc;
+  Op op;
+  int64_t rows = 0, cols = 0;
+  VectorMode mode;
+  bool adds_loss = false;
+  acc loss_coef = acc(1);
+  const acc* loss_coef_ptr = nullptr;
+};
+
+// The loss a launch reduces over the rows of its tasks that add to it, or none.
+template <typename scalar_t>
+struct LossSpec {
+  scalar_t* loss = nullptr;  // 0-d; null: no loss
+  acc_t<scalar_t> scale = acc_t<scalar_t>(1);
+};
+
+// What a launch leaves: each task's per-column sums, shape (kFeatSums, cols) in the
+// accumulation dtype (undefined when it has none), and the ints zeroed for the
+// caller (see launch_rows; undefined when it asked for none).
+struct RowResult {
+  at::Tensor a_columns, b_columns;
+  at::Tensor flags;
+};
+
+namespace detail {
+
+template <class Op>
+RowTask<Op> plan_task(const TaskSpec<Op>& spec, int64_t resident, const at::TensorOptions& acc_options,
+                      at::Tensor& row_ws, at::Tensor& feat_ws) {
   constexpr bool kPerColumn = Op::kFeatSums > 0;
-  auto kernel = rows_kernel<V, Op>;
-  const int64_t resident = static_cast<int64_t>(sm_count()) * occupancy(kernel, occupancy_cache<V, Op>());
-  const RowGrid g = plan_rows(rows, cols, V, kPerColumn, resident);
-  const auto acc_options = options.dtype(c10::CppTypeToScalarType<typename Op::acc>::value);
-  at::Tensor row_ws, feat_ws;
-  if (Op::kRowSums > 0 && g.splits > 1) row_ws = at::empty({Op::kRowSums * g.splits * rows}, acc_options);
-  if (kPerColumn) feat_ws = at::empty({g.row_blocks, Op::kFeatSums, cols}, acc_options);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 block(g.tx, g.ty);
-  const int64_t blocks = static_cast<int64_t>(g.row_blocks) * g.splits;
-  TORCH_INTERNAL_ASSERT(blocks <= std::numeric_limits<int32_t>::max(), "vae_fast: grid too large");
-  kernel<<<static_cast<unsigned>(blocks), block, 0, stream>>>(
-      op, g, row_ws.defined() ? row_ws.mutable_data_ptr<typename Op::acc>() : nullptr,
-      feat_ws.defined() ? feat_ws.mutable_data_ptr<typename Op::acc>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if constexpr (Op::kRowSums > 0) {
-    if (g.splits > 1) {
-      const auto finish_blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, kBlockThreads), 4096));
-      finish_rows_kernel<Op><<<finish_blocks, kBlockThreads, 0, stream>>>(
-          op, rows, g.splits, row_ws.const_data_ptr<typename Op::acc>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+  RowTask<Op> t;
+  t.op = spec.op;
+  t.g = plan_rows(spec.rows, spec.cols, spec.mode, kPerColumn, resident);
+  t.adds_loss = spec.adds_loss;
+  t.loss_coef = spec.loss_coef;
+  t.loss_coef_ptr = spec.loss_coef_ptr;
+  if (t.g.blocks() == 0) return t;
+  if (Op::kRowSums > 0 && t.g.splits > 1) {
+    row_ws = at::empty({Op::kRowSums * t.g.rows * t.g.splits}, acc_options);
+    t.row_ws = row_ws.mutable_data_ptr<typename Op::acc>();
   }
-  return kPerColumn ? feat_ws.sum(0) : at::Tensor();
+  if (kPerColumn) {
+    feat_ws = at::empty({t.g.row_blocks, Op::kFeatSums, t.g.cols}, acc_options);
+    t.feat_ws = feat_ws.mutable_data_ptr<typename Op::acc>();
+  }
+  return t;
 }
 
-// Calls body(std::integral_constant<int, V>) with the widest vector V that divides
-// cols and keeps every pointer 16-byte aligned, or V = 1.
-template <typename scalar_t, class Body>
-void with_vector_width(int64_t cols, std::initializer_list<const void*> ptrs, const Body& body) {
-  constexpr int kVec = max_vec<scalar_t>();
-  if (cols % kVec == 0 && all_aligned(ptrs, sizeof(scalar_t) * kVec)) {
-    body(std::integral_constant<int, kVec>());
-  } else {
-    body(std::integral_constant<int, 1>());
+inline NoTask plan_task(const NoTask&, int64_t, const at::TensorOptions&, at::Tensor&, at::Tensor&) { return {}; }
+
+template <class Op>
+bool has_split_rows(const RowTask<Op>& t) {
+  return Op::kRowSums > 0 && t.g.splits > 1 && t.g.blocks() > 0;
+}
+inline bool has_split_rows(const NoTask&) { return false; }
+
+template <class Op>
+int64_t blocks_of(const RowTask<Op>& t) {
+  return t.g.blocks();
+}
+inline int64_t blocks_of(const NoTask&) { return 0; }
+
+}  // namespace detail
+
+// Runs task `a` and, unless `spec_b` is NoTask, task `b` in one launch on the current
+// device and stream, and reduces `loss` over the rows that add to it.
+//
+// When the launch needs a ticket (split rows or a loss), or the caller asks for
+// `flags` zeroed ints (the flag a Bernoulli op sets for targets outside [0, 1]), one
+// memset zeroes them all; attach(a, b, int* flags) is called with the planned tasks
+// before the launch, so that the caller can point its ops at its flags.
+template <typename scalar_t, class SpecA, class SpecB, class Attach>
+RowResult launch_rows(const SpecA& spec_a, const SpecB& spec_b, const LossSpec<scalar_t>& loss, int flags,
+                      const Attach& attach, const at::TensorOptions& options) {
+  at::Tensor ws[4];
+  using A = decltype(detail::plan_task(spec_a, 0, options, ws[0], ws[1]));
+  using B = decltype(detail::plan_task(spec_b, 0, options, ws[2], ws[3]));
+  auto kernel = rows_kernel<A, B, scalar_t>;
+  const int64_t resident = static_cast<int64_t>(sm_count()) * occupancy(kernel, occupancy_cache<A, B, scalar_t>());
+  const auto acc_options = options.dtype(c10::CppTypeToScalarType<acc_t<scalar_t>>::value);
+  A a = detail::plan_task(spec_a, resident, acc_options, ws[0], ws[1]);
+  B b = detail::plan_task(spec_b, resident, acc_options, ws[2], ws[3]);
+  const int64_t blocks = detail::blocks_of(a) + detail::blocks_of(b);
+  TORCH_INTERNAL_ASSERT(blocks <= std::numeric_limits<int32_t>::max(), "vae_fast: grid too large");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+
+  RowResult result;
+  RowEpilogue<scalar_t> e;
+  const bool reduce_loss = loss.loss != nullptr && blocks > 0;
+  const bool ticket = reduce_loss || detail::has_split_rows(a) || detail::has_split_rows(b);
+  if (ticket || flags > 0) {
+    result.flags = at::empty({1 + flags}, options.dtype(at::kInt));
+    int* ints = result.flags.mutable_data_ptr<int>();
+    C10_CUDA_CHECK(cudaMemsetAsync(ints, 0, result.flags.nbytes(), stream));
+    if (ticket) e.ticket = reinterpret_cast<unsigned int*>(ints);
+    attach(a, b, ints + 1);
   }
+  at::Tensor block_loss;
+  if (reduce_loss) {
+    block_loss = at::empty({blocks}, acc_options);
+    e.block_loss = block_loss.mutable_data_ptr<acc_t<scalar_t>>();
+    e.loss = loss.loss;
+    e.loss_scale = loss.scale;
+  }
+  if (blocks > 0) {
+    kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(a, b, e);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (loss.loss != nullptr) {
+    C10_CUDA_CHECK(cudaMemsetAsync(loss.loss, 0, sizeof(scalar_t), stream));  // the loss of no rows
+  }
+  if (ws[1].defined()) result.a_columns = ws[1].sum(0);
+  if (ws[3].defined()) result.b_columns = ws[3].sum(0);
+  return result;
+}
+
+// The same for one task that needs no flags.
+template <typename scalar_t, class Op>
+RowResult launch_rows(const TaskSpec<Op>& spec, const at::TensorOptions& options) {
+  return launch_rows<scalar_t>(spec, NoTask{}, LossSpec<scalar_t>{}, 0, [](auto&, auto&, int*) {}, options);
 }
 
 // The gradient of a broadcast operand from its per-column sums (kScalar, kFeature)

@@ -1,0 +1,354 @@
+// vae_fast::iwae on CUDA (same contract as csrc/cpu/iwae.cpp). One thread block per
+// data row b handles its K samples:
+//
+// 1. for each k, the block reads (x[b], recon[k, b]) once: each thread adds its
+//    columns' log-likelihood terms and writes the unweighted residual d log p/d recon
+//    into grad_recon; the latent terms log N(z; 0, I) - log N(z; mu, e^logvar) join
+//    the same block sum, in float64, into log w_k (a (K, B) float64 scratch);
+// 2. max, sum of exp and the bound over the K log weights (block reductions, float64),
+//    then each log weight's slot of the scratch is overwritten by d(loss)/d(log w_k)
+//    = scale * w~_k;
+// 3. each thread scales its columns of the K residual rows (j outer, k inner: every
+//    step of k is a coalesced row segment, re-read from L2), and writes the latent
+//    gradients (z always; mu and logvar's score terms for estimator "iwae").
+//
+// An obs_logvar gradient that is shared over rows (scalar, per feature, per data
+// element) is written per (b, column), summed over the samples, into a (B, cols)
+// buffer that at::sum reduces in a fixed order (deterministic); a per-sample one is
+// written per element. x, mu and logvar are never repeated in memory.
+//
+// Only light CUDA headers, as csrc/cuda/utils.cuh explains.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <string_view>
+
+#include "common/iwae_checks.h"
+#include "common/layout.h"
+#include "common/op_checks.h"
+
+namespace vae_fast::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr double kLog2PiD = 1.8378770664093454835606594728112;
+
+__device__ __forceinline__ float exp_(float v) { return expf(v); }
+__device__ __forceinline__ double exp_(double v) { return ::exp(v); }
+__device__ __forceinline__ float log1p_(float v) { return log1pf(v); }
+__device__ __forceinline__ double log1p_(double v) { return ::log1p(v); }
+__device__ __forceinline__ float abs_(float v) { return fabsf(v); }
+__device__ __forceinline__ double abs_(double v) { return ::fabs(v); }
+
+// Block-wide sum / max of one double per thread, returned to every thread. The
+// leading __syncthreads lets consecutive calls reuse `shared`.
+template <bool kMax>
+__device__ double block_reduce(double v, double* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const double other = __shfl_down_sync(0xffffffffu, v, offset);
+    v = kMax ? fmax(v, other) : v + other;
+  }
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? shared[lane] : (kMax ? -INFINITY : 0.0);
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const double other = __shfl_down_sync(0xffffffffu, v, offset);
+      v = kMax ? fmax(v, other) : v + other;
+    }
+    if (lane == 0) shared[kWarps] = v;
+  }
+  __syncthreads();
+  return shared[kWarps];
+}
+
+template <typename scalar_t>
+struct IWAEParams {
+  using acc = at::opmath_type<scalar_t>;
+  const scalar_t* x;       // (B, cols)
+  const scalar_t* recon;   // (K*B, cols)
+  const scalar_t* z;       // (K*B, latent)
+  const scalar_t* mu;      // (B, latent)
+  const scalar_t* logvar;  // (B, latent)
+  const scalar_t* obs;     // by obs_kind (null: kNone)
+  IWAEObs obs_kind;
+  int64_t samples, batch, cols, latent;
+  double scale, log_k;
+  double* scratch;         // (K, B): log w, then d(loss)/d(log w)
+  acc* log_weights;        // out (K, B)
+  double* bound;           // out (B)
+  scalar_t* grad_recon;    // (K*B, cols) or null (no gradients)
+  scalar_t* grad_z;        // (K*B, latent)
+  scalar_t* grad_mu;       // (B, latent) or null
+  scalar_t* grad_logvar;   // (B, latent) or null
+  acc* grad_obs_rows;      // (B, cols) or null: shared kinds, summed over k
+  scalar_t* grad_obs_elems;  // (K*B, cols) or null: kSample
+  int* found_outside;      // or null
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> obs_at(const IWAEParams<scalar_t>& p,
+                                                            int64_t b, int64_t row, int64_t j) {
+  using acc = at::opmath_type<scalar_t>;
+  switch (p.obs_kind) {
+    case IWAEObs::kScalar: return static_cast<acc>(p.obs[0]);
+    case IWAEObs::kFeature: return static_cast<acc>(p.obs[j]);
+    case IWAEObs::kData: return static_cast<acc>(p.obs[b * p.cols + j]);
+    case IWAEObs::kSample: return static_cast<acc>(p.obs[row * p.cols + j]);
+    default: return acc(0);
+  }
+}
+
+template <typename scalar_t, bool kBernoulli, bool kGrad>
+__global__ void __launch_bounds__(kThreads) iwae_kernel(const IWAEParams<scalar_t> p) {
+  using acc = at::opmath_type<scalar_t>;
+  __shared__ double shared[kWarps + 1];
+  const int64_t K = p.samples, B = p.batch, cols = p.cols, latent = p.latent;
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    const scalar_t* x_row = p.x + b * cols;
+    // 1. log w_k, residuals unweighted.
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t row = k * B + b;
+      const scalar_t* r_row = p.recon + row * cols;
+      acc part = 0;
+      for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+        const acc xv = static_cast<acc>(x_row[j]);
+        const acc l = static_cast<acc>(r_row[j]);
+        acc residual;
+        if constexpr (kBernoulli) {
+          if (k == 0 && p.found_outside != nullptr && (xv < acc(0) || xv > acc(1))) {
+            *p.found_outside = 1;
+          }
+          // x*l - softplus(l) = (x - [l >= 0])*l - log1p(exp(-|l|)); the linear part is
+          // 0 (its limit) where x - [l >= 0] = 0 at l = +-inf.
+          const acc e = exp_(-abs_(l));
+          const acc coef = l >= acc(0) ? xv - acc(1) : xv;
+          const acc linear = (coef == acc(0) && isinf(l)) ? acc(0) : coef * l;
+          part += linear - log1p_(e);
+          const acc t = e / (acc(1) + e);  // sigmoid(-|l|)
+          residual = l >= acc(0) ? (xv - acc(1)) + t : xv - t;
+        } else {
+          const acc lv = obs_at(p, b, row, j);
+          const acc diff = xv - l;
+          const acc scaled = diff * exp_(-lv);
+          part += acc(-0.5) * (static_cast<acc>(kLog2PiD) + lv + diff * scaled);
+          residual = scaled;
+        }
+        if constexpr (kGrad) p.grad_recon[row * cols + j] = static_cast<scalar_t>(residual);
+      }
+      double total = static_cast<double>(part);
+      const scalar_t* z_row = p.z + row * latent;
+      for (int64_t j = threadIdx.x; j < latent; j += kThreads) {
+        const double zj = static_cast<double>(z_row[j]);
+        const double lv = static_cast<double>(p.logvar[b * latent + j]);
+        const double d = zj - static_cast<double>(p.mu[b * latent + j]);
+        total += 0.5 * (lv + d * d * ::exp(-lv) - zj * zj);
+      }
+      total = block_reduce<false>(total, shared);
+      if (threadIdx.x == 0) p.scratch[row] = total;
+    }
+    __syncthreads();
+
+    // 2. The bound, max-shifted; NaN if a log weight is NaN, m if m is +-inf.
+    double m = -INFINITY, nans = 0;
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+      const double v = p.scratch[k * B + b];
+      nans += isnan(v) ? 1.0 : 0.0;
+      m = fmax(m, v);
+    }
+    m = block_reduce<true>(m, shared);
+    nans = block_reduce<false>(nans, shared);
+    if (nans > 0) m = NAN;
+    double s = 0;
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) s += ::exp(p.scratch[k * B + b] - m);
+    s = block_reduce<false>(s, shared);
+    const bool finite = isfinite(m);
+    if (threadIdx.x == 0) p.bound[b] = finite ? m + ::log(s) - p.log_k : m;
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+      const double v = p.scratch[k * B + b];
+      p.log_weights[k * B + b] = static_cast<acc>(v);
+      if constexpr (kGrad) p.scratch[k * B + b] = finite ? p.scale * (::exp(v - m) / s) : NAN;
+    }
+    if constexpr (kGrad) {
+      __syncthreads();
+      // 3. Scale the residuals by d(loss)/d(log w_k); the obs_logvar gradient
+      //    0.5*((x - m) * residual - 1) from the residual before it is scaled.
+      const bool obs_grad = p.grad_obs_rows != nullptr || p.grad_obs_elems != nullptr;
+      for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+        const acc xv = static_cast<acc>(x_row[j]);
+        acc obs_sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t row = k * B + b;
+          const acc c = static_cast<acc>(p.scratch[row]);
+          const int64_t idx = row * cols + j;
+          const acc r = static_cast<acc>(p.grad_recon[idx]);
+          p.grad_recon[idx] = static_cast<scalar_t>(r * c);
+          if (obs_grad) {
+            const acc q = acc(0.5) * ((xv - static_cast<acc>(p.recon[idx])) * r - acc(1)) * c;
+            if (p.grad_obs_elems != nullptr) {
+              p.grad_obs_elems[idx] = static_cast<scalar_t>(q);
+            } else {
+              obs_sum += q;
+            }
+          }
+        }
+        if (p.grad_obs_rows != nullptr) p.grad_obs_rows[b * cols + j] = obs_sum;
+      }
+      for (int64_t j = threadIdx.x; j < latent; j += kThreads) {
+        const double mu_j = static_cast<double>(p.mu[b * latent + j]);
+        const double inv = ::exp(-static_cast<double>(p.logvar[b * latent + j]));
+        double score_mu = 0, score_lv = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t row = k * B + b;
+          const double c = p.scratch[row];
+          const double zj = static_cast<double>(p.z[row * latent + j]);
+          const double d = zj - mu_j, scaled = d * inv;
+          p.grad_z[row * latent + j] = static_cast<scalar_t>(c * (scaled - zj));
+          score_mu -= c * scaled;
+          score_lv += c * 0.5 * (1.0 - d * scaled);
+        }
+        if (p.grad_mu != nullptr) p.grad_mu[b * latent + j] = static_cast<scalar_t>(score_mu);
+        if (p.grad_logvar != nullptr) {
+          p.grad_logvar[b * latent + j] = static_cast<scalar_t>(score_lv);
+        }
+      }
+    }
+    __syncthreads();  // the scratch and `shared` of this b are done before the next
+  }
+}
+
+at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+using IWAEOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+IWAEOutputs iwae(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& z,
+                 const at::Tensor& mu, const at::Tensor& logvar,
+                 const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood,
+                 c10::string_view estimator, c10::string_view reduction, bool compute_grad,
+                 bool validate_x) {
+  check_iwae(x, recon, z, mu, logvar, obs_logvar, likelihood, estimator, reduction);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t samples = recon.size(0), batch = x.size(0);
+  const RowLayout x_layout = row_layout(x, x.dim() - 1);
+  const RowLayout z_layout = row_layout(mu, mu.dim() - 1);
+  const int64_t cols = x_layout.cols, latent = z_layout.cols;
+  const at::TensorOptions options = x.options();
+  const at::ScalarType opmath = at::toOpMathType(x.scalar_type());
+  const bool bernoulli = likelihood == "bernoulli";
+
+  const at::Tensor xm = as_matrix(x, x_layout);
+  const at::Tensor rm = recon.reshape({samples * batch, cols}).contiguous();
+  const at::Tensor zm = z.reshape({samples * batch, latent}).contiguous();
+  const at::Tensor mm = as_matrix(mu, z_layout);
+  const at::Tensor lm = as_matrix(logvar, z_layout);
+  const IWAEObsOperand obs = iwae_obs_operand(obs_logvar, x, recon, x_layout);
+  const at::Tensor scratch = at::empty({samples, batch}, options.dtype(at::kDouble));
+  const at::Tensor log_weights = at::empty({samples, batch}, options.dtype(opmath));
+  const at::Tensor bound = at::empty({batch}, options.dtype(at::kDouble));
+
+  at::Tensor grad_recon = empty_grad(x), grad_z = empty_grad(x), grad_mu = empty_grad(x),
+             grad_lv = empty_grad(x), grad_obs = empty_grad(x);
+  at::Tensor obs_rows, obs_elems;
+  if (compute_grad) {
+    grad_recon = at::empty(recon.sizes(), options);
+    grad_z = at::empty(z.sizes(), options);
+    if (estimator == "iwae") {
+      grad_mu = at::empty(mu.sizes(), options);
+      grad_lv = at::empty(mu.sizes(), options);
+    }
+    if (obs.kind == IWAEObs::kSample) {
+      obs_elems = at::empty({samples * batch, cols}, options);
+    } else if (obs.kind != IWAEObs::kNone) {
+      obs_rows = at::empty({batch, cols}, options.dtype(opmath));
+    }
+  }
+  const at::Tensor found =
+      validate_x && bernoulli ? at::zeros({1}, options.dtype(at::kInt)) : at::Tensor();
+
+  if (batch > 0) {
+    const int64_t blocks = std::min<int64_t>(batch, 1 << 20);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const at::ScalarType dtype = x.scalar_type();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vae_fast::iwae", [&] {
+      using acc = at::opmath_type<scalar_t>;
+      IWAEParams<scalar_t> p{};
+      p.x = xm.const_data_ptr<scalar_t>();
+      p.recon = rm.const_data_ptr<scalar_t>();
+      p.z = zm.const_data_ptr<scalar_t>();
+      p.mu = mm.const_data_ptr<scalar_t>();
+      p.logvar = lm.const_data_ptr<scalar_t>();
+      p.obs = obs.data.defined() ? obs.data.const_data_ptr<scalar_t>() : nullptr;
+      p.obs_kind = obs.kind;
+      p.samples = samples;
+      p.batch = batch;
+      p.cols = cols;
+      p.latent = latent;
+      p.scale = reduction == "mean" ? -1.0 / static_cast<double>(batch) : -1.0;
+      p.log_k = std::log(static_cast<double>(samples));
+      p.scratch = scratch.mutable_data_ptr<double>();
+      p.log_weights = log_weights.mutable_data_ptr<acc>();
+      p.bound = bound.mutable_data_ptr<double>();
+      if (compute_grad) {
+        p.grad_recon = grad_recon.mutable_data_ptr<scalar_t>();
+        p.grad_z = grad_z.mutable_data_ptr<scalar_t>();
+        p.grad_mu = ptr_or_null<scalar_t>(grad_mu.numel() ? grad_mu : at::Tensor());
+        p.grad_logvar = ptr_or_null<scalar_t>(grad_lv.numel() ? grad_lv : at::Tensor());
+        p.grad_obs_rows = ptr_or_null<acc>(obs_rows);
+        p.grad_obs_elems = ptr_or_null<scalar_t>(obs_elems);
+      }
+      p.found_outside = ptr_or_null<int>(found);
+      const auto launch = [&](auto kernel) { kernel<<<blocks, kThreads, 0, stream>>>(p); };
+      if (bernoulli && compute_grad) {
+        launch(iwae_kernel<scalar_t, true, true>);
+      } else if (bernoulli) {
+        launch(iwae_kernel<scalar_t, true, false>);
+      } else if (compute_grad) {
+        launch(iwae_kernel<scalar_t, false, true>);
+      } else {
+        launch(iwae_kernel<scalar_t, false, false>);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (found.defined()) {  // one flag read back (a host sync), as elbo's validation
+    check_targets_found_in_unit_interval("vae_fast.iwae", x, found.item<int>() != 0);
+  }
+  if (compute_grad && obs.kind != IWAEObs::kNone) {
+    at::Tensor layout_grad;
+    switch (obs.kind) {
+      case IWAEObs::kScalar: layout_grad = obs_rows.to(at::kDouble).sum().reshape({1}); break;
+      case IWAEObs::kFeature: layout_grad = obs_rows.to(at::kDouble).sum(0); break;
+      case IWAEObs::kData: layout_grad = obs_rows; break;
+      default: layout_grad = obs_elems; break;
+    }
+    grad_obs = iwae_obs_gradient(obs, layout_grad, x, recon, *obs_logvar);
+  }
+  const at::Tensor per_row = bound.neg();
+  const at::Tensor loss = reduction == "mean"  ? per_row.mean()
+                          : reduction == "sum" ? per_row.sum()
+                                               : per_row;
+  return {loss.to(x.scalar_type()), log_weights, grad_recon, grad_z, grad_mu, grad_lv, grad_obs};
+}
+
+}  // namespace
+}  // namespace vae_fast::cuda
+
+TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) { m.impl("iwae", &vae_fast::cuda::iwae); }

@@ -1,0 +1,13 @@
+"""The training command, one job per module (imports run cli -> loop -> checkpoint,
+evaluate -> config, vae_fast.data):
+
+- cli: the options, `main` and `run` (exit statuses, one-line errors);
+- config: the options and the data resolved into a frozen Config, and the run checks;
+- loop: the objective, the optimizer step and the epoch loop;
+- checkpoint: checkpoint.pt and metrics.jsonl, --resume;
+- evaluate: the test ELBO, the importance-weighted log-likelihood, the pictures.
+"""
+
+from vae_fast.train.cli import build_parser, main, run
+
+__all__ = ["build_parser", "main", "run"]
