@@ -13,7 +13,7 @@ DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.vae-fast-built
 SOURCES := $(shell find csrc vae_fast -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) CMakeLists.txt pyproject.toml
 
-.PHONY: test demo bench build lint clean
+.PHONY: test demo bench build lint clean gpu-check
 
 test: $(BUILD_STAMP)
 	$(PY) -m pytest -q tests
@@ -56,3 +56,10 @@ lint: $(DEPS_STAMP)
 
 clean:
 	rm -rf build $(BUILD_STAMP)
+
+# On a machine with a GPU (at most ~9 minutes): build with CUDA for sm_90 into the
+# environment of $(PYTHON) (the interpreter with the CUDA torch; no .venv needed), run
+# the CUDA tests, compute-sanitizer and the GPU benchmark. Logs and SUMMARY.md go to
+# $OUT, else ./gpu-check-out (tools/gpu_check.sh says more; DRY_RUN=1 prints the steps).
+gpu-check:
+	PYTHON="$(PYTHON)" bash tools/gpu_check.sh

@@ -6,10 +6,15 @@
    Machines without a GPU (this one, CI) never build the CUDA kernels, so without
    this check CUDA code could rot unseen. Skipped where nvcc is missing. The files
    compile in parallel (one nvcc per core) while the tests wait on their results.
-2. The built extension reports the CPU capability this machine should get.
-3. The ops have CUDA kernels registered exactly when the extension was built with CUDA.
-4. On a GPU only (skipped elsewhere): each grid path of the CUDA row driver against the
-   CPU kernels, and reparameterize's Philox seeding and CUDA-graph capture.
+2. The CUDA row driver's index mapping (csrc/cuda/row_plan.h, host-device code with no
+   CUDA headers), compiled with the host compiler and walked over every block, team
+   and lane of thousands of planned grids: each element visited exactly once, every
+   vector access aligned. The kernels themselves run only on a GPU (tests/test_cuda.py).
+3. The CUDA architecture list (csrc/cuda/cuda_arch.cmake) through torch's own
+   selection macro, as find_package(Torch) runs it for a CUDA torch, and nvcc
+   accepting the flags that come out.
+4. The built extension reports the CPU capability this machine should get.
+5. The ops have CUDA kernels registered exactly when the extension was built with CUDA.
 
 Two headers a CPU-only setup lacks are stood in for, in a temporary include dir:
 
@@ -202,6 +207,260 @@ def test_every_cuda_family_has_a_source() -> None:
     assert {"bernoulli", "gaussian", "kl", "reparameterize", "elbo"} <= names
 
 
+# --------------------------------------------------------------------------- row driver geometry
+
+# Walks planned grids the way rows_kernel does (csrc/cuda/rows.cuh: run_task and
+# finish_split_rows call the same row_plan.h functions). 3000 random shapes (rows and
+# columns log-uniform, vector widths 1..8, any misalignment, with and without
+# per-column sums, GPUs of 1 to 1056 resident blocks) plus edge shapes.
+ROW_PLAN_CHECK = r"""
+// Walks every block, team and lane of planned row-driver grids the way rows_kernel
+// does (csrc/cuda/rows.cuh: run_task, finish_split_rows), on the host: every element
+// must be visited exactly once, every vector access aligned and inside its segment,
+// every split row partial written once, and with per-column sums every lane must
+// see the same columns in every row. Prints one line per failure; exits 1 on any.
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cuda/row_plan.h"
+
+using namespace vae_fast::cuda;
+
+static int failures = 0;
+#define EXPECT(cond, ...)                                                          \
+  do {                                                                             \
+    if (!(cond)) {                                                                 \
+      if (++failures <= 20) {                                                      \
+        std::printf("FAIL rows=%lld cols=%lld vec=%d misalign=%d per_column=%d ",  \
+                    (long long)rows, (long long)cols, mode.vec, mode.misalign,     \
+                    (int)per_column);                                              \
+        std::printf("resident=%lld: ", (long long)resident);                       \
+        std::printf(__VA_ARGS__);                                                  \
+        std::printf("\n");                                                         \
+      }                                                                            \
+      return;                                                                      \
+    }                                                                              \
+  } while (0)
+
+// The host's rule (vector_mode in cuda/utils.cuh): per-column sums need aligned rows.
+static VectorMode mode_for(int vec, int misalign, int64_t cols, bool per_column) {
+  if (per_column && (misalign != 0 || cols % vec != 0)) return {1, 0};
+  return {vec, vec > 1 ? misalign : 0};
+}
+
+static void check(int64_t rows, int64_t cols, VectorMode mode, bool per_column, int64_t resident) {
+  const RowGrid g = plan_rows(rows, cols, mode, per_column, resident);
+  EXPECT(g.tx >= 1 && (g.tx & (g.tx - 1)) == 0 && g.tx * g.ty == kBlockThreads,
+         "team shape %d x %d", g.tx, g.ty);
+  EXPECT(g.tx <= kWarp || g.ty == 1, "a block-wide team shares its block");
+  EXPECT((rows == 0) == (g.blocks() == 0), "%lld blocks", (long long)g.blocks());
+  EXPECT(g.blocks() <= INT32_MAX, "grid too large");
+  EXPECT(g.split_cols > 0 && g.split_cols % g.vec == 0, "split_cols %lld", (long long)g.split_cols);
+  EXPECT(g.splits >= 1 && (cols == 0 ? g.splits == 1 : (g.splits - 1) * g.split_cols < cols),
+         "%d splits of %lld columns", g.splits, (long long)g.split_cols);
+  if (per_column) {
+    EXPECT(g.split_cols <= int64_t(g.tx) * g.vec, "per-column: more than a vector per lane");
+  }
+  std::vector<uint8_t> seen(size_t(rows * cols), 0);
+  std::vector<uint8_t> partial(g.splits > 1 ? size_t(rows * g.splits) : 0, 0);
+  for (int64_t block = 0; block < g.blocks(); ++block) {
+    const int32_t split = g.split_of(block);
+    const int64_t row_block = g.row_block_of(block);
+    for (int team = 0; team < g.ty; ++team) {
+      for (int lane = 0; lane < g.tx; ++lane) {
+        for (int64_t first = row_block * g.ty; first < rows; first += g.row_stride()) {
+          const int64_t row = first + team;
+          if (row >= rows) continue;
+          const Segment s = row_segment(g, row, split);
+          EXPECT(s.begin <= s.body_begin && s.body_begin <= s.body_end && s.body_end <= s.end,
+                 "segment %lld %lld %lld %lld", (long long)s.begin, (long long)s.body_begin,
+                 (long long)s.body_end, (long long)s.end);
+          EXPECT(g.vec == 1 || (s.body_begin - s.begin < g.vec && s.end - s.body_end < g.vec),
+                 "edges longer than a vector");
+          bool bad = false;
+          for_each_access(
+              s, g.vec, lane, g.tx,
+              [&](int64_t col) {
+                bad |= (g.misalign + row * cols + col) % g.vec != 0;
+                bad |= col < s.body_begin || col + g.vec > s.body_end;
+                if (per_column) bad |= col != s.begin + int64_t(lane) * g.vec;
+                if (col >= 0 && col + g.vec <= cols) {
+                  for (int i = 0; i < g.vec; ++i) seen[size_t(row * cols + col + i)]++;
+                }
+              },
+              [&](int64_t col) {
+                bad |= col < s.begin || col >= s.end || (col >= s.body_begin && col < s.body_end);
+                if (per_column) bad |= g.vec != 1 || col != s.begin + lane;
+                if (col >= 0 && col < cols) seen[size_t(row * cols + col)]++;
+              });
+          EXPECT(!bad, "row %lld lane %d: a misplaced access", (long long)row, lane);
+          if (g.splits > 1 && lane == 0) partial[size_t(g.partial_index(0, row, split))]++;
+        }
+      }
+    }
+  }
+  for (size_t i = 0; i < seen.size(); ++i) {
+    EXPECT(seen[i] == 1, "element (%lld, %lld) visited %d times", (long long)(i / cols),
+           (long long)(i % cols), seen[i]);
+  }
+  for (size_t i = 0; i < partial.size(); ++i) {
+    EXPECT(partial[i] == 1, "partial %zu written %d times", i, partial[i]);
+  }
+}
+
+int main() {
+  const int64_t residents[] = {132 * 8, 132 * 4, 108 * 8, 80 * 6, 1, 7};
+  const int vecs[] = {1, 2, 4, 8};
+  int64_t shapes = 0;
+  auto all_modes = [&](int64_t rows, int64_t cols, int64_t resident) {
+    for (int vec : vecs) {
+      for (int per_column = 0; per_column < 2; ++per_column) {
+        for (int m : {0, vec / 2, vec - 1}) {
+          check(rows, cols, mode_for(vec, m, cols, per_column), per_column, resident);
+        }
+      }
+    }
+    ++shapes;
+  };
+  // Edge shapes: empty, one element, one long row, one-column rows, the benchmark sizes.
+  const int64_t edges[][2] = {{0, 0},      {0, 784},      {5, 0},     {1, 1},
+                              {1, 3000000}, {2000000, 1},  {256, 49152}, {4096, 12288},
+                              {8192, 784},  {33, 13},      {4096, 33},  {1, 40000},
+                              {2, 30000},   {3, 8191},     {7, 2049 * 8 + 3}};
+  for (const auto& e : edges) all_modes(e[0], e[1], 132 * 8);
+  std::mt19937_64 rng(1234);
+  for (int i = 0; i < 3000; ++i) {
+    // log-uniform rows and cols, at most ~400k elements each
+    const int64_t rows = int64_t(std::exp2(std::uniform_real_distribution<double>(0, 12)(rng))) - 1;
+    int64_t cols = int64_t(std::exp2(std::uniform_real_distribution<double>(0, 17)(rng)));
+    if (rows * cols > 400000) cols = 400000 / std::max<int64_t>(rows, 1);
+    const int64_t resident = residents[rng() % 6];
+    const int vec = vecs[rng() % 4];
+    const int m = int(rng() % vec);
+    const bool per_column = rng() % 3 == 0;
+    check(rows, cols, mode_for(vec, m, cols, per_column), per_column, resident);
+    ++shapes;
+  }
+  std::printf("%lld shapes, %d failures\n", (long long)shapes, failures);
+  return failures == 0 ? 0 : 1;
+}
+"""
+
+
+def _host_compiler() -> str | None:
+    return next(
+        (c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None
+    )
+
+
+def test_row_plan_visits_every_element_once(tmp_path: Path) -> None:
+    cxx = _host_compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    (tmp_path / "row_plan_check.cpp").write_text(ROW_PLAN_CHECK)
+    exe = tmp_path / "row_plan_check"
+    build = subprocess.run(
+        [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}",
+         str(tmp_path / "row_plan_check.cpp"), "-o", str(exe)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "3015 shapes, 0 failures" in run.stdout
+
+
+# --------------------------------------------------------------------------- CUDA architectures
+
+# csrc/cuda/cuda_arch.cmake's list fed to torch's own torch_cuda_get_nvcc_gencode_flag,
+# as find_package(Torch) does for a CUDA torch (the CPU wheel ships the same CMake
+# files). A CUDA configure needs a CUDA torch, which this machine lacks: the list and
+# the flags torch derives from it are what decides the build.
+ARCH_SCRIPT = """
+include({root}/csrc/cuda/cuda_arch.cmake)
+include({torch}/Caffe2/public/utils.cmake)
+set(CUDA_VERSION ${{NVCC_VERSION}})
+include({torch}/Caffe2/Modules_CUDA_fix/upstream/FindCUDA/select_compute_arch.cmake)
+vae_fast_cuda_arch_list(TORCH_CUDA_ARCH_LIST "${{NVCC_VERSION}}")
+torch_cuda_get_nvcc_gencode_flag(flags)
+message("FLAGS=${{flags}}")
+"""
+
+
+def _cmake() -> str | None:
+    found = shutil.which("cmake")
+    if found is None:
+        try:
+            import cmake
+
+            found = str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+        except ImportError:
+            return None
+    return found
+
+
+def _arch_flags(tmp_path: Path, env_list: str | None, cmake_list: str | None, nvcc: str = "13.0"):
+    cmake = _cmake()
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    script = tmp_path / "arch.cmake"
+    script.write_text(ARCH_SCRIPT.format(root=ROOT, torch=torch.utils.cmake_prefix_path))
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    if env_list is not None:
+        env["TORCH_CUDA_ARCH_LIST"] = env_list
+    defines = [f"-DNVCC_VERSION={nvcc}"]
+    if cmake_list is not None:
+        defines.append(f"-DTORCH_CUDA_ARCH_LIST={cmake_list}")
+    proc = subprocess.run(
+        [cmake, *defines, "-P", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    flags = next(
+        (line[6:].split(";") for line in out.splitlines() if line.startswith("FLAGS=")), None
+    )
+    return proc.returncode, flags, out
+
+
+@pytest.mark.parametrize(
+    "env_list, cmake_list, want",
+    [
+        (None, None, ["sm_80", "sm_90"]),  # the default
+        ("9.0", None, ["sm_90"]),  # the environment variable
+        ("8.0 9.0+PTX", None, ["sm_80", "sm_90", "compute_90"]),  # torch's spelling
+        ("9.0", "8.6;Hopper", ["sm_86", "sm_90"]),  # -D wins over the environment
+    ],
+)
+def test_cuda_arch_list_selects_the_architectures(
+    tmp_path: Path, env_list, cmake_list, want
+) -> None:
+    rc, flags, out = _arch_flags(tmp_path, env_list, cmake_list)
+    assert rc == 0 and flags is not None, out
+    codes = [f.split("code=")[1] for f in flags if "code=" in f]
+    assert codes == want, out
+    if NVCC is not None:
+        # nvcc takes them (nvcc 13 rejects the compute_50 of torch's fallback list).
+        (tmp_path / "k.cu").write_text("__global__ void k(float* p) { p[threadIdx.x] = 1.f; }\n")
+        proc = subprocess.run(
+            [str(NVCC), "-c", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.o"), *flags],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_cuda_arch_list_refuses_what_nvcc_13_dropped(tmp_path: Path) -> None:
+    rc, _, out = _arch_flags(tmp_path, "7.0;9.0", None)
+    assert rc != 0 and "7.5 and newer" in out
+    rc, _, out = _arch_flags(tmp_path, "7.0;9.0", None, nvcc="12.8")
+    assert rc == 0, out
+
+
 # --------------------------------------------------------------------------- the built extension
 
 
@@ -257,6 +516,8 @@ OPS = [
     "reparameterize",
     "_reparameterize_backward",
     "elbo",
+    "_elbo_into_recon",
+    "iwae",
 ]
 
 
@@ -267,190 +528,3 @@ def test_kernels_registered(op: str) -> None:
     name = f"vae_fast::{op}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == bool(_C.with_cuda)
-
-
-# --------------------------------------------------------------------------- CUDA grid paths
-# The row driver (csrc/cuda/rows.cuh) picks a thread mapping per shape: a team of
-# threads per row (1..32 lanes or a whole block), rows split over several blocks when
-# there are too few to fill the GPU, per-column sums (scalar / per-feature log-variance
-# gradients) over one wave of blocks, and scalar loads where 16-byte vectors do not
-# fit. The op suites' shapes are small and reach only some of these; each case below
-# reaches one, and compares CUDA with the CPU kernels on the same inputs. GPU only.
-
-
-def _cuda_ready() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from vae_fast import _C
-    except ImportError:
-        return False
-    return bool(_C.with_cuda)
-
-
-needs_cuda = pytest.mark.skipif(not _cuda_ready(), reason="needs a GPU and a CUDA build")
-
-# name: (likelihood, x shape, obs_logvar kind, mu shape); why each is there in the name.
-GRID_CASES = {
-    "split_rows_block_team": ("bernoulli", (256, 49152), None, (256, 256)),
-    "warp_team_many_rows": ("bernoulli", (8192, 784), None, (8192, 32)),
-    "sub_warp_team": ("gaussian", (4096, 24), "element", (4096, 8)),
-    "odd_cols_scalar_loads": ("bernoulli", (33, 13), None, (33, 5)),
-    "misaligned_scalar_loads": ("bernoulli", (64, 784), None, (64, 32)),
-    "per_feature_obs_warp_team": ("gaussian", (4096, 784), "feature", (4096, 32)),
-    "per_feature_obs_block_team": ("gaussian", (64, 12288), "feature", (64, 16)),
-    "scalar_obs": ("gaussian", (512, 784), "scalar", (512, 32)),
-    "partial_broadcast_obs": ("gaussian", (96, 4, 196), "partial", (96, 32)),
-}
-
-
-def _misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of `t` whose storage starts one element off 16-byte alignment."""
-    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    out = flat[1:].view(t.shape)
-    out.copy_(t)
-    return out
-
-
-def _grid_inputs(likelihood, x_shape, obs_kind, z_shape, dtype, gen):
-    x = torch.rand(x_shape, generator=gen, dtype=torch.float64)
-    if likelihood == "bernoulli":
-        x = (x < 0.5).double()
-    recon = torch.randn(x_shape, generator=gen, dtype=torch.float64) * 2
-    mu = torch.randn(z_shape, generator=gen, dtype=torch.float64)
-    logvar = torch.randn(z_shape, generator=gen, dtype=torch.float64) * 0.5
-    obs_shape = {
-        None: None,
-        "scalar": (),
-        "feature": x_shape[1:],
-        "element": x_shape,
-        "partial": (x_shape[1], 1),
-    }[obs_kind]
-    obs = None
-    if obs_shape is not None:
-        obs = torch.randn(obs_shape, generator=gen, dtype=torch.float64) * 0.3
-    return [t if t is None else t.to(dtype) for t in (x, recon, mu, logvar, obs)]
-
-
-def _compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    if not want.numel():
-        return
-    # Different summation orders: a few ulp of the largest value, plus rounding once.
-    rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
-    scale = float(want.double().abs().max())
-    torch.testing.assert_close(
-        got.cpu().double(), want.double(), rtol=rtol, atol=rtol * scale, msg=what
-    )
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", list(GRID_CASES))
-def test_cuda_elbo_grid_paths_match_cpu(case: str, dtype: torch.dtype) -> None:
-    _import_extension()  # registers the ops
-    likelihood, x_shape, obs_kind, z_shape = GRID_CASES[case]
-    gen = torch.Generator().manual_seed(0)
-    cpu = _grid_inputs(likelihood, x_shape, obs_kind, z_shape, dtype, gen)
-    cuda = [t if t is None else t.cuda() for t in cpu]
-    if case.startswith("misaligned"):
-        cuda = [t if t is None else _misaligned(t) for t in cuda]
-    for reduction in ("mean", "none"):
-        want = torch.ops.vae_fast.elbo(*cpu[:4], cpu[4], likelihood, 0.7, reduction, True)
-        got = torch.ops.vae_fast.elbo(*cuda[:4], cuda[4], likelihood, 0.7, reduction, True)
-        names = ("loss", "ll", "kl", "grad_recon", "grad_obs", "grad_mu", "grad_logvar")
-        for name, g, w in zip(names, got, want):
-            _compare(g, w, dtype, f"{case} {reduction} {name}")
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_cuda_single_op_backwards_match_cpu(dtype: torch.dtype) -> None:
-    """Per-row weights, broadcast priors / logvar (per-column sums and sum_to_size)."""
-    _import_extension()
-    gen = torch.Generator().manual_seed(1)
-
-    def draw(*shape):
-        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    x, mean = draw(300, 3, 130), draw(300, 3, 130)
-    logvar = draw(3, 130) * 0.3  # per-feature for event_dims=2
-    grad = draw(300)
-    mu, lv = draw(300, 64), draw(300, 64) * 0.3
-    pm, plv = draw(64), draw() * 0.3  # per-feature and scalar priors
-    gz = draw(300, 64)
-    ops = torch.ops.vae_fast
-    calls = [
-        lambda d: ops._bernoulli_log_prob_backward(
-            d(grad), d(x.sigmoid()), d(mean), 2, [True, True]
-        ),
-        lambda d: ops._gaussian_log_prob_backward(
-            d(grad), d(x), d(mean), d(logvar), 2, [True, True, True]
-        ),
-        lambda d: ops._gaussian_log_prob_backward(
-            d(grad[:, None].expand(300, 3).contiguous()),
-            d(x),
-            d(mean),
-            d(logvar[:, :1]),
-            1,
-            [False, False, True],
-        ),  # logvar (3, 1): per-element with a sum back to (3, 1)
-        lambda d: ops._gaussian_kl_backward(
-            d(grad), d(mu), d(lv), d(pm), d(plv), 1, [True, True, True, True]
-        ),
-        lambda d: ops._gaussian_kl_backward(
-            d(grad), d(mu), d(lv), d(pm.expand(300, 64)), None, 1, [False, False, True, True]
-        ),
-        lambda d: (ops.gaussian_kl(d(mu), d(lv), d(pm), d(plv), 1),),
-        lambda d: (ops.gaussian_log_prob(d(x), d(mean), d(logvar), 2),),
-        lambda d: ops._reparameterize_backward(
-            d(gz),
-            d(lv),
-            d(draw(300, 64).to(torch.float64 if dtype == torch.float64 else torch.float32)),
-            [True, True],
-        ),
-    ]
-    for i, call in enumerate(calls):
-        # The same random draws on both devices: re-seed before each call.
-        gen.manual_seed(100 + i)
-        want = call(lambda t: t)
-        gen.manual_seed(100 + i)
-        got = call(lambda t: t if t is None else t.cuda())
-        for j, (g, w) in enumerate(zip(got, want)):
-            _compare(g, w, dtype, f"call {i} output {j}")
-
-
-@needs_cuda
-def test_cuda_reparameterize_seeding_and_graph_capture() -> None:
-    """torch.manual_seed reproduces a draw; a captured graph draws fresh eps per replay
-    and reproduces the same sequence after re-seeding."""
-    _import_extension()
-    mu = torch.randn(4096, 33, device="cuda")  # 33: not a multiple of 4 (scalar path)
-    lv = torch.randn(4096, 33, device="cuda") * 0.3
-    op = torch.ops.vae_fast.reparameterize
-    torch.manual_seed(0)
-    z1, e1 = op(mu, lv, 3)
-    torch.manual_seed(0)
-    z2, e2 = op(mu, lv, 3)
-    assert torch.equal(e1, e2) and torch.equal(z1, z2)
-    torch.testing.assert_close(z1, mu + torch.exp(0.5 * lv) * e1)
-    assert abs(float(e1.mean())) < 0.01 and abs(float(e1.std()) - 1) < 0.01
-
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        op(mu, lv)  # warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        _, eps = op(mu, lv)
-    torch.cuda.manual_seed(5)
-    graph.replay()
-    a = eps.clone()
-    graph.replay()
-    b = eps.clone()
-    torch.cuda.manual_seed(5)
-    graph.replay()
-    c = eps.clone()
-    assert not torch.equal(a, b)
-    assert torch.equal(a, c)
