@@ -152,6 +152,12 @@ def check_elbo(
     check_tensors(fn, x=x, recon=recon, mu=mu, logvar=logvar, obs_logvar=obs_logvar)
     check_same_shape(fn, "x", x, "recon", recon)
     check_same_shape(fn, "mu", mu, "logvar", logvar)
+    check_same_batch(fn, x, mu)
+    check_obs_logvar(fn, obs_logvar, likelihood, "x", x.shape)
+
+
+def check_same_batch(fn: str, x: torch.Tensor, mu: torch.Tensor) -> None:
+    """x and mu both have a leading batch dim, of one size."""
     if x.dim() < 1 or mu.dim() < 1:
         raise ValueError(
             f"{fn}: `x` and `mu` need a leading batch dim, got shapes "
@@ -162,10 +168,17 @@ def check_elbo(
             f"{fn}: `mu` has batch size {mu.shape[0]} (shape {tuple(mu.shape)}) but `x` has "
             f"{x.shape[0]} (shape {tuple(x.shape)}); the first dims must match"
         )
-    if obs_logvar is not None:
-        if likelihood != "gaussian":
-            raise ValueError(f"{fn}: `obs_logvar` is only used with likelihood='gaussian'")
-        check_broadcastable(fn, "obs_logvar", obs_logvar, "x", x.shape)
+
+
+def check_obs_logvar(
+    fn: str, obs_logvar: torch.Tensor | None, likelihood: str, target: str, shape: Sequence[int]
+) -> None:
+    """A Gaussian observation log-variance broadcastable to `target`'s shape."""
+    if obs_logvar is None:
+        return
+    if likelihood != "gaussian":
+        raise ValueError(f"{fn}: `obs_logvar` is only used with likelihood='gaussian'")
+    check_broadcastable(fn, "obs_logvar", obs_logvar, target, shape)
 
 
 def check_bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor, event_dims: int | None) -> int:

@@ -64,11 +64,7 @@ def check_iwae(
     V.check_option(_FN, "estimator", estimator, ESTIMATORS)
     V.check_option(_FN, "reduction", reduction, V.REDUCTIONS)
     V.check_tensors(_FN, x=x, recon=recon, z=z, mu=mu, logvar=logvar, obs_logvar=obs_logvar)
-    if x.dim() < 1 or mu.dim() < 1:
-        raise ValueError(
-            f"{_FN}: `x` and `mu` need a leading batch dim, got shapes "
-            f"{tuple(x.shape)} and {tuple(mu.shape)}"
-        )
+    V.check_same_batch(_FN, x, mu)
     if recon.dim() != x.dim() + 1 or recon.shape[1:] != x.shape:
         raise ValueError(
             f"{_FN}: `recon` has shape {tuple(recon.shape)}; expected (K, *x.shape) for x of "
@@ -80,11 +76,6 @@ def check_iwae(
             f"{_FN}: `z` has shape {tuple(z.shape)}; expected (K, *mu.shape) for mu of shape "
             f"{tuple(mu.shape)}"
         )
-    if mu.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"{_FN}: `mu` has batch size {mu.shape[0]} (shape {tuple(mu.shape)}) but `x` has "
-            f"{x.shape[0]} (shape {tuple(x.shape)}); the first dims must match"
-        )
     if z.shape[0] != recon.shape[0]:
         raise ValueError(
             f"{_FN}: `z` has {z.shape[0]} samples but `recon` has {recon.shape[0]}; "
@@ -92,10 +83,7 @@ def check_iwae(
         )
     if recon.shape[0] < 1:
         raise ValueError(f"{_FN}: needs at least one sample (K >= 1)")
-    if obs_logvar is not None:
-        if likelihood != "gaussian":
-            raise ValueError(f"{_FN}: `obs_logvar` is only used with likelihood='gaussian'")
-        V.check_broadcastable(_FN, "obs_logvar", obs_logvar, "recon", recon.shape)
+    V.check_obs_logvar(_FN, obs_logvar, likelihood, "recon", recon.shape)
 
 
 # --------------------------------------------------------------------------- reference
