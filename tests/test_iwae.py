@@ -614,7 +614,7 @@ def test_compiled_training_step_matches_eager(estimator):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_reference_backend_matches_fused(gen):
+def test_reference_backend_matches_fused(gen, reference_draws_like_fused):
     """vae_fast.backend("reference") runs reference_iwae, and DReG's reweighting with it."""
     model, x, k = Model(7, 3), _x(5, 7), 4
     for estimator in ("iwae", "stl", "dreg"):

@@ -205,7 +205,7 @@ def test_log_likelihood_is_exact_with_the_true_posterior(backend, num_samples, m
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_log_likelihood_matches_a_direct_computation(backend):
+def test_log_likelihood_matches_a_direct_computation(backend, reference_draws_like_fused):
     """Bernoulli: the same draws as reparameterize makes, then log-mean-exp in fp64 the long
     way, with torch.distributions. 200 features put log p(x) near -140, where exp underflows
     in float32: the module must stay finite (it works in log space)."""
@@ -277,7 +277,9 @@ def _loss_and_grads(backend, model, loss_fn, x):
         (lambda: ConvVAE((1, 8, 8), 4, channels=(4,), likelihood="gaussian"), "gaussian", "scalar"),
     ],
 )
-def test_fused_and_reference_give_the_same_loss_and_gradients(make, likelihood, obs):
+def test_fused_and_reference_give_the_same_loss_and_gradients(
+    make, likelihood, obs, reference_draws_like_fused
+):
     torch.manual_seed(0)
     model = make()
     loss_fn = ELBOLoss(likelihood, obs, beta=0.7, event_shape=(1, 8, 8))
@@ -325,7 +327,7 @@ def test_inplace_grad_gives_the_same_gradients(make, likelihood, obs):
 
 
 @pytest.mark.fused_only
-def test_fused_and_reference_give_the_same_log_likelihood():
+def test_fused_and_reference_give_the_same_log_likelihood(reference_draws_like_fused):
     torch.manual_seed(0)
     model = ConvVAE((1, 8, 8), 3, channels=(4,), hidden=16)
     x = torch.bernoulli(torch.full((9, 1, 8, 8), 0.3), generator=_seeded(2))

@@ -429,21 +429,23 @@ def test_mixed_devices():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_reference_backend_takes_the_same_draw(device, gen):
-    # Both backends give the same z under one seed (the reference takes the fused op's
-    # eps), and without kernels for the device the reference falls back to torch.randn.
+def test_reference_backend_draws_with_randn(device, gen):
+    # The reference never calls the kernels it checks: without eps it draws with
+    # torch.randn (here with a non-zero mu and logvar, so z's formula is checked too).
     ins = inputs((6, 35), torch.float32, device, gen, grad=(False, False))
-    fused = op(**ins, num_samples=2, generator=torch.Generator(device=device).manual_seed(4))
     with vae_fast.backend("reference"):
-        same = op(**ins, num_samples=2, generator=torch.Generator(device=device).manual_seed(4))
-    torch.testing.assert_close(same, fused, rtol=1e-6, atol=1e-6)
+        z = op(**ins, num_samples=2, generator=torch.Generator(device=device).manual_seed(4))
+    eps = torch.randn(2, 6, 35, device=device, generator=torch.Generator(device=device).manual_seed(4))
+    want = ins["mu"] + torch.exp(0.5 * ins["logvar"]) * eps
+    torch.testing.assert_close(z, want, rtol=1e-6, atol=1e-6)
 
 
-def test_reference_backend_without_kernels_draws_with_randn(monkeypatch, gen):
-    from vae_fast import _random
-
-    monkeypatch.setattr(_random, "_fused_op_runs_on", lambda device: False)
-    mu, logvar = torch.zeros(6, 35), torch.zeros(6, 35)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backends_agree_for_a_given_eps(device, gen):
+    # The way to compare the two backends: the same eps, given.
+    ins = inputs((6, 35), torch.float32, device, gen, grad=(False, False))
+    eps = torch.randn(2, 6, 35, generator=gen).to(device)
+    fused = op(**ins, eps=eps, num_samples=2)
     with vae_fast.backend("reference"):
-        z = op(mu, logvar, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(z, torch.randn(6, 35, generator=torch.Generator().manual_seed(4)))
+        ref = op(**ins, eps=eps, num_samples=2)
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)

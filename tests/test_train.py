@@ -79,7 +79,7 @@ def test_short_run_on_digits_lowers_the_test_loss(tmp_path, vae_backend, capsys)
 
 
 @pytest.mark.fused_only
-def test_fused_and_reference_give_the_same_curve(tmp_path):
+def test_fused_and_reference_give_the_same_curve(tmp_path, reference_draws_like_fused):
     args = ("--epochs", "3", "--eval-samples", "50")
     fused = train(tmp_path / "fused", *args, backend="fused")
     ref = train(tmp_path / "reference", *args, backend="reference")

@@ -35,7 +35,7 @@ import torch
 
 from vae_fast import _autograd, reference
 from vae_fast import _validate as V
-from vae_fast._random import standard_normal
+from vae_fast import _random
 from vae_fast.ops import _LOAD_ERROR, _ops, _public, reparameterize
 
 ESTIMATORS = ("iwae", "stl", "dreg")
@@ -170,7 +170,7 @@ class _IWAESample(torch.autograd.Function):
     def forward(mu, logvar, slot, num_samples, generator, fused):
         if fused:
             return _ops.reparameterize(mu, logvar, num_samples, generator=generator)
-        eps = standard_normal(mu, num_samples, generator)
+        eps = _random.standard_normal(mu, num_samples, generator)
         z = mu.to(eps.dtype) + torch.exp(0.5 * logvar.to(eps.dtype)) * eps
         return z.to(mu.dtype), eps
 
@@ -245,7 +245,8 @@ def iwae_sample(
     at run time); compile the encoder and decoder, or use "stl". Here, under
     torch.compile, iwae_sample returns a plain reparameterized z.
 
-    eps is vae_fast.reparameterize's stream (the same draw under the same seed).
+    eps is vae_fast.reparameterize's stream with the fused backend (the same draw under
+    the same seed), torch.randn's with the reference backend.
 
     Args:
         mu, logvar: the encoder's diagonal Gaussian, shape (B, ...).
