@@ -63,11 +63,11 @@ def resolve_vae_backend(requested: str) -> str:
     the reference (plain torch) backend *standing in*, loudly labelled as such in
     every table and in the JSON, so that a result is never mistaken for the kernels'.
     """
-    import vae_fast.ops as vops
+    from vae_fast._extension import LOAD_ERROR
 
-    built = vops._LOAD_ERROR is None
+    built = LOAD_ERROR is None
     if requested == "fused" and not built:
-        raise SystemExit(f"--vae-backend fused: vae_fast._C is not available ({vops._LOAD_ERROR})")
+        raise SystemExit(f"--vae-backend fused: vae_fast._C is not available ({LOAD_ERROR})")
     if requested == "reference" or (requested == "auto" and not built):
         if requested == "auto":
             warnings.warn(

@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from torch.func import grad, jacfwd, jacrev, jvp, vmap
 
 import vae_fast
-from vae_fast.ops import _is_exactly_one
+from vae_fast._autograd import is_exactly_one as _is_exactly_one
 
 pytestmark = pytest.mark.fused_only  # compares the fused route with the reference
 
@@ -267,7 +267,11 @@ def test_func_transforms_every_op(name):
     stacked = tuple(torch.stack([t, 0.5 * t]) for t in inputs)  # a new leading dim to map
     checks = [lambda: grad(total, argnums=tuple(range(len(inputs))))(*inputs)]
     if name != "reparameterize":  # its draw differs by backend: checked below
-        checks += [lambda: jacrev(fn)(*inputs), lambda: jacfwd(fn)(*inputs), lambda: vmap(fn)(*stacked)]
+        checks += [
+            lambda: jacrev(fn)(*inputs),
+            lambda: jacfwd(fn)(*inputs),
+            lambda: vmap(fn)(*stacked),
+        ]
     for check in checks:
         fused, ref = _both_backends(check)
         if name == "reparameterize":  # d(sum z)/dmu = K; d/dlogvar depends on eps only
@@ -355,7 +359,7 @@ def test_changing_beta_does_not_recompile():
     assert not counters["graph_break"]
 
 
-# --------------------------------------------------------------------------- 5. where gradients flow
+# ------------------------------------------------------------------------ 5. where gradients flow
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)

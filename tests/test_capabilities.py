@@ -20,8 +20,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.fused_only]
 
 TESTS = Path(__file__).parent
 # The files whose cases run the CPU kernels' value and gradient paths.
-OP_TESTS = ["test_bernoulli.py", "test_gaussian.py", "test_kl.py", "test_elbo.py",
-            "test_targets.py", "test_reparameterize.py"]
+OP_TESTS = [
+    "test_bernoulli.py",
+    "test_gaussian.py",
+    "test_kl.py",
+    "test_elbo.py",
+    "test_targets.py",
+    "test_reparameterize.py",
+]
 CAPABILITIES = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
 
 
@@ -48,7 +54,17 @@ def test_op_suite_under_a_lower_capability(setting):
     if _chosen(setting) != CAPABILITIES[setting] or CAPABILITIES[setting] == best:
         pytest.skip(f"{setting} is not a lower capability this CPU runs (best: {best})")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": setting}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
-           *(str(TESTS / name) for name in OP_TESTS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-m",
+        "not slow",
+        "-p",
+        "no:cacheprovider",
+        *(str(TESTS / name) for name in OP_TESTS),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=TESTS.parent)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

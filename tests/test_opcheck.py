@@ -596,7 +596,7 @@ def _double_backward_cases():
 
 @pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered")
 @pytest.mark.parametrize("name", list(_double_backward_cases()))
-def test_double_backward_not_silently_wrong(name, vae_backend):
+def test_double_backward_not_silently_wrong(name, vae_backend, reference_draws_like_fused):
     # Second derivatives (gradient penalties, Hessian-vector products) are not part of the
     # API, but asking for them must either work or raise, never quietly return nothing.
     fn, shape = _double_backward_cases()[name]
@@ -676,5 +676,3 @@ def test_autocast(dtype):
     for a, b in zip((*got, got_b), (*want, vae_fast.bernoulli_log_prob(x.float(), recon.float()))):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-

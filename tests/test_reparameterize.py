@@ -435,7 +435,9 @@ def test_reference_backend_draws_with_randn(device, gen):
     ins = inputs((6, 35), torch.float32, device, gen, grad=(False, False))
     with vae_fast.backend("reference"):
         z = op(**ins, num_samples=2, generator=torch.Generator(device=device).manual_seed(4))
-    eps = torch.randn(2, 6, 35, device=device, generator=torch.Generator(device=device).manual_seed(4))
+    eps = torch.randn(
+        2, 6, 35, device=device, generator=torch.Generator(device=device).manual_seed(4)
+    )
     want = ins["mu"] + torch.exp(0.5 * ins["logvar"]) * eps
     torch.testing.assert_close(z, want, rtol=1e-6, atol=1e-6)
 

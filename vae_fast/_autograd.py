@@ -156,3 +156,42 @@ def register_first_order_only(name: str) -> None:
         )
 
     torch.library.register_autograd(f"vae_fast::{name}", backward)
+
+
+def is_exactly_one(t: torch.Tensor) -> bool:
+    """Whether grad_output is exactly 1, so that saved gradients need no scaling. Reading
+    a value is free on the CPU; elsewhere it is a host sync, so it is never read there
+    (and compiled graphs always scale: the check depends on data)."""
+    return (
+        t.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and t.numel() == 1
+        and t.item() == 1
+    )
+
+
+def hand_back(
+    grads: Sequence[torch.Tensor | None],
+    grad_output: torch.Tensor,
+    scale_shapes: Sequence[Sequence[int] | None] | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients computed in the forward pass (for grad_output = 1), times grad_output.
+
+    When the graph is freed after this backward they are scaled in place and handed
+    over as they are (no copy); when it is retained, as new tensors the caller owns, so
+    that clipping them in place cannot change what a later backward reads.
+    `scale_shapes[i]`: the shape grad_output is viewed as to scale grads[i] (a per-row
+    grad_output against a gradient with more dims); None scales by it as it is."""
+    keep_graph = torch._C._autograd._get_current_graph_task_keep_graph()
+    one = is_exactly_one(grad_output)
+    out = []
+    for i, g in enumerate(grads):
+        if g is not None and not one:
+            scale = grad_output.to(g.dtype)
+            if scale_shapes is not None and scale_shapes[i] is not None:
+                scale = scale.reshape(scale_shapes[i])
+            g = g * scale if keep_graph else g.mul_(scale)
+        elif g is not None and keep_graph:
+            g = g.clone()
+        out.append(g)
+    return tuple(out)

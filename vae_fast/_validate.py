@@ -275,7 +275,9 @@ def check_beta(beta: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             # changes between calls symbolic here instead of specializing on it.
             return torch.ones((), dtype=torch.float64) * beta
         return _beta_tensor(float(beta))
-    raise TypeError(f"{fn}: `beta` must be a number or a 0-d floating tensor, got {_describe(beta)}")
+    raise TypeError(
+        f"{fn}: `beta` must be a number or a 0-d floating tensor, got {_describe(beta)}"
+    )
 
 
 _INPLACE_FN = "vae_fast.elbo(inplace_grad=True)"
@@ -337,3 +339,47 @@ def saved_by_producer(t: torch.Tensor) -> str | None:
         if isinstance(saved, torch.Tensor) and saved.untyped_storage().data_ptr() == storage:
             return node.name()
     return None
+
+
+# --------------------------------------------------------------------------- iwae
+
+ESTIMATORS = ("iwae", "stl", "dreg")
+_IWAE_FN = "vae_fast.iwae"
+
+
+def check_iwae(
+    recon: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    likelihood: str,
+    obs_logvar: torch.Tensor | None,
+    estimator: str,
+    reduction: str,
+) -> None:
+    """The checks of csrc/common/iwae_checks.h, with the same messages."""
+    check_option(_IWAE_FN, "likelihood", likelihood, LIKELIHOODS)
+    check_option(_IWAE_FN, "estimator", estimator, ESTIMATORS)
+    check_option(_IWAE_FN, "reduction", reduction, REDUCTIONS)
+    check_tensors(_IWAE_FN, x=x, recon=recon, z=z, mu=mu, logvar=logvar, obs_logvar=obs_logvar)
+    check_same_batch(_IWAE_FN, x, mu)
+    if recon.dim() != x.dim() + 1 or recon.shape[1:] != x.shape:
+        raise ValueError(
+            f"{_IWAE_FN}: `recon` has shape {tuple(recon.shape)}; expected (K, *x.shape) for x of "
+            f"shape {tuple(x.shape)} (K samples of the decoder's output)"
+        )
+    check_same_shape(_IWAE_FN, "mu", mu, "logvar", logvar)
+    if z.dim() != mu.dim() + 1 or z.shape[1:] != mu.shape:
+        raise ValueError(
+            f"{_IWAE_FN}: `z` has shape {tuple(z.shape)}; expected (K, *mu.shape) for mu of shape "
+            f"{tuple(mu.shape)}"
+        )
+    if z.shape[0] != recon.shape[0]:
+        raise ValueError(
+            f"{_IWAE_FN}: `z` has {z.shape[0]} samples but `recon` has {recon.shape[0]}; "
+            "the first dims must match"
+        )
+    if recon.shape[0] < 1:
+        raise ValueError(f"{_IWAE_FN}: needs at least one sample (K >= 1)")
+    check_obs_logvar(_IWAE_FN, obs_logvar, likelihood, "recon", recon.shape)

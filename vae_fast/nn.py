@@ -144,7 +144,9 @@ class ELBOLoss(nn.Module):
         self.obs_logvar_mode = obs_logvar
         # A 0-d buffer changed in place: a compiled loss sees a new value, not a new
         # constant, so a KL warm-up does not recompile it.
-        self.register_buffer("_beta", torch.tensor(float(beta), dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "_beta", torch.tensor(float(beta), dtype=torch.float64), persistent=False
+        )
         self.reduction = reduction
         self.inplace_grad = bool(inplace_grad)
         self.event_shape = tuple(event_shape) if event_shape is not None else None

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from vae_fast import _validate as V
 from vae_fast import _random
+from vae_fast import _validate as V
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -141,3 +141,54 @@ def elbo(
     else:
         loss = per_sample
     return loss.to(x.dtype), ll, kl
+
+
+def iwae(
+    recon: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    likelihood: str = "bernoulli",
+    obs_logvar: torch.Tensor | None = None,
+    estimator: str = "iwae",
+    reduction: str = "mean",
+    validate_args: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative importance-weighted bound of K samples, `vae_fast.iwae`:
+    (loss, log_weights), with the op's own gradients.
+
+    For "stl" and "dreg" log q is evaluated at stop-gradient (mu, logvar). The DReG
+    reweighting of the path through z is not part of this function (nor of the op):
+    `iwae` records it for `iwae_sample`'s backward, on either backend.
+    """
+    V.check_iwae(recon, x, z, mu, logvar, likelihood, obs_logvar, estimator, reduction)
+    if likelihood == "bernoulli" and V.resolve_validate_args(validate_args):
+        V.check_targets_in_unit_interval("vae_fast.iwae", x)
+    opmath = V.opmath_dtype(x.dtype)
+    xf, rf, zf, muf, lvf = (t.to(opmath) for t in (x, recon, z, mu, logvar))
+    event_dims = x.dim() - 1
+    # x broadcast over the samples: a view, as the op reads it.
+    x_k = xf.expand(rf.shape)
+    if likelihood == "bernoulli":
+        ll = bernoulli_log_prob(x_k, rf, event_dims=event_dims, validate_args=False)
+    else:
+        obs = obs_logvar.to(opmath) if obs_logvar is not None else xf.new_zeros(())
+        ll = gaussian_log_prob(x_k, rf, obs, event_dims=event_dims)
+    if estimator != "iwae":  # STL / DReG: no score term
+        muf, lvf = muf.detach(), lvf.detach()
+    # log N(z; 0, I) - log N(z; mu, exp(logvar)); log 2pi cancels.
+    latent = 0.5 * (lvf + (zf - muf).square() * torch.exp(-lvf) - zf.square())
+    if latent.dim() > 2:
+        latent = latent.sum(dim=tuple(range(2, latent.dim())))
+    log_weights = ll + latent
+    bound = torch.logsumexp(log_weights, dim=0) - math.log(recon.shape[0])
+    per_row = -bound
+    if reduction == "mean":
+        loss = per_row.mean()
+    elif reduction == "sum":
+        loss = per_row.sum()
+    else:
+        loss = per_row
+    return loss.to(x.dtype), log_weights

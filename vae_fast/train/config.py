@@ -197,7 +197,7 @@ def _check(args: argparse.Namespace, data: Dataset, rt: Runtime, n_train: int) -
         )
     if args.amp == "fp16" and rt.device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA; on CPU use --amp bf16")
-    if args.backend == "fused" and vae_fast.ops._LOAD_ERROR is not None:
+    if args.backend == "fused" and vae_fast._extension.LOAD_ERROR is not None:
         raise ConfigError(
             "--backend fused: vae_fast's compiled extension is not built (`make build`); "
             "use --backend reference"

@@ -390,8 +390,7 @@ def _diverged(cfg: Config, s: _State, what: str) -> Diverged:
         else "this run wrote no checkpoint"
     )
     return Diverged(
-        f"{what}: the run diverged (lower --lr, now {cfg.lr:g}, or raise "
-        f"--warmup-steps); {kept}"
+        f"{what}: the run diverged (lower --lr, now {cfg.lr:g}, or raise --warmup-steps); {kept}"
     )
 
 
