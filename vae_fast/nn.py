@@ -74,25 +74,22 @@ def importance_log_likelihood(
     _check_choice("likelihood", likelihood, LIKELIHOODS)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    batch, event = x.shape[0], x.dim() - 1
+    batch = x.shape[0]
     chunk = max(1, min(num_samples, max_rows // max(batch, 1)))
-    if likelihood == "gaussian" and obs_logvar is None:
-        obs_logvar = x.new_zeros(())
-    zero = mu.new_zeros(())
-    log_w = []
+    # Streaming over chunks of samples: each chunk's log weights come from the fused
+    # iwae op (x broadcast over the samples, never repeated), and their logsumexp is
+    # folded into a running one, so memory stays at one chunk for any K.
+    total = None
     for start in range(0, num_samples, chunk):
         k = min(chunk, num_samples - start)
         z = vae_fast.reparameterize(mu, logvar, num_samples=k, generator=generator)  # (k, B, L)
         recon = decode(z.flatten(0, 1)).reshape(k, *x.shape).to(x.dtype)
-        xk = x.expand(k, *x.shape)
-        if likelihood == "bernoulli":
-            log_px = vae_fast.bernoulli_log_prob(xk, recon, event_dims=event)
-        else:
-            log_px = vae_fast.gaussian_log_prob(xk, recon, obs_logvar.to(x.dtype), event_dims=event)
-        log_pz = vae_fast.gaussian_log_prob(z, torch.zeros_like(z), zero, event_dims=1)
-        log_qz = vae_fast.gaussian_log_prob(z, mu.expand_as(z), logvar, event_dims=1)
-        log_w.append(log_px + (log_pz - log_qz).to(x.dtype))
-    return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(num_samples)
+        _, log_w = vae_fast.iwae(
+            recon, x, z, mu, logvar, likelihood=likelihood, obs_logvar=obs_logvar, reduction="none"
+        )
+        part = torch.logsumexp(log_w, dim=0)
+        total = part if total is None else torch.logaddexp(total, part)
+    return (total - math.log(num_samples)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- loss

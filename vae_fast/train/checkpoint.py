@@ -42,9 +42,15 @@ IDENTITY = (
     "warmup_steps",
     "beta",
     "kl_warmup_steps",
+    "bound",
+    "num_samples",
+    "estimator",
     "weight_decay",
     "seed",
 )
+# Identity options added after format 1 was first written: a checkpoint without them
+# was written with these values.
+_IDENTITY_DEFAULTS = {"bound": "elbo", "num_samples": 1, "estimator": None}
 # What a checkpoint of format 1 holds (see save_checkpoint), with each entry's type.
 _CHECKPOINT_ENTRIES = {
     "config": dict,
@@ -255,6 +261,7 @@ def load_checkpoint(cfg: Config, rt: Runtime) -> dict:
                 ckpt, box[0] = None, error
         if ckpt is not None:
             want, have = identity(cfg), ckpt["config"]
+            have = {**_IDENTITY_DEFAULTS, **have}
             diff = [k for k in IDENTITY if want.get(k) != have.get(k)]
             if diff:
                 k = diff[0]

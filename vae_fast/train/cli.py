@@ -23,7 +23,8 @@ import torch.distributed as dist
 import vae_fast
 from vae_fast._backend import BACKENDS
 from vae_fast.data import DataError, Dataset, DataWarning, load_dataset, prepare
-from vae_fast.train.config import ACTIVATIONS, ConfigError, resolve, start_runtime
+from vae_fast._validate import ESTIMATORS
+from vae_fast.train.config import ACTIVATIONS, BOUNDS, ConfigError, resolve, start_runtime
 from vae_fast.train.loop import Diverged, Interrupted, train
 
 # Exit statuses (also in --help): 2 is argparse's own for a usage error.
@@ -230,6 +231,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the loss's gradient over the decoder output instead of a fresh "
         "batch-sized tensor (vae_fast.elbo(inplace_grad=True)); saves memory and, on "
         "CPU, page faults at large batches",
+    )
+    g.add_argument(
+        "--bound",
+        choices=BOUNDS,
+        default="elbo",
+        help="the objective: 'elbo' (the evidence lower bound, analytic KL) or 'iwae' (the "
+        "importance-weighted bound of --num-samples samples, Burda et al. 2016; "
+        "vae_fast.iwae)",
+    )
+    g.add_argument(
+        "--num-samples",
+        type=_number(int),
+        default=1,
+        metavar="K",
+        help="samples of z per example: with --bound iwae the K of the bound; with --bound "
+        "elbo the multi-sample ELBO (the reconstruction term averaged over K samples, the "
+        "analytic KL once)",
+    )
+    g.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default=None,
+        help="the gradient estimator of --bound iwae: 'iwae' (the bound's gradient, the "
+        "default), 'stl' (sticking the landing) or 'dreg' (doubly reparameterized)",
     )
     g.add_argument(
         "--kl-warmup-steps",

@@ -20,6 +20,7 @@ from vae_fast.data import Dataset, Prepared
 # A batch of at most this many values trains on one thread unless --threads says otherwise.
 SMALL_BATCH = 1 << 16
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
+BOUNDS = ("elbo", "iwae")
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,9 @@ class Config:
     beta: float
     inplace_grad: bool
     kl_warmup_steps: int | None  # as given; `schedule` holds the default's value
+    bound: str
+    num_samples: int
+    estimator: str | None  # "iwae", "stl" or "dreg" with --bound iwae (default "iwae")
     backend: str
     device: str
     amp: str
@@ -155,8 +159,10 @@ def resolve(args: argparse.Namespace, data: Dataset, prep: Prepared, rt: Runtime
     steps_per_epoch = n_train // args.batch_size
     total_steps = args.steps or epochs * steps_per_epoch
     total_epochs = math.ceil(total_steps / steps_per_epoch)
+    estimator = args.estimator or ("iwae" if args.bound == "iwae" else None)
     options = dict(
         vars(args),
+        estimator=estimator,
         threads=threads,
         out=out,
         epochs=epochs,
@@ -177,8 +183,8 @@ def _schedule(args: argparse.Namespace, total_steps: int) -> Schedule:
     if warmup is None:
         warmup = min(200, max(1, total_steps // 4))
     kl_warmup = args.kl_warmup_steps
-    if kl_warmup is None:
-        kl_warmup = min(1500, total_steps // 2)
+    if kl_warmup is None:  # the importance-weighted bound has no KL weight to ramp
+        kl_warmup = 0 if args.bound == "iwae" else min(1500, total_steps // 2)
     return Schedule(args.lr * factor, total_steps, min(warmup, total_steps), args.beta, kl_warmup)
 
 
@@ -204,10 +210,34 @@ def _check(args: argparse.Namespace, data: Dataset, rt: Runtime, n_train: int) -
         )
     if args.resume and args.out is None:
         raise ConfigError("--resume needs the --out DIR of the run to continue")
+    _check_bound(args)
     if args.model == "conv" and data.image_shape is None:
         raise ConfigError(
             f"--model conv: {data.name} rows of shape {data.event_shape} are not images; "
             "use --model mlp"
+        )
+
+
+def _check_bound(args: argparse.Namespace) -> None:
+    """--bound, --num-samples and --estimator against the options they exclude."""
+    if args.bound == "elbo":
+        if args.estimator is not None:
+            raise ConfigError(
+                f"--estimator {args.estimator} applies to --bound iwae only (the ELBO's "
+                "gradient is the reparameterization gradient)"
+            )
+        return
+    if args.beta != 1.0 or args.kl_warmup_steps:
+        raise ConfigError(
+            "--bound iwae has no KL term to weight: --beta and --kl-warmup-steps apply to "
+            "--bound elbo only"
+        )
+    if args.inplace_grad:
+        raise ConfigError("--inplace-grad applies to --bound elbo only")
+    if args.estimator == "dreg" and args.compile:
+        raise ConfigError(
+            "--estimator dreg cannot run under --compile (its weights reach the sampler's "
+            "backward at run time); use --estimator stl, or drop --compile"
         )
 
 
@@ -233,9 +263,13 @@ def startup_line(cfg: Config, data: Dataset, prep: Prepared, rt: Runtime, start_
         length += f", KL weight 0 -> {cfg.beta:g} over {sched.kl_warmup_steps} steps"
     if start_epoch:
         length += f", resuming after epoch {start_epoch}"
+    bound = cfg.bound + (f" K={cfg.num_samples}" if cfg.num_samples > 1 else "")
+    if cfg.estimator:
+        bound += f" ({cfg.estimator} gradients)"
     return (
         f"data {cfg.data} ({data.train.shape[0]} train + {data.test.shape[0]} test rows of "
-        f"{shape}{reading}); likelihood {likelihood}; model {model} latent {cfg.latent_dim}; "
+        f"{shape}{reading}); likelihood {likelihood}; objective {bound}; "
+        f"model {model} latent {cfg.latent_dim}; "
         f"device {device}; {threads} thread{'s' if threads > 1 else ''}; batch "
         f"{cfg.batch_size}; lr {lr}; {length}; out {cfg.out}"
     )
