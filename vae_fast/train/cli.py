@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 import vae_fast
 from vae_fast._backend import BACKENDS
-from vae_fast.data import DataError, Dataset, DataWarning, load_dataset, prepare
 from vae_fast._validate import ESTIMATORS
+from vae_fast.data import DataError, Dataset, DataWarning, load_dataset, prepare
 from vae_fast.train.config import ACTIVATIONS, BOUNDS, ConfigError, resolve, start_runtime
 from vae_fast.train.loop import Diverged, Interrupted, train
 
