@@ -19,25 +19,21 @@ namespace {
 template <typename scalar_t, bool kLogProb, bool kGradLogits, bool kGradX>
 inline void bernoulli_columns(const scalar_t* x, const scalar_t* logits, scalar_t* grad_x,
                               scalar_t* grad_logits, int64_t j, int64_t n,
-                              const OpVec<scalar_t>& weight, BlockedSum<OpVec<scalar_t>>& sum,
+                              const OpVec<scalar_t>& weight, BernoulliRowSum<OpVec<scalar_t>>& sum,
                               TargetRange<OpVec<scalar_t>>& range) {
   using Vec = OpVec<scalar_t>;
   const Vec xv = load_n(x + j, n);  // lanes past n are 0, inside [0, 1]
   const Vec l = load_n(logits + j, n);
-  if constexpr (kLogProb) range.add(xv);
-  // e = exp(-|l|) is in (0, 1]: exp never overflows, even at |l| = 1e4.
-  // (-|l| is l with its sign bit set: one instruction.)
-  const Vec e = exp_nonpositive(l | Vec(-0.0));
-  if constexpr (kLogProb) {
-    sum.add(keep_first(bernoulli_log_prob_from_exp(xv, l, e), n));
-  }
-  if constexpr (kGradLogits) {
-    // x - sigmoid(l) from the same e, t = e/(1+e): x - t for l < 0 and
-    // (x - 1) + t for l >= 0, so the gradient is exactly 0 at saturation
-    // (1 - t is never formed, and an approximate 1/(1+e) cannot leak in).
-    const Vec t = e * reciprocal_1_2(Vec(1) + e);
-    const Vec residual = Vec::blendv(xv - t, (xv - Vec(1)) + t, l >= Vec(0));
-    store_n(grad_logits + j, residual * weight, n);
+  if constexpr (kLogProb || kGradLogits) {
+    const Vec e = exp_minus_abs(l, n);
+    const Vec one_plus_e = Vec(1) + e;
+    if constexpr (kLogProb) {
+      range.add(xv);
+      sum.add(xv, l, e, one_plus_e);
+    }
+    if constexpr (kGradLogits) {
+      store_n(grad_logits + j, bernoulli_residual(xv, l, e, one_plus_e) * weight, n);
+    }
   }
   if constexpr (kGradX) {
     store_n(grad_x + j, l * weight, n);
@@ -60,7 +56,7 @@ void bernoulli_rows(const BernoulliArgs& a) {
 
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     TargetRange<Vec> range;
-    BlockedSum<Vec> sum;
+    BernoulliRowSum<Vec> sum;
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
       const int64_t off = r * cols;

@@ -33,7 +33,7 @@ constexpr double kLog2Pi = 1.8378770664093454835606594728112;
 // x - sigmoid(l) (the math of bernoulli_kernel.cpp).
 template <typename scalar_t, bool kGrad>
 inline double bernoulli_row(const scalar_t* x, const scalar_t* logits, scalar_t* grad,
-                            int64_t cols, BlockedSum<OpVec<scalar_t>>& sum,
+                            int64_t cols, BernoulliRowSum<OpVec<scalar_t>>& sum,
                             TargetRange<OpVec<scalar_t>>& range) {
   using Vec = OpVec<scalar_t>;
   constexpr int64_t W = Vec::size();
@@ -41,12 +41,10 @@ inline double bernoulli_row(const scalar_t* x, const scalar_t* logits, scalar_t*
     const Vec xv = load_n(x + j, n);  // lanes past n are 0, inside [0, 1]
     const Vec l = load_n(logits + j, n);
     range.add(xv);
-    const Vec e = exp_nonpositive(l | Vec(-0.0));  // exp(-|l|), in (0, 1]
-    sum.add(keep_first(bernoulli_log_prob_from_exp(xv, l, e), n));
-    if constexpr (kGrad) {
-      const Vec t = e * reciprocal_1_2(Vec(1) + e);
-      store_n(grad + j, Vec::blendv(xv - t, (xv - Vec(1)) + t, l >= Vec(0)), n);
-    }
+    const Vec e = exp_minus_abs(l, n);
+    const Vec one_plus_e = Vec(1) + e;
+    sum.add(xv, l, e, one_plus_e);
+    if constexpr (kGrad) store_n(grad + j, bernoulli_residual(xv, l, e, one_plus_e), n);
   };
   int64_t j = 0;
   for (; j + W <= cols; j += W) columns(j, W);
@@ -132,7 +130,8 @@ void iwae_rows(const IWAEArgs& a) {
   std::atomic<bool> found_outside{false};
 
   for_each_row_chunk(B, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    BlockedSum<Vec> sum;
+    BlockedSum<Vec> sum;                 // Gaussian rows
+    BernoulliRowSum<Vec> bernoulli_sum;  // Bernoulli rows
     TargetRange<Vec> range;
     std::vector<double> lw(K);
     std::vector<double> inv_z(latent), mu_b(latent), lv_b(latent);
@@ -153,7 +152,8 @@ void iwae_rows(const IWAEArgs& a) {
         scalar_t* g_row = kGrad ? grad_recon + row * cols : nullptr;
         double ll;
         if constexpr (kBernoulli) {
-          ll = bernoulli_row<scalar_t, kGrad>(x_row, recon + row * cols, g_row, cols, sum, range);
+          ll = bernoulli_row<scalar_t, kGrad>(x_row, recon + row * cols, g_row, cols, bernoulli_sum,
+                                              range);
         } else {
           const scalar_t* lv_row = obs_elem == nullptr ? nullptr
                                    : obs_kind == IWAEObs::kData ? obs_elem + b * cols

@@ -295,16 +295,99 @@ inline Vec log1p_exp_plus(const Vec& e, const Vec& addend) {
   }
 }
 
-// x*l - softplus(l) from e = exp(-|l|): (x - [l >= 0])*l - log1p(e). The linear part
-// is formed before log1p(e) is subtracted, so that a tiny loss at large |l| is not
-// lost in l + log1p(e) rounding back to l; and it is 0, the limit, where
-// x - [l >= 0] = 0 at l = +-inf (0*inf would be nan).
+// 1/v for v in [1, 2]. AVX2/AVX-512 float: rcp (12/14 bits) refined by one Newton step
+// (~23 bits) at a third of a division's cost; elsewhere a true division.
 template <typename Vec>
-inline Vec bernoulli_log_prob_from_exp(const Vec& x, const Vec& l, const Vec& e) {
+inline Vec reciprocal_1_2(const Vec& v) {
+#if defined(VAE_FAST_SIMD_FLOAT)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+    const simd::Reg r0 = simd::rcp(v);
+    return simd::mul(r0, simd::fnmadd(v, r0, simd::set1(2.0f)));
+  }
+#endif
+  return Vec(1) / v;
+}
+
+// The row sum of log1p(e_j), e_j in [0, 1], as the log of a running product: each lane
+// keeps Q = prod(1 + e_j) - 1, updated as Q <- Q*(1 + e) + e (one fma, given the 1 + e
+// the sigmoid needs anyway), and every kBlock vectors adds log1p(Q) to double totals.
+// That replaces a log1p polynomial per element by one log1p per lane and block:
+// prod(1 + e) <= 2^kBlock stays finite in float, and keeping Q = prod - 1 (not the
+// product) keeps tiny e exact in relative terms (a near-perfect decoder's rows).
+template <typename Vec>
+struct Log1pSum {
+  static constexpr int kBlock = 64;
+  Vec q = Vec(0);
+  int count = 0;
+  double total[Vec::size()] = {};
+
+  // e in [0, 1] and one_plus_e = 1 + e; lanes to be left out must have e = 0.
+  void add(const Vec& e, const Vec& one_plus_e) {
+    q = at::vec::fmadd(q, one_plus_e, e);
+    if (++count == kBlock) flush();
+  }
+
+  void flush() {
+    typename Vec::value_type lanes[Vec::size()];
+    q.log1p().store(lanes);
+    for (int i = 0; i < Vec::size(); ++i) total[i] += lanes[i];
+    q = Vec(0);
+    count = 0;
+  }
+
+  // The sum so far; restarts for the next row.
+  double take() {
+    if (count > 0) flush();
+    double sum = 0;
+    for (int i = 0; i < Vec::size(); ++i) {
+      sum += total[i];
+      total[i] = 0;
+    }
+    return sum;
+  }
+};
+
+// (x - [l >= 0]) * l, the linear part of x*l - softplus(l) = (x - [l >= 0])*l - log1p(e),
+// e = exp(-|l|); 0, the limit, where x - [l >= 0] = 0 at l = +-inf (0*inf would be nan).
+template <typename Vec>
+inline Vec bernoulli_linear_part(const Vec& x, const Vec& l) {
   const Vec coef = Vec::blendv(x, x - Vec(1), l >= Vec(0));
   const Vec limit = (coef == Vec(0)) & ((l | Vec(-0.0)) == Vec(-std::numeric_limits<float>::infinity()));
-  const Vec linear = Vec::blendv(coef * l, Vec(0), limit);
-  return linear - log1p_exp_plus(e, Vec(0));
+  return Vec::blendv(coef * l, Vec(0), limit);
+}
+
+// e = exp(-|l|) in the first n lanes, 0 in the others (which then add nothing to a
+// Log1pSum). e is in (0, 1]: exp never overflows, even at |l| = 1e4 (-|l| is l with
+// its sign bit set: one instruction).
+template <typename Vec>
+inline Vec exp_minus_abs(const Vec& l, int64_t n) {
+  return keep_first(exp_nonpositive(l | Vec(-0.0)), n);
+}
+
+// The row sum of x*l - softplus(l) = (x - [l >= 0])*l - log1p(e): the linear parts
+// summed in blocks, the log1p terms as a running product. The linear part is summed
+// apart from log1p(e), so that a tiny loss at large |l| is not lost in l + log1p(e)
+// rounding back to l.
+template <typename Vec>
+struct BernoulliRowSum {
+  BlockedSum<Vec> linear;
+  Log1pSum<Vec> log1p;
+
+  // Lanes past the row's end must hold x = l = e = 0 (they then add exactly 0).
+  void add(const Vec& x, const Vec& l, const Vec& e, const Vec& one_plus_e) {
+    linear.add(bernoulli_linear_part(x, l));
+    log1p.add(e, one_plus_e);
+  }
+  double take() { return linear.take() - log1p.take(); }
+};
+
+// d/dl (x*l - softplus(l)) = x - sigmoid(l), from e = exp(-|l|) and t = e/(1+e):
+// x - t for l < 0 and (x - 1) + t for l >= 0, so the gradient is exactly 0 at
+// saturation (1 - t is never formed, and an approximate 1/(1+e) cannot leak in).
+template <typename Vec>
+inline Vec bernoulli_residual(const Vec& x, const Vec& l, const Vec& e, const Vec& one_plus_e) {
+  const Vec t = e * reciprocal_1_2(one_plus_e);
+  return Vec::blendv(x - t, (x - Vec(1)) + t, l >= Vec(0));
 }
 
 // The running min and max of Bernoulli targets, two operations per vector, so that
@@ -340,19 +423,6 @@ struct TargetRange {
     return false;
   }
 };
-
-// 1/v for v in [1, 2]. AVX2/AVX-512 float: rcp (12/14 bits) refined by one Newton step
-// (~23 bits) at a third of a division's cost; elsewhere a true division.
-template <typename Vec>
-inline Vec reciprocal_1_2(const Vec& v) {
-#if defined(VAE_FAST_SIMD_FLOAT)
-  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    const simd::Reg r0 = simd::rcp(v);
-    return simd::mul(r0, simd::fnmadd(v, r0, simd::set1(2.0f)));
-  }
-#endif
-  return Vec(1) / v;
-}
 
 // Elements per parallel task: enough to amortise the fork.
 constexpr int64_t kElementsPerTask = 32768;
