@@ -123,11 +123,23 @@ def machine_meta(device: str, vae_backend: str) -> dict:
         "cpu_model": cpu_model(),
         "cpu_cores": available_cores(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's vector ISA
+        # the instruction set vae_fast's CPU kernels ran with (ATEN_CPU_CAPABILITY caps it)
+        "vae_fast_cpu_capability": _vae_fast_capability(),
         "threads": torch.get_num_threads(),
         "cuda_version": torch.version.cuda,
         "load_average_start": _loadavg(),
     }
     return meta
+
+
+def _vae_fast_capability() -> str | None:
+    from vae_fast._extension import LOAD_ERROR
+
+    if LOAD_ERROR is not None:
+        return None
+    from vae_fast import _C
+
+    return _C.cpu_capability()
 
 
 def _loadavg() -> list[float] | None:

@@ -64,9 +64,11 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _preamble(meta: dict, columns: str) -> list[str]:
     """The machine line, and the stand-in warning when vae_fast._C was not built."""
+    cap = meta.get("vae_fast_cpu_capability")  # absent from older runs
+    kernels = f"vae_fast CPU kernels {cap}, " if cap else ""
     out = [
         f"Machine: {meta['device_name']}, {meta['threads']} threads ({meta['cpu_cores']} cores), "
-        f"torch {meta['torch_version']}, vae_fast {meta['vae_fast_version']} "
+        f"{kernels}torch {meta['torch_version']}, vae_fast {meta['vae_fast_version']} "
         f"({meta['git_commit']}, backend: {meta['vae_fast_backend']}), {meta['date']}, "
         f"load average {meta.get('load_average_start')} → {meta.get('load_average_end')}",
         "",

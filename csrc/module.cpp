@@ -8,7 +8,7 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vae_fast operators (registered under torch.ops.vae_fast)";
   m.def("cpu_capability", &vae_fast::cpu::capability_name,
-        "The instruction set the CPU kernels run with (DEFAULT or AVX2).");
+        "The instruction set the CPU kernels run with (DEFAULT, AVX2 or AVX512).");
 #ifdef VAE_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
