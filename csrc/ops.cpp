@@ -1,6 +1,8 @@
-// Every vae_fast operator schema, declared once. Device kernels live in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu and register with TORCH_LIBRARY_IMPL;
-// fake (meta) kernels and autograd are registered in vae_fast/ops.py.
+// Every vae_fast operator schema, declared once. Each op's implementation is one
+// device-neutral glue, csrc/<op>.cpp, registered with TORCH_LIBRARY_IMPL for CPU (and
+// CUDA), which runs the kernel of its tensors' device from csrc/cpu/ or csrc/cuda/;
+// fake (meta) kernels and autograd are registered from Python, beside each op's
+// wrapper (vae_fast/ops.py, loss.py, iwae.py).
 //
 // Backward passes that need their own kernel are private ops (`_<op>_backward`)
 // with their own schema, so they get per-device kernels and opcheck coverage.

@@ -15,6 +15,8 @@
    accepting the flags that come out.
 4. The built extension reports the CPU capability this machine should get.
 5. The ops have CUDA kernels registered exactly when the extension was built with CUDA.
+6. One glue per op (csrc/<op>.cpp, for every device), kernels only in csrc/cpu/ and
+   csrc/cuda/, and the glue compiles as a CUDA build compiles it (-DVAE_FAST_WITH_CUDA).
 
 Two headers a CPU-only setup lacks are stood in for, in a temporary include dir:
 
@@ -204,7 +206,61 @@ def test_cuda_source_compiles(compiled, source: Path) -> None:
 def test_every_cuda_family_has_a_source() -> None:
     """One .cu per op family, as on CPU (the style guide's layout)."""
     names = {s.stem for s in CUDA_SOURCES}
-    assert {"bernoulli", "gaussian", "kl", "reparameterize", "elbo"} <= names
+    assert {"bernoulli", "gaussian", "kl", "reparameterize", "elbo", "iwae"} <= names
+
+
+# --------------------------------------------------------------------------- one glue per op
+# Each op's glue (checks, layout, allocation, output_mask, empty inputs) is written once,
+# in csrc/<op>.cpp, for every device; csrc/cpu/ and csrc/cuda/ hold kernels only, which
+# the glue reaches through its op's kernel table (csrc/common/dispatch.h, kernels.h).
+OP_FAMILIES = ["bernoulli", "gaussian", "kl", "reparameterize", "elbo", "iwae"]
+GLUE_SOURCES = [ROOT / "csrc" / f"{op}.cpp" for op in OP_FAMILIES]
+KERNEL_DIRS = [ROOT / "csrc" / "cpu", ROOT / "csrc" / "cuda"]
+
+
+def test_one_glue_per_op() -> None:
+    for glue in GLUE_SOURCES:
+        text = glue.read_text()
+        assert "VAE_FAST_REGISTER_GLUE(" in text, f"{glue.name} does not register its glue"
+        assert "VAE_FAST_DEFINE_KERNEL(" in text, f"{glue.name} defines no kernel table"
+        for kernels in KERNEL_DIRS:
+            assert not (kernels / glue.name).exists(), f"a second glue: {kernels.name}/{glue.name}"
+
+
+@pytest.mark.parametrize("path", [p for d in KERNEL_DIRS for p in sorted(d.iterdir())],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")  # fmt: skip
+def test_kernel_dirs_hold_kernels_only(path: Path) -> None:
+    """No op registration, argument check or output_mask in the device directories."""
+    text = path.read_text()
+    for needle in ("TORCH_LIBRARY", "output_mask", "op_checks.h", "check_like(", "check_float("):
+        where = path.relative_to(ROOT)
+        assert needle not in text, f"{needle} in {where}: glue belongs in csrc/<op>.cpp"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("glue", GLUE_SOURCES, ids=[g.name for g in GLUE_SOURCES])
+def test_glue_compiles_for_cuda(glue: Path) -> None:
+    """A CUDA build compiles the glue with -DVAE_FAST_WITH_CUDA (which also registers it
+    for the CUDA key); this machine's build never does, so check it with the host compiler."""
+    cxx = _host_compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    abi = int(torch.compiled_with_cxx11_abi())
+    flags = [
+        "-std=c++17",
+        "-fsyntax-only",
+        "-DVAE_FAST_WITH_CUDA",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    ]
+    includes = [f"-I{d}" for d in (ROOT / "csrc", *include_paths())]
+    build = subprocess.run(
+        [cxx, *flags, *includes, str(glue)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
 
 
 # --------------------------------------------------------------------------- row driver geometry
@@ -244,7 +300,7 @@ static int failures = 0;
     }                                                                              \
   } while (0)
 
-// The host's rule (vector_mode in cuda/utils.cuh): per-column sums need aligned rows.
+// The host's rule (vector_mode in cuda/math.cuh): per-column sums need aligned rows.
 static VectorMode mode_for(int vec, int misalign, int64_t cols, bool per_column) {
   if (per_column && (misalign != 0 || cols % vec != 0)) return {1, 0};
   return {vec, vec > 1 ? misalign : 0};

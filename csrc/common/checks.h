@@ -1,5 +1,6 @@
 #pragma once
-// Input checks shared by the CPU and CUDA kernels. The Python wrappers check the
+// Input checks shared by the ops' glue (one per op, for every device: csrc/<op>.cpp),
+// whose messages name the function and the argument. The Python wrappers check the
 // same things first (vae_fast/_validate.py) with the same wording; these guard
 // direct torch.ops.vae_fast.* calls, so a bad call never reaches a kernel.
 

@@ -34,7 +34,7 @@ inline RowLayout row_layout(const at::Tensor& x, int64_t event_dims) {
 enum class Broadcast { kScalar, kFeature, kElement };
 
 struct BroadcastOperand {
-  Broadcast kind;
+  Broadcast kind = Broadcast::kElement;
   at::Tensor data;  // kScalar: 1 element; kFeature: (cols); kElement: (rows, cols)
 };
 

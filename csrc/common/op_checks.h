@@ -1,6 +1,6 @@
 #pragma once
-// The argument checks of every op, shared by its CPU and CUDA implementations so
-// both devices accept and reject exactly the same calls with the same messages.
+// The argument checks of every op, called by its glue (csrc/<op>.cpp) for every
+// device, so both devices accept and reject exactly the same calls with the same messages.
 // Each returns the (rows, cols) layout the kernels use where there is one.
 
 #include <ATen/OpMathType.h>

@@ -1,3 +1,6 @@
+// Which CPU capability's kernels run (cpu/capability.h): detected once, from the
+// running CPU's features, capped by ATEN_CPU_CAPABILITY.
+
 #include "cpu/capability.h"
 
 #include <cstdlib>

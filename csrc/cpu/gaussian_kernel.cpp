@@ -2,7 +2,7 @@
 // sums of -0.5*(log(2pi) + logvar + (x-mean)^2 exp(-logvar)) and, in the same pass,
 // the gradients w.r.t. x, mean and logvar scaled by the per-row weight. A shared
 // (scalar or per-feature) logvar is read once per column and its gradient reduced
-// over rows in per-chunk buffers. Compiled once per CPU capability.
+// over rows (ColumnSums). Compiled once per CPU capability.
 
 #include <ATen/Dispatch.h>
 
@@ -24,17 +24,17 @@ void gaussian_rows(const GaussianArgs& a) {
   using Vec = OpVec<scalar_t>;
   constexpr int64_t W = Vec::size();
   const int64_t rows = a.x.size(0), cols = a.x.size(1);
-  const bool shared = a.logvar_kind != Broadcast::kElement;
-  const int64_t lv_cols = a.logvar_kind == Broadcast::kScalar ? 1 : cols;
+  // Undefined: logvar = 0 (the elbo without obs_logvar), shared like a scalar.
+  const bool shared = !a.logvar.defined() || a.logvar_kind != Broadcast::kElement;
+  const bool one_value = a.logvar_kind == Broadcast::kScalar;
 
   // A shared logvar: precompute logvar and exp(-logvar) per column in opmath.
   std::vector<opmath> lv_shared, inv_var_shared;
   if (shared) {
-    const scalar_t* lv = a.logvar.const_data_ptr<scalar_t>();
-    lv_shared.resize(cols);
+    lv_shared = a.logvar.defined() ? column_values<scalar_t>(a.logvar, one_value, cols)
+                                   : std::vector<opmath>(cols, opmath(0));
     inv_var_shared.resize(cols);
     for (int64_t j = 0; j < cols; ++j) {
-      lv_shared[j] = static_cast<opmath>(lv[lv_cols == 1 ? 0 : j]);
       // exp(-logvar), not 1/exp(logvar): finite (if huge) down to logvar = -80.
       inv_var_shared[j] = std::exp(-lv_shared[j]);
     }
@@ -49,24 +49,11 @@ void gaussian_rows(const GaussianArgs& a) {
   scalar_t* grad_lv = mutable_ptr_or_null<scalar_t>(a.grad_logvar);
   const opmath scale = static_cast<opmath>(a.scale);
 
-  // Per-chunk accumulators for a shared logvar's gradient (chunks x cols): rows add
-  // into `partial` (opmath), flushed every kBlockRows rows into double `totals`, so
-  // that a column summed over millions of rows keeps its accuracy.
-  constexpr int64_t kBlockRows = 64;
   const int64_t chunks = num_row_chunks(rows, cols);
-  const bool reduce_lv = grad_lv && shared;
-  std::vector<opmath> lv_partial(reduce_lv ? chunks * cols : 0, opmath(0));
-  std::vector<double> lv_totals(reduce_lv ? chunks * cols : 0, 0.0);
+  ColumnSums<opmath> lv_sums(grad_lv && shared, chunks, cols);
 
   for_each_row_chunk(rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    opmath* partial = reduce_lv ? lv_partial.data() + chunk * cols : nullptr;
-    double* totals = reduce_lv ? lv_totals.data() + chunk * cols : nullptr;
-    const auto flush_partial = [&] {
-      for (int64_t j = 0; j < cols; ++j) {
-        totals[j] += partial[j];
-        partial[j] = opmath(0);
-      }
-    };
+    opmath* partial = lv_sums.partial(chunk);
     BlockedSum<Vec> sum;
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
@@ -99,26 +86,11 @@ void gaussian_rows(const GaussianArgs& a) {
         }
       }
       if (log_prob) log_prob[r] = static_cast<scalar_t>(sum.take());
-      if (reduce_lv && (r - begin + 1) % kBlockRows == 0) flush_partial();
+      lv_sums.end_row(chunk, r - begin + 1);
     }
-    if (reduce_lv) flush_partial();
+    lv_sums.end_chunk(chunk);
   });
-
-  if (grad_lv && shared) {
-    // Combine the chunks in a fixed order, in double; a scalar logvar also sums its
-    // columns.
-    std::vector<double> total(cols, 0.0);
-    for (int64_t c = 0; c < chunks; ++c) {
-      for (int64_t j = 0; j < cols; ++j) total[j] += lv_totals[c * cols + j];
-    }
-    if (lv_cols == 1) {
-      double s = 0;
-      for (int64_t j = 0; j < cols; ++j) s += total[j];
-      grad_lv[0] = static_cast<scalar_t>(s);
-    } else {
-      for (int64_t j = 0; j < cols; ++j) grad_lv[j] = static_cast<scalar_t>(total[j]);
-    }
-  }
+  if (lv_sums.active()) lv_sums.write(grad_lv, one_value);
 }
 
 }  // namespace

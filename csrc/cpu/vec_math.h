@@ -16,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace vae_fast::cpu {
 namespace CPU_CAPABILITY {
@@ -447,6 +448,77 @@ inline void for_each_row_chunk(int64_t rows, int64_t chunks, const F& body) {
 inline int64_t num_row_chunks(int64_t rows, int64_t cols) {
   const int64_t by_work = (rows * std::max<int64_t>(cols, 1)) / kElementsPerTask + 1;
   return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), by_work, rows}));
+}
+
+// The gradient of a shared (scalar or per-feature) input, summed over rows in a
+// fixed order: each row chunk of for_each_row_chunk adds its rows into its own
+// opmath partial, flushed every kBlockRows rows into double totals (a column summed
+// over millions of rows keeps its accuracy), and `write` combines the chunks in
+// order, so the result does not depend on scheduling. Inactive: no memory, no work.
+template <typename opmath>
+class ColumnSums {
+ public:
+  static constexpr int64_t kBlockRows = 64;
+
+  ColumnSums(bool active, int64_t chunks, int64_t cols)
+      : cols_(cols),
+        partial_(active ? chunks * cols : 0, opmath(0)),
+        totals_(active ? chunks * cols : 0, 0.0) {}
+
+  bool active() const { return !partial_.empty(); }
+  // Chunk `chunk`'s running row sums, one per column (null when inactive).
+  opmath* partial(int64_t chunk) { return active() ? partial_.data() + chunk * cols_ : nullptr; }
+
+  // After the `done`-th row of a chunk (counting from 1).
+  void end_row(int64_t chunk, int64_t done) {
+    if (active() && done % kBlockRows == 0) flush(chunk);
+  }
+  void end_chunk(int64_t chunk) {
+    if (active()) flush(chunk);
+  }
+
+  // The sums per column, or their total when `one_value` (a scalar input).
+  template <typename scalar_t>
+  void write(scalar_t* out, bool one_value) const {
+    std::vector<double> total(cols_, 0.0);
+    for (size_t c = 0; c < totals_.size(); c += cols_) {
+      for (int64_t j = 0; j < cols_; ++j) total[j] += totals_[c + j];
+    }
+    if (one_value) {
+      double sum = 0;
+      for (int64_t j = 0; j < cols_; ++j) sum += total[j];
+      out[0] = static_cast<scalar_t>(sum);
+    } else {
+      for (int64_t j = 0; j < cols_; ++j) out[j] = static_cast<scalar_t>(total[j]);
+    }
+  }
+
+ private:
+  void flush(int64_t chunk) {
+    opmath* p = partial_.data() + chunk * cols_;
+    double* t = totals_.data() + chunk * cols_;
+    for (int64_t j = 0; j < cols_; ++j) {
+      t[j] += p[j];
+      p[j] = opmath(0);
+    }
+  }
+
+  int64_t cols_;
+  std::vector<opmath> partial_;
+  std::vector<double> totals_;
+};
+
+// A shared (scalar or per-feature) input as one opmath value per column, read by
+// every row: an operand of kind kScalar (1 element) or kFeature (cols elements).
+template <typename scalar_t>
+std::vector<opmath_t<scalar_t>> column_values(const at::Tensor& data, bool one_value,
+                                              int64_t cols) {
+  const scalar_t* p = data.const_data_ptr<scalar_t>();
+  std::vector<opmath_t<scalar_t>> values(cols);
+  for (int64_t j = 0; j < cols; ++j) {
+    values[j] = static_cast<opmath_t<scalar_t>>(p[one_value ? 0 : j]);
+  }
+  return values;
 }
 
 template <typename scalar_t>

@@ -1,5 +1,5 @@
-// vae_fast::iwae on CUDA (same contract as csrc/cpu/iwae.cpp). One thread block per
-// data row b handles its K samples:
+// The CUDA kernel of vae_fast::iwae (iwae_stub; the glue is csrc/iwae.cpp). One
+// thread block per data row b handles its K samples:
 //
 // 1. for each k, the block reads (x[b], recon[k, b]) once: each thread adds its
 //    columns' log-likelihood terms and writes the unweighted residual d log p/d recon
@@ -17,24 +17,18 @@
 // buffer that at::sum reduces in a fixed order (deterministic); a per-sample one is
 // written per element. x, mu and logvar are never repeated in memory.
 //
-// Only light CUDA headers, as csrc/cuda/utils.cuh explains.
+// Only light CUDA headers, as csrc/cuda/math.cuh explains.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
 #include <cmath>
-#include <limits>
-#include <string_view>
 
-#include "common/iwae_checks.h"
-#include "common/layout.h"
-#include "common/op_checks.h"
+#include "common/kernels.h"
 
 namespace vae_fast::cuda {
 namespace {
@@ -229,126 +223,80 @@ __global__ void __launch_bounds__(kThreads) iwae_kernel(const IWAEParams<scalar_
   }
 }
 
-at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
-
 template <typename T>
 T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
-using IWAEOutputs =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-IWAEOutputs iwae(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& z,
-                 const at::Tensor& mu, const at::Tensor& logvar,
-                 const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood,
-                 c10::string_view estimator, c10::string_view reduction, bool compute_grad,
-                 bool validate_x) {
-  check_iwae(x, recon, z, mu, logvar, obs_logvar, likelihood, estimator, reduction);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const int64_t samples = recon.size(0), batch = x.size(0);
-  const RowLayout x_layout = row_layout(x, x.dim() - 1);
-  const RowLayout z_layout = row_layout(mu, mu.dim() - 1);
-  const int64_t cols = x_layout.cols, latent = z_layout.cols;
-  const at::TensorOptions options = x.options();
-  const at::ScalarType opmath = at::toOpMathType(x.scalar_type());
-  const bool bernoulli = likelihood == "bernoulli";
-
-  const at::Tensor xm = as_matrix(x, x_layout);
-  const at::Tensor rm = recon.reshape({samples * batch, cols}).contiguous();
-  const at::Tensor zm = z.reshape({samples * batch, latent}).contiguous();
-  const at::Tensor mm = as_matrix(mu, z_layout);
-  const at::Tensor lm = as_matrix(logvar, z_layout);
-  const IWAEObsOperand obs = iwae_obs_operand(obs_logvar, x, recon, x_layout);
+void iwae(const IWAEArgs& args) {
+  const int64_t samples = args.samples, batch = args.batch;
+  const int64_t cols = args.x.size(1), latent = args.mu.size(1);
+  const at::TensorOptions options = args.x.options();
+  const bool grad = args.grad_recon.defined();
+  const bool obs_shared = args.obs_kind == IWAEObs::kScalar || args.obs_kind == IWAEObs::kFeature;
+  // Workspaces: the (K, B) log weights in float64, and for a scalar or per-feature
+  // obs_logvar's gradient one row per b (summed over the samples), reduced over b below.
   const at::Tensor scratch = at::empty({samples, batch}, options.dtype(at::kDouble));
-  const at::Tensor log_weights = at::empty({samples, batch}, options.dtype(opmath));
-  const at::Tensor bound = at::empty({batch}, options.dtype(at::kDouble));
-
-  at::Tensor grad_recon = empty_grad(x), grad_z = empty_grad(x), grad_mu = empty_grad(x),
-             grad_lv = empty_grad(x), grad_obs = empty_grad(x);
-  at::Tensor obs_rows, obs_elems;
-  if (compute_grad) {
-    grad_recon = at::empty(recon.sizes(), options);
-    grad_z = at::empty(z.sizes(), options);
-    if (estimator == "iwae") {
-      grad_mu = at::empty(mu.sizes(), options);
-      grad_lv = at::empty(mu.sizes(), options);
-    }
-    if (obs.kind == IWAEObs::kSample) {
-      obs_elems = at::empty({samples * batch, cols}, options);
-    } else if (obs.kind != IWAEObs::kNone) {
-      obs_rows = at::empty({batch, cols}, options.dtype(opmath));
-    }
-  }
+  const at::Tensor obs_rows =
+      grad && obs_shared && args.grad_obs.defined()
+          ? at::empty({batch, cols}, options.dtype(at::toOpMathType(args.x.scalar_type())))
+          : at::Tensor();
   const at::Tensor found =
-      validate_x && bernoulli ? at::zeros({1}, options.dtype(at::kInt)) : at::Tensor();
+      args.found_outside != nullptr ? at::zeros({1}, options.dtype(at::kInt)) : at::Tensor();
 
-  if (batch > 0) {
-    const int64_t blocks = std::min<int64_t>(batch, 1 << 20);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const at::ScalarType dtype = x.scalar_type();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vae_fast::iwae", [&] {
-      using acc = at::opmath_type<scalar_t>;
-      IWAEParams<scalar_t> p{};
-      p.x = xm.const_data_ptr<scalar_t>();
-      p.recon = rm.const_data_ptr<scalar_t>();
-      p.z = zm.const_data_ptr<scalar_t>();
-      p.mu = mm.const_data_ptr<scalar_t>();
-      p.logvar = lm.const_data_ptr<scalar_t>();
-      p.obs = obs.data.defined() ? obs.data.const_data_ptr<scalar_t>() : nullptr;
-      p.obs_kind = obs.kind;
-      p.samples = samples;
-      p.batch = batch;
-      p.cols = cols;
-      p.latent = latent;
-      p.scale = reduction == "mean" ? -1.0 / static_cast<double>(batch) : -1.0;
-      p.log_k = std::log(static_cast<double>(samples));
-      p.scratch = scratch.mutable_data_ptr<double>();
-      p.log_weights = log_weights.mutable_data_ptr<acc>();
-      p.bound = bound.mutable_data_ptr<double>();
-      if (compute_grad) {
-        p.grad_recon = grad_recon.mutable_data_ptr<scalar_t>();
-        p.grad_z = grad_z.mutable_data_ptr<scalar_t>();
-        p.grad_mu = ptr_or_null<scalar_t>(grad_mu.numel() ? grad_mu : at::Tensor());
-        p.grad_logvar = ptr_or_null<scalar_t>(grad_lv.numel() ? grad_lv : at::Tensor());
-        p.grad_obs_rows = ptr_or_null<acc>(obs_rows);
-        p.grad_obs_elems = ptr_or_null<scalar_t>(obs_elems);
-      }
-      p.found_outside = ptr_or_null<int>(found);
-      const auto launch = [&](auto kernel) { kernel<<<blocks, kThreads, 0, stream>>>(p); };
-      if (bernoulli && compute_grad) {
-        launch(iwae_kernel<scalar_t, true, true>);
-      } else if (bernoulli) {
-        launch(iwae_kernel<scalar_t, true, false>);
-      } else if (compute_grad) {
-        launch(iwae_kernel<scalar_t, false, true>);
-      } else {
-        launch(iwae_kernel<scalar_t, false, false>);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  if (found.defined()) {  // one flag read back (a host sync), as elbo's validation
-    check_targets_found_in_unit_interval("vae_fast.iwae", x, found.item<int>() != 0);
-  }
-  if (compute_grad && obs.kind != IWAEObs::kNone) {
-    at::Tensor layout_grad;
-    switch (obs.kind) {
-      case IWAEObs::kScalar: layout_grad = obs_rows.to(at::kDouble).sum().reshape({1}); break;
-      case IWAEObs::kFeature: layout_grad = obs_rows.to(at::kDouble).sum(0); break;
-      case IWAEObs::kData: layout_grad = obs_rows; break;
-      default: layout_grad = obs_elems; break;
+  const int64_t blocks = std::min<int64_t>(batch, 1 << 20);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "vae_fast::iwae", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    IWAEParams<scalar_t> p{};
+    p.x = args.x.const_data_ptr<scalar_t>();
+    p.recon = args.recon.const_data_ptr<scalar_t>();
+    p.z = args.z.const_data_ptr<scalar_t>();
+    p.mu = args.mu.const_data_ptr<scalar_t>();
+    p.logvar = args.logvar.const_data_ptr<scalar_t>();
+    p.obs = args.obs.defined() ? args.obs.const_data_ptr<scalar_t>() : nullptr;
+    p.obs_kind = args.obs_kind;
+    p.samples = samples;
+    p.batch = batch;
+    p.cols = cols;
+    p.latent = latent;
+    p.scale = args.scale;
+    p.log_k = std::log(static_cast<double>(samples));
+    p.scratch = scratch.mutable_data_ptr<double>();
+    p.log_weights = args.log_weights.mutable_data_ptr<acc>();
+    p.bound = args.bound.mutable_data_ptr<double>();
+    if (grad) {
+      p.grad_recon = args.grad_recon.mutable_data_ptr<scalar_t>();
+      p.grad_z = args.grad_z.mutable_data_ptr<scalar_t>();
+      p.grad_mu = ptr_or_null<scalar_t>(args.grad_mu);
+      p.grad_logvar = ptr_or_null<scalar_t>(args.grad_logvar);
+      // kData: the kernel's per-b rows are the gradient itself (opmath (B, cols)).
+      p.grad_obs_rows = ptr_or_null<acc>(args.obs_kind == IWAEObs::kData ? args.grad_obs : obs_rows);
+      p.grad_obs_elems = args.obs_kind == IWAEObs::kSample ? ptr_or_null<scalar_t>(args.grad_obs) : nullptr;
     }
-    grad_obs = iwae_obs_gradient(obs, layout_grad, x, recon, *obs_logvar);
+    p.found_outside = ptr_or_null<int>(found);
+    const auto launch = [&](auto kernel) { kernel<<<blocks, kThreads, 0, stream>>>(p); };
+    if (args.bernoulli && grad) {
+      launch(iwae_kernel<scalar_t, true, true>);
+    } else if (args.bernoulli) {
+      launch(iwae_kernel<scalar_t, true, false>);
+    } else if (grad) {
+      launch(iwae_kernel<scalar_t, false, true>);
+    } else {
+      launch(iwae_kernel<scalar_t, false, false>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (found.defined() && found.item<int>() != 0) {  // a host sync, as elbo's validation
+    args.found_outside->store(true);
   }
-  const at::Tensor per_row = bound.neg();
-  const at::Tensor loss = reduction == "mean"  ? per_row.mean()
-                          : reduction == "sum" ? per_row.sum()
-                                               : per_row;
-  return {loss.to(x.scalar_type()), log_weights, grad_recon, grad_z, grad_mu, grad_lv, grad_obs};
+  if (obs_rows.defined()) {  // in float64, in a fixed order (deterministic)
+    const at::Tensor rows = obs_rows.to(at::kDouble);
+    args.grad_obs.copy_(args.obs_kind == IWAEObs::kScalar ? rows.sum().reshape({1}) : rows.sum(0));
+  }
 }
 
 }  // namespace
 }  // namespace vae_fast::cuda
 
-TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) { m.impl("iwae", &vae_fast::cuda::iwae); }
+VAE_FAST_REGISTER_KERNEL(iwae_stub, CUDA, &vae_fast::cuda::iwae);

@@ -1,4 +1,6 @@
-// vae_fast::reparameterize and its backward on CUDA.
+// The CUDA kernels of vae_fast::reparameterize and its backward
+// (reparameterize_stub, reparameterize_backward_stub; the glue is
+// csrc/reparameterize.cpp).
 //
 // eps comes from torch's CUDA Philox generator (the device's default generator, or
 // `generator`), drawn the way torch's own dropout and normal_ kernels draw:
@@ -16,22 +18,20 @@
 // eps is returned (and saved for backward by vae_fast/ops.py) rather than
 // regenerated from the seed and offset in backward. That keeps one schema across
 // devices (the CPU kernel keys its own Philox stream with a 64-bit draw from the
-// CPU generator, which has no offset to replay), and eps is the size of z (B x Z,
-// small next to the decoder's B x D), so the saved bytes and the extra write cost
-// little.
+// CPU generator, which has no offset to replay: csrc/cpu/launch.cpp), and eps is
+// the size of z (B x Z, small next to the decoder's B x D), so the saved bytes and
+// the extra write cost little.
 
+#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
 #include <curand_kernel.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
 
 #include <mutex>
 #include <type_traits>
 
-#include "common/op_checks.h"
-#include "common/layout.h"
-#include "cuda/utils.cuh"
+#include "common/kernels.h"
+#include "cuda/math.cuh"
 
 namespace vae_fast::cuda {
 namespace {
@@ -144,41 +144,29 @@ unsigned grid_for(int64_t groups) {
   return static_cast<unsigned>(std::max<int64_t>(std::min(ceil_div(groups, kBlockThreads), cap), 1));
 }
 
-std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at::Tensor& logvar,
-                                                  std::optional<int64_t> num_samples,
-                                                  std::optional<at::Generator> generator) {
-  check_reparameterize(mu, logvar, num_samples);
-  const c10::cuda::CUDAGuard device_guard(mu.device());
-  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
-  if (num_samples) shape.insert(shape.begin(), *num_samples);
-  // eps in the accumulation dtype: float32 draws for half inputs, kept for backward.
-  at::Tensor eps = at::empty(shape, mu.options().dtype(at::toOpMathType(mu.scalar_type())));
-  at::Tensor z = at::empty(shape, mu.options());
-  const int64_t n = z.numel(), period = mu.numel();
-
+void reparameterize(const ReparameterizeArgs& args) {
+  const int64_t n = args.z.numel(), period = args.mu.numel();
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      generator, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
+      args.generator, at::cuda::detail::getDefaultCUDAGenerator(args.mu.device().index()));
   at::PhiloxCudaState philox;
   {
     // See Note [Acquire lock when using random generators]. The offset advances on
     // every call, an empty one too, as the CPU kernel draws its key on every call
-    // (csrc/cpu/reparameterize.cpp): the generator's state after a sequence of calls
-    // then does not depend on whether some of them were empty, on either device.
+    // (csrc/cpu/launch.cpp): the generator's state after a sequence of calls then
+    // does not depend on whether some of them were empty, on either device.
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(kPhiloxIncrement);
   }
-  if (n == 0) return {z, eps};
-  const at::Tensor mu_flat = mu.reshape({period}).contiguous();
-  const at::Tensor lv_flat = logvar.reshape({period}).contiguous();
+  if (n == 0) return;
 
   const unsigned blocks = grid_for(ceil_div(n, 4));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vae_fast::reparameterize", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.mu.scalar_type(), "vae_fast::reparameterize", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* m = mu_flat.const_data_ptr<scalar_t>();
-    const scalar_t* lv = lv_flat.const_data_ptr<scalar_t>();
-    scalar_t* zp = z.mutable_data_ptr<scalar_t>();
-    acc* ep = eps.mutable_data_ptr<acc>();
+    const scalar_t* m = args.mu.const_data_ptr<scalar_t>();
+    const scalar_t* lv = args.logvar.const_data_ptr<scalar_t>();
+    scalar_t* zp = args.z.mutable_data_ptr<scalar_t>();
+    acc* ep = args.eps.mutable_data_ptr<acc>();
     const bool vec = period % 4 == 0 && all_aligned({m, lv, zp}, 4 * sizeof(scalar_t)) &&
                      all_aligned({ep}, 4 * sizeof(acc));
     if (vec) {
@@ -188,37 +176,19 @@ std::tuple<at::Tensor, at::Tensor> reparameterize(const at::Tensor& mu, const at
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {z, eps};
 }
 
-std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& grad_z,
-                                                           const at::Tensor& logvar,
-                                                           const at::Tensor& eps,
-                                                           std::array<bool, 2> output_mask) {
-  check_reparameterize_backward(grad_z, logvar, eps);
-  const c10::cuda::CUDAGuard device_guard(logvar.device());
-  at::Tensor grad_mu = output_mask[0] ? at::empty(logvar.sizes(), logvar.options()) : logvar.new_empty({0});
-  at::Tensor grad_lv = output_mask[1] ? at::empty(logvar.sizes(), logvar.options()) : logvar.new_empty({0});
-  const int64_t n = logvar.numel();
-  if (!(output_mask[0] || output_mask[1])) return {grad_mu, grad_lv};
-  if (n == 0 || eps.numel() == 0) {
-    if (output_mask[0]) grad_mu.zero_();
-    if (output_mask[1]) grad_lv.zero_();
-    return {grad_mu, grad_lv};
-  }
-  const at::Tensor gz = grad_z.reshape({-1, n}).contiguous();
-  const at::Tensor lv = logvar.reshape({n}).contiguous();
-  const at::Tensor ep = eps.reshape({-1, n}).contiguous();
-  const int64_t samples = gz.size(0);
+void reparameterize_backward(const ReparameterizeBackwardArgs& args) {
+  const int64_t n = args.logvar.numel(), samples = args.grad_z.size(0);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logvar.scalar_type(), "vae_fast::_reparameterize_backward", [&] {
+      at::kHalf, at::kBFloat16, args.logvar.scalar_type(), "vae_fast::_reparameterize_backward", [&] {
         using acc = acc_t<scalar_t>;
-        const scalar_t* gzp = gz.const_data_ptr<scalar_t>();
-        const scalar_t* lvp = lv.const_data_ptr<scalar_t>();
-        const acc* epp = ep.const_data_ptr<acc>();
-        scalar_t* gmp = output_mask[0] ? grad_mu.mutable_data_ptr<scalar_t>() : nullptr;
-        scalar_t* glp = output_mask[1] ? grad_lv.mutable_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* gzp = args.grad_z.const_data_ptr<scalar_t>();
+        const scalar_t* lvp = args.logvar.const_data_ptr<scalar_t>();
+        const acc* epp = args.eps.const_data_ptr<acc>();
+        scalar_t* gmp = args.grad_mu.defined() ? args.grad_mu.mutable_data_ptr<scalar_t>() : nullptr;
+        scalar_t* glp = args.grad_logvar.defined() ? args.grad_logvar.mutable_data_ptr<scalar_t>() : nullptr;
         const bool vec = n % 4 == 0 && all_aligned({gzp, lvp, gmp, glp}, 4 * sizeof(scalar_t)) &&
                          all_aligned({epp}, 4 * sizeof(acc));
         if (vec) {
@@ -230,13 +200,10 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return {grad_mu, grad_lv};
 }
 
 }  // namespace
 }  // namespace vae_fast::cuda
 
-TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) {
-  m.impl("reparameterize", &vae_fast::cuda::reparameterize);
-  m.impl("_reparameterize_backward", &vae_fast::cuda::reparameterize_backward);
-}
+VAE_FAST_REGISTER_KERNEL(reparameterize_stub, CUDA, &vae_fast::cuda::reparameterize);
+VAE_FAST_REGISTER_KERNEL(reparameterize_backward_stub, CUDA, &vae_fast::cuda::reparameterize_backward);

@@ -1,10 +1,12 @@
 #pragma once
 // The per-element maths of the log-likelihoods and the KL, as ops for the row driver
-// (cuda/rows.cuh). Shared by the single ops and the fused elbo. Each op computes
+// (cuda/rows.cuh), and how each is filled from its arguments (common/kernels.h).
+// Shared by the single ops and the fused elbo. Each op computes
 // in the accumulation type; a gradient is written only where its pointer is set and
 // is scaled by `scale` times the row's weight (the incoming per-row gradient) when
 // `row_weight` is set. The formulas are those of vae_fast/reference.py.
 
+#include "common/kernels.h"
 #include "cuda/rows.cuh"
 
 namespace vae_fast::cuda {
@@ -199,16 +201,16 @@ struct KLRows {
 
 }  // namespace
 
-// A task for launch_rows: `op` over the layout, its vector mode decided by the rows x
-// cols matrices it reads and writes (`ptrs`).
+// A task for launch_rows: `op` over rows x cols, its vector mode decided by the
+// rows x cols matrices it reads and writes (`ptrs`).
 template <class Op>
-TaskSpec<Op> task(Op op, const RowLayout& layout, std::initializer_list<const void*> ptrs) {
-  op.cols = layout.cols;
+TaskSpec<Op> task(Op op, int64_t rows, int64_t cols, std::initializer_list<const void*> ptrs) {
+  op.cols = cols;
   TaskSpec<Op> spec;
   spec.op = op;
-  spec.rows = layout.rows;
-  spec.cols = layout.cols;
-  spec.mode = vector_mode<typename Op::scalar>(layout.cols, ptrs, Op::kFeatSums > 0);
+  spec.rows = rows;
+  spec.cols = cols;
+  spec.mode = vector_mode<typename Op::scalar>(cols, ptrs, Op::kFeatSums > 0);
   return spec;
 }
 
@@ -230,6 +232,103 @@ T* mutable_ptr_or_null(const at::Tensor& t) {
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// ---------------------------------------------------------------------------- from the args
+// Each op's task filled from its device-neutral arguments (common/kernels.h): the
+// pointers of the defined tensors, null for the undefined ones (neither read nor
+// written). `rows` is the args' rows, or 0 for a pass that does not run (the elbo's
+// pass over an empty event). Shared by the single ops and the fused elbo.
+namespace {
+
+template <typename scalar_t>
+RowWeight<scalar_t> row_weight_of(const at::Tensor& row_weight, double scale) {
+  RowWeight<scalar_t> weight;
+  weight.row_weight = ptr_or_null<scalar_t>(row_weight);
+  weight.scale = static_cast<acc_t<scalar_t>>(scale);
+  return weight;
+}
+
+template <typename scalar_t, bool kLogProb>
+TaskSpec<BernoulliRows<scalar_t, kLogProb>> bernoulli_task(const BernoulliArgs& a, int64_t rows) {
+  BernoulliRows<scalar_t, kLogProb> op;
+  op.x = a.x.const_data_ptr<scalar_t>();
+  op.logits = a.logits.const_data_ptr<scalar_t>();
+  op.weight = row_weight_of<scalar_t>(a.row_weight, a.scale);
+  op.grad_x = mutable_ptr_or_null<scalar_t>(a.grad_x);
+  op.grad_logits = mutable_ptr_or_null<scalar_t>(a.grad_logits);
+  op.log_prob = mutable_ptr_or_null<scalar_t>(a.log_prob);
+  return task(op, rows, a.x.size(1), {op.x, op.logits, op.grad_x, op.grad_logits});
+}
+
+// A scalar or per-feature logvar's gradient is summed per column by the driver
+// (kPerColumn); a per-element one is written per element.
+inline bool per_column(const GaussianArgs& a) {
+  return a.grad_logvar.defined() && reduced_over_rows(a.logvar_kind);
+}
+
+template <typename scalar_t, bool kLogProb, bool kPerColumn>
+TaskSpec<GaussianRows<scalar_t, kLogProb, kPerColumn>> gaussian_task(const GaussianArgs& a,
+                                                                     int64_t rows) {
+  GaussianRows<scalar_t, kLogProb, kPerColumn> op;
+  op.x = a.x.const_data_ptr<scalar_t>();
+  op.mean = a.mean.const_data_ptr<scalar_t>();
+  op.logvar = make_operand<scalar_t>(a.logvar_kind, a.logvar);
+  op.weight = row_weight_of<scalar_t>(a.row_weight, a.scale);
+  op.grad_x = mutable_ptr_or_null<scalar_t>(a.grad_x);
+  op.grad_mean = mutable_ptr_or_null<scalar_t>(a.grad_mean);
+  if (!reduced_over_rows(a.logvar_kind)) {
+    op.grad_logvar = mutable_ptr_or_null<scalar_t>(a.grad_logvar);
+  }
+  op.log_prob = mutable_ptr_or_null<scalar_t>(a.log_prob);
+  return task(op, rows, a.x.size(1),
+              {op.x, op.mean, matrix_ptr(op.logvar), op.grad_x, op.grad_mean, op.grad_logvar});
+}
+
+// The gradient of a scalar or per-feature prior is summed per column (slot 0:
+// prior_mu, 1: prior_logvar); a per-element one is written per element.
+inline bool per_column(const KLArgs& a) {
+  return (a.grad_prior_mu.defined() && reduced_over_rows(a.prior_mu_kind)) ||
+         (a.grad_prior_logvar.defined() && reduced_over_rows(a.prior_logvar_kind));
+}
+
+template <typename scalar_t, bool kKL, bool kPerColumn>
+TaskSpec<KLRows<scalar_t, kKL, kPerColumn>> kl_task(const KLArgs& a, int64_t rows) {
+  KLRows<scalar_t, kKL, kPerColumn> op;
+  op.mu = a.mu.const_data_ptr<scalar_t>();
+  op.logvar = a.logvar.const_data_ptr<scalar_t>();
+  op.prior_mu = make_operand<scalar_t>(a.prior_mu_kind, a.prior_mu);
+  op.prior_logvar = make_operand<scalar_t>(a.prior_logvar_kind, a.prior_logvar);
+  op.weight = row_weight_of<scalar_t>(a.row_weight, a.scale);
+  op.grad_mu = mutable_ptr_or_null<scalar_t>(a.grad_mu);
+  op.grad_logvar = mutable_ptr_or_null<scalar_t>(a.grad_logvar);
+  if (!reduced_over_rows(a.prior_mu_kind)) {
+    op.grad_prior_mu = mutable_ptr_or_null<scalar_t>(a.grad_prior_mu);
+  }
+  if (!reduced_over_rows(a.prior_logvar_kind)) {
+    op.grad_prior_logvar = mutable_ptr_or_null<scalar_t>(a.grad_prior_logvar);
+  }
+  op.kl = mutable_ptr_or_null<scalar_t>(a.kl);
+  return task(op, rows, a.mu.size(1),
+              {op.mu, op.logvar, matrix_ptr(op.prior_mu), matrix_ptr(op.prior_logvar), op.grad_mu,
+               op.grad_logvar, op.grad_prior_mu, op.grad_prior_logvar});
+}
+
+}  // namespace
+
+// After the launch: the gradients of a scalar or per-feature logvar or prior, from
+// the task's per-column sums (`columns`, (kFeatSums, cols)), in the args' layout.
+inline void write_column_gradients(const GaussianArgs& a, const at::Tensor& columns) {
+  if (per_column(a)) write_column_gradient(a.logvar_kind, columns[0], a.grad_logvar);
+}
+
+inline void write_column_gradients(const KLArgs& a, const at::Tensor& columns) {
+  if (a.grad_prior_mu.defined() && reduced_over_rows(a.prior_mu_kind)) {
+    write_column_gradient(a.prior_mu_kind, columns[0], a.grad_prior_mu);
+  }
+  if (a.grad_prior_logvar.defined() && reduced_over_rows(a.prior_logvar_kind)) {
+    write_column_gradient(a.prior_logvar_kind, columns[1], a.grad_prior_logvar);
+  }
 }
 
 }  // namespace vae_fast::cuda

@@ -39,7 +39,7 @@
 //   threadfence reduction) finishes the split rows and adds the partials in block order.
 // No float atomics anywhere, so every result is deterministic.
 
-#include "cuda/utils.cuh"
+#include "cuda/math.cuh"
 
 namespace vae_fast::cuda {
 
@@ -421,20 +421,10 @@ RowResult launch_rows(const TaskSpec<Op>& spec, const at::TensorOptions& options
   return launch_rows<scalar_t>(spec, NoTask{}, LossSpec<scalar_t>{}, 0, [](auto&, auto&, int*) {}, options);
 }
 
-// The gradient of a broadcast operand from its per-column sums (kScalar, kFeature)
-// or its per-element buffer (kElement, in x's shape), in the original's shape.
-inline at::Tensor operand_gradient(const BroadcastOperand& op, const at::Tensor& per_column,
-                                   const at::Tensor& per_element, const at::Tensor& x,
-                                   const at::Tensor& original) {
-  switch (op.kind) {
-    case Broadcast::kScalar:
-      return per_column.sum().to(original.scalar_type()).reshape(original.sizes());
-    case Broadcast::kFeature:
-      return per_column.to(original.scalar_type()).reshape(original.sizes());
-    case Broadcast::kElement:
-    default:
-      return gradient_in_shape(per_element.view(x.sizes()), original);
-  }
+// The gradient of a scalar or per-feature operand, in the operand's layout (1 or cols
+// elements, common/kernels.h), from its per-column sums (cols, accumulation dtype).
+inline void write_column_gradient(Broadcast kind, const at::Tensor& columns, const at::Tensor& grad) {
+  grad.copy_(kind == Broadcast::kScalar ? columns.sum().reshape({1}) : columns);
 }
 
 }  // namespace vae_fast::cuda

@@ -1,5 +1,8 @@
+// empty_output (common/allocation.h): CPU outputs of 32 MiB and more from huge pages.
+
+#include "common/allocation.h"
+
 #include <ATen/ops/empty.h>
-#include "cpu/allocation.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
@@ -15,7 +18,7 @@
 #include <sys/mman.h>
 #endif
 
-namespace vae_fast::cpu {
+namespace vae_fast {
 namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
@@ -109,9 +112,13 @@ bool huge_pages_requested() {
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (nbytes < kHugeThreshold || !huge_pages_requested()) return at::empty(sizes, options);
-  return at::detail::empty_generic(sizes, &huge_page_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+  if (options.device().type() != c10::DeviceType::CPU || nbytes < kHugeThreshold ||
+      !huge_pages_requested()) {
+    return at::empty(sizes, options);
+  }
+  return at::detail::empty_generic(sizes, &huge_page_allocator,
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), std::nullopt);
 }
 
-}  // namespace vae_fast::cpu
+}  // namespace vae_fast

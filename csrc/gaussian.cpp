@@ -1,18 +1,25 @@
-// vae_fast::gaussian_log_prob and its backward on CPU: checks, layout (including
-// how logvar broadcasts) and allocation; the loop is in gaussian_kernel.cpp.
+// vae_fast::gaussian_log_prob and its backward, for every device: checks, layout
+// (including how logvar broadcasts), allocation, output_mask and empty inputs, then
+// the device's kernel through gaussian_stub (csrc/cpu/gaussian_kernel.cpp,
+// csrc/cuda/gaussian.cu). A scalar or per-feature logvar is passed as it is and its
+// gradient comes back reduced over rows (common/kernels.h); any other broadcast is
+// expanded to x's shape and its gradient summed back to logvar's shape here.
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-#include "common/op_checks.h"
+#include "common/allocation.h"
+#include "common/kernels.h"
 #include "common/layout.h"
-#include "cpu/allocation.h"
-#include "cpu/capability.h"
-#include "cpu/kernels.h"
+#include "common/op_checks.h"
 
-namespace vae_fast::cpu {
+namespace vae_fast {
+
+VAE_FAST_DEFINE_KERNEL(gaussian_stub, void(const GaussianArgs&), "vae_fast.gaussian_log_prob");
+
 namespace {
 
 constexpr const char* kFn = "vae_fast.gaussian_log_prob";
@@ -22,7 +29,7 @@ GaussianArgs make_args(const at::Tensor& x, const at::Tensor& mean, const at::Te
   GaussianArgs args;
   args.x = as_matrix(x, layout);
   args.mean = as_matrix(mean, layout);
-  BroadcastOperand lv = broadcast_operand(logvar, x, event_dims, layout);
+  const BroadcastOperand lv = broadcast_operand(logvar, x, event_dims, layout);
   args.logvar_kind = lv.kind;
   args.logvar = lv.data;
   return args;
@@ -31,11 +38,12 @@ GaussianArgs make_args(const at::Tensor& x, const at::Tensor& mean, const at::Te
 at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
                              int64_t event_dims) {
   const RowLayout layout = check_gaussian_log_prob(x, mean, logvar, event_dims);
+  const c10::OptionalDeviceGuard device_guard(x.device());
   at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
-  if (x.numel() == 0) return log_prob.zero_();
+  if (x.numel() == 0) return log_prob.zero_();  // an empty event sums to 0
   GaussianArgs args = make_args(x, mean, logvar, event_dims, layout);
   args.log_prob = log_prob;
-  VAE_FAST_CPU_DISPATCH(gaussian_kernel, args);
+  gaussian_stub(x.device().type(), args);
   return log_prob;
 }
 
@@ -44,32 +52,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
     int64_t event_dims, std::array<bool, 3> output_mask) {
   const RowLayout layout = check_gaussian_log_prob(x, mean, logvar, event_dims);
   check_row_grad(kFn, grad, x, layout);
+  const c10::OptionalDeviceGuard device_guard(x.device());
   at::Tensor grad_x = output_mask[0] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_mean = output_mask[1] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
-  at::Tensor grad_logvar = output_mask[2] ? at::zeros(logvar.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_logvar = x.new_empty({0});  // replaced when wanted
   if (x.numel() == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) {
+    // An empty x adds nothing to logvar's gradient.
+    if (output_mask[2]) grad_logvar = at::zeros(logvar.sizes(), x.options());
     return {grad_x, grad_mean, grad_logvar};
   }
   GaussianArgs args = make_args(x, mean, logvar, event_dims, layout);
   args.row_weight = grad.reshape({layout.rows}).contiguous();
   if (output_mask[0]) args.grad_x = grad_x.view({layout.rows, layout.cols});
   if (output_mask[1]) args.grad_mean = grad_mean.view({layout.rows, layout.cols});
-  at::Tensor grad_lv_layout;
+  if (output_mask[2]) args.grad_logvar = at::empty_like(args.logvar);
+  gaussian_stub(x.device().type(), args);
   if (output_mask[2]) {
-    grad_lv_layout = at::empty_like(args.logvar);
-    args.grad_logvar = grad_lv_layout;
-  }
-  VAE_FAST_CPU_DISPATCH(gaussian_kernel, args);
-  if (output_mask[2]) {
-    grad_logvar = operand_gradient_in_shape(args.logvar_kind, grad_lv_layout, x, logvar);
+    grad_logvar = operand_gradient_in_shape(args.logvar_kind, args.grad_logvar, x, logvar);
   }
   return {grad_x, grad_mean, grad_logvar};
 }
 
-}  // namespace
-}  // namespace vae_fast::cpu
-
-TORCH_LIBRARY_IMPL(vae_fast, CPU, m) {
-  m.impl("gaussian_log_prob", &vae_fast::cpu::gaussian_log_prob);
-  m.impl("_gaussian_log_prob_backward", &vae_fast::cpu::gaussian_log_prob_backward);
+void define_impls(torch::Library& m) {
+  m.impl("gaussian_log_prob", &gaussian_log_prob);
+  m.impl("_gaussian_log_prob_backward", &gaussian_log_prob_backward);
 }
+
+}  // namespace
+}  // namespace vae_fast
+
+VAE_FAST_REGISTER_GLUE(vae_fast::define_impls);

@@ -1,7 +1,9 @@
 #pragma once
-// What the CUDA kernels share: the stable formulas in float/double, 128-bit vector
-// loads and stores that convert to the accumulation type, operands that broadcast
-// (scalar, per-feature, per-element), warp/block reductions and launch helpers.
+// The device maths every CUDA kernel shares: the stable formulas in float/double,
+// 128-bit vector loads and stores that convert to the accumulation type, operands
+// that broadcast (scalar, per-feature, per-element), warp/block reductions and the
+// device queries the launches size their grids with. The row driver built on it is
+// cuda/rows.cuh; the per-op terms are cuda/row_ops.cuh.
 //
 // Only light CUDA headers are included on purpose: ATen/cuda/CUDAContext.h pulls in
 // cuBLAS/cuSPARSE headers, which a minimal CUDA toolkit (and the compile check in
@@ -11,7 +13,6 @@
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
@@ -223,9 +224,10 @@ struct Operand {
   Broadcast kind = Broadcast::kElement;
 };
 
+// An operand from its kind and data (common/kernels.h); undefined data is absent.
 template <typename T>
-Operand<T> make_operand(const BroadcastOperand& op) {
-  return {op.data.const_data_ptr<T>(), op.kind};
+Operand<T> make_operand(Broadcast kind, const at::Tensor& data) {
+  return data.defined() ? Operand<T>{data.const_data_ptr<T>(), kind} : Operand<T>();
 }
 
 // A kElement operand is a rows x cols matrix like the task's others (its pointer is
@@ -264,7 +266,7 @@ const void* matrix_ptr(const Operand<T>& op) {
 
 // Whether a gradient of this operand is reduced over rows (kScalar, kFeature) rather
 // than written per element.
-inline bool reduced_over_rows(const BroadcastOperand& op) { return op.kind != Broadcast::kElement; }
+inline bool reduced_over_rows(Broadcast kind) { return kind != Broadcast::kElement; }
 
 // ---------------------------------------------------------------------------- device info
 

@@ -1,8 +1,10 @@
-// vae_fast::iwae on CPU: the importance-weighted bound of K samples, in one pass over
-// recon (csrc/cpu/iwae_kernel.cpp). x, mu and logvar have no sample dim and are
-// broadcast over the K samples inside the kernel. When compute_grad, the gradients of
-// `loss` for grad_output = 1 (with the normalized importance weights) come back too,
-// so that backward (vae_fast/iwae.py) only scales them:
+// vae_fast::iwae, for every device: checks, layout, allocation and empty inputs, then
+// the device's kernel through iwae_stub (csrc/cpu/iwae_kernel.cpp, csrc/cuda/iwae.cu),
+// and the loss from the bound. The importance-weighted bound of K samples: x, mu and
+// logvar have no sample dim and are broadcast over the K samples inside the kernels
+// (never repeated). When compute_grad, the gradients of `loss` for grad_output = 1
+// (with the normalized importance weights) come back too, so that backward
+// (vae_fast/iwae.py) only scales them:
 //   recon, z: always (z's is log w's direct dependence on z: the prior and q terms);
 //   mu, logvar: estimator "iwae" only (the score terms, d log q / d(mu, logvar) at
 //   fixed z; "stl" and "dreg" drop them);
@@ -14,18 +16,21 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <string_view>
 
+#include "common/allocation.h"
 #include "common/iwae_checks.h"
+#include "common/kernels.h"
 #include "common/layout.h"
 #include "common/op_checks.h"
-#include "cpu/allocation.h"
-#include "cpu/capability.h"
-#include "cpu/kernels.h"
 
-namespace vae_fast::cpu {
+namespace vae_fast {
+
+VAE_FAST_DEFINE_KERNEL(iwae_stub, void(const IWAEArgs&), "vae_fast.iwae");
+
 namespace {
 
 at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
@@ -39,6 +44,7 @@ IWAEOutputs iwae(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
                  c10::string_view estimator, c10::string_view reduction, bool compute_grad,
                  bool validate_x) {
   check_iwae(x, recon, z, mu, logvar, obs_logvar, likelihood, estimator, reduction);
+  const c10::OptionalDeviceGuard device_guard(x.device());
   const int64_t samples = recon.size(0), batch = x.size(0);
   const RowLayout x_layout = row_layout(x, x.dim() - 1);
   const RowLayout z_layout = row_layout(mu, mu.dim() - 1);
@@ -75,6 +81,8 @@ IWAEOutputs iwae(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
       args.grad_mu = grad_mu.view({batch, latent});
       args.grad_logvar = grad_lv.view({batch, latent});
     }
+    // In the operand's layout (common/kernels.h). The shared sums start at zero: with
+    // no rows (batch 0) no kernel runs, and the gradient is 0.
     switch (obs.kind) {
       case IWAEObs::kScalar: args.grad_obs = at::zeros({1}, options.dtype(at::kDouble)); break;
       case IWAEObs::kFeature: args.grad_obs = at::zeros({cols}, options.dtype(at::kDouble)); break;
@@ -85,7 +93,7 @@ IWAEOutputs iwae(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
   }
   std::atomic<bool> found_outside{false};
   if (validate_x && args.bernoulli) args.found_outside = &found_outside;
-  if (batch > 0) VAE_FAST_CPU_DISPATCH(iwae_kernel, args);
+  if (batch > 0) iwae_stub(x.device().type(), args);
   check_targets_found_in_unit_interval("vae_fast.iwae", x, found_outside.load());
   if (args.grad_obs.defined()) {
     grad_obs = iwae_obs_gradient(obs, args.grad_obs, x, recon, *obs_logvar);
@@ -100,7 +108,9 @@ IWAEOutputs iwae(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
           grad_obs};
 }
 
-}  // namespace
-}  // namespace vae_fast::cpu
+void define_impls(torch::Library& m) { m.impl("iwae", &iwae); }
 
-TORCH_LIBRARY_IMPL(vae_fast, CPU, m) { m.impl("iwae", &vae_fast::cpu::iwae); }
+}  // namespace
+}  // namespace vae_fast
+
+VAE_FAST_REGISTER_GLUE(vae_fast::define_impls);

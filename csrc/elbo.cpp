@@ -1,0 +1,158 @@
+// vae_fast::elbo and _elbo_into_recon, the fused loss, for every device: checks,
+// layouts, beta, allocation and empty inputs, then the device's kernel through
+// elbo_stub (csrc/cpu/launch.cpp, csrc/cuda/elbo.cu). One pass over (x, recon) gives
+// each row's log-likelihood and, when compute_grad, d(loss)/d(recon) (and the reduced
+// d(loss)/d(obs_logvar)) for grad_output = 1; one pass over (mu, logvar) does the
+// same for the KL. Backward (vae_fast/loss.py) then only scales the saved gradients.
+// _elbo_into_recon writes d(loss)/d(recon) over recon itself (inplace_grad=True).
+
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <string_view>
+
+#include "common/allocation.h"
+#include "common/kernels.h"
+#include "common/layout.h"
+#include "common/op_checks.h"
+
+namespace vae_fast {
+
+VAE_FAST_DEFINE_KERNEL(elbo_stub, void(const ElboArgs&), "vae_fast.elbo");
+
+namespace {
+
+at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
+
+using ElboOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The loss and, when compute_grad, the gradients; d(loss)/d(recon) is written into
+// `grad_recon` (a fresh tensor, or recon itself for _elbo_into_recon: the kernels read
+// each element of recon before they write its gradient there).
+ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                      const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                      c10::string_view likelihood, const at::Tensor& beta,
+                      c10::string_view reduction, bool compute_grad, bool validate_x,
+                      const at::Tensor& grad_recon) {
+  const c10::OptionalDeviceGuard device_guard(x.device());
+  const int64_t batch = x.size(0);
+  const int64_t x_event_dims = x.dim() - 1;
+  const RowLayout x_layout = row_layout(x, x_event_dims);
+  const RowLayout z_layout = row_layout(mu, mu.dim() - 1);
+  const bool per_row = reduction == "none", mean = reduction == "mean";
+  const bool bernoulli = likelihood == "bernoulli";
+  // A beta on the host is read (free); one on the device is never read on the host
+  // (a sync): the kernels read it, in the accumulation dtype.
+  const bool beta_on_host = beta.device().is_cpu();
+  const double beta_value = beta_on_host ? beta.item<double>() : 1.0;
+  // d(loss)/d(per-sample term) for grad_output = 1.
+  const double per_sample = mean ? 1.0 / static_cast<double>(std::max<int64_t>(batch, 1)) : 1.0;
+
+  at::Tensor ll = at::empty({batch}, x.options());
+  at::Tensor kl = at::empty({batch}, x.options());
+  at::Tensor grad_mu = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
+  at::Tensor grad_lv = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
+  // Zeros only where no kernel writes it: with no elements of x, obs_logvar's gradient is 0.
+  at::Tensor grad_obs = compute_grad && obs_logvar && x.numel() == 0
+                            ? at::zeros(obs_logvar->sizes(), x.options())
+                            : empty_grad(x);
+  if (batch == 0) {
+    // The mean of no rows is nan, as torch's mean() gives; grads are already empty.
+    const at::Tensor loss =
+        per_row ? at::empty({0}, x.options())
+                : at::full({}, mean ? std::numeric_limits<double>::quiet_NaN() : 0.0, x.options());
+    return {loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
+  }
+
+  ElboArgs args;
+  args.is_bernoulli = bernoulli;
+  // An empty event sums to 0: its pass does not run (and adds 0 to the loss).
+  args.run_likelihood = x.numel() > 0;
+  args.run_kl = mu.numel() > 0;
+  if (!args.run_likelihood) ll.zero_();
+  if (!args.run_kl) kl.zero_();
+  std::atomic<bool> found_outside{false};
+  std::optional<BroadcastOperand> obs;
+  if (bernoulli) {
+    BernoulliArgs& b = args.bernoulli;
+    b.x = as_matrix(x, x_layout);
+    b.logits = as_matrix(recon, x_layout);
+    b.log_prob = ll;
+    if (compute_grad) b.grad_logits = grad_recon.view({x_layout.rows, x_layout.cols});
+    b.scale = -per_sample;  // loss = beta*kl - ll
+    if (validate_x) b.found_outside = &found_outside;
+  } else {
+    GaussianArgs& g = args.gaussian;
+    g.x = as_matrix(x, x_layout);
+    g.mean = as_matrix(recon, x_layout);
+    // No obs_logvar: logvar = 0, an undefined operand that the kernels read as 0.
+    if (obs_logvar) {
+      obs = broadcast_operand(*obs_logvar, x, x_event_dims, x_layout);
+      g.logvar_kind = obs->kind;
+      g.logvar = obs->data;
+      if (compute_grad && args.run_likelihood) g.grad_logvar = at::empty_like(obs->data);
+    }
+    g.log_prob = ll;
+    if (compute_grad) g.grad_mean = grad_recon.view({x_layout.rows, x_layout.cols});
+    g.scale = -per_sample;
+  }
+  KLArgs& k = args.kl;
+  k.mu = as_matrix(mu, z_layout);
+  k.logvar = as_matrix(logvar, z_layout);
+  k.kl = kl;
+  if (compute_grad) {
+    k.grad_mu = grad_mu.view({z_layout.rows, z_layout.cols});
+    k.grad_logvar = grad_lv.view({z_layout.rows, z_layout.cols});
+  }
+  k.scale = beta_value * per_sample;
+  args.loss = per_row ? at::empty({batch}, x.options()) : at::empty({}, x.options());
+  args.per_row = per_row;
+  args.mean = mean;
+  args.beta = beta_value;
+  if (!beta_on_host) args.beta_device = beta.to(at::toOpMathType(x.scalar_type()));
+
+  elbo_stub(x.device().type(), args);
+  check_targets_found_in_unit_interval("vae_fast.elbo", x, found_outside.load());
+  if (args.gaussian.grad_logvar.defined()) {
+    grad_obs = operand_gradient_in_shape(obs->kind, args.gaussian.grad_logvar, x, *obs_logvar);
+  }
+  return {args.loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
+}
+
+ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                 const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                 c10::string_view likelihood, const at::Tensor& beta, c10::string_view reduction,
+                 bool compute_grad, bool validate_x) {
+  check_elbo(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
+  const at::Tensor grad_recon =
+      compute_grad ? empty_output(x.sizes(), x.options()) : empty_grad(x);
+  return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad,
+                   validate_x, grad_recon);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elbo_into_recon(
+    const at::Tensor& x, at::Tensor& recon, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& obs_logvar, c10::string_view likelihood,
+    const at::Tensor& beta, c10::string_view reduction, bool validate_x) {
+  check_elbo_into_recon(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
+  auto [loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv] = elbo_into(
+      x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, true, validate_x, recon);
+  return {loss, ll, kl, grad_obs, grad_mu, grad_lv};
+}
+
+void define_impls(torch::Library& m) {
+  m.impl("elbo", &elbo);
+  m.impl("_elbo_into_recon", &elbo_into_recon);
+}
+
+}  // namespace
+}  // namespace vae_fast
+
+VAE_FAST_REGISTER_GLUE(vae_fast::define_impls);
