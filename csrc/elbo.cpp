@@ -33,6 +33,98 @@ at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
 using ElboOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// elbo with K samples: recon is (K, *x.shape) and ll the mean over the samples of
+// log p(x | recon_k). One likelihood pass over the K*B rows of recon reads x's row
+// r % B for row r (x is never repeated), its gradient scaled by 1/K; one KL pass; the
+// batch-sized combination (the mean over samples, beta*kl - ll, the reduction) in the
+// accumulation dtype with ATen ops, on the op's device. The rows are never empty here.
+ElboOutputs elbo_samples(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
+                         const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
+                         bool bernoulli, const at::Tensor& beta, bool per_row, bool mean,
+                         bool compute_grad, bool validate_x, const at::Tensor& grad_recon) {
+  const int64_t batch = x.size(0), samples = recon.size(0);
+  const int64_t event_dims = x.dim() - 1;
+  const RowLayout x_layout = row_layout(x, event_dims);
+  const RowLayout recon_layout = row_layout(recon, event_dims);  // K*B rows
+  const RowLayout z_layout = row_layout(mu, mu.dim() - 1);
+  const double per_sample = mean ? 1.0 / static_cast<double>(batch) : 1.0;
+  const bool beta_on_host = beta.device().is_cpu();
+  const double beta_value = beta_on_host ? beta.item<double>() : 1.0;
+  const at::ScalarType opmath = at::toOpMathType(x.scalar_type());
+
+  at::Tensor ll_rows = at::empty({recon_layout.rows}, x.options());
+  at::Tensor kl = at::empty({batch}, x.options());
+  at::Tensor grad_mu = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
+  at::Tensor grad_lv = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
+  at::Tensor grad_obs = compute_grad && obs_logvar && x.numel() == 0
+                            ? at::zeros(obs_logvar->sizes(), x.options())
+                            : empty_grad(x);
+  const double ll_scale = -per_sample / static_cast<double>(samples);  // loss = beta*kl - mean_k ll
+  std::atomic<bool> found_outside{false};
+  if (x.numel() == 0) {
+    ll_rows.zero_();
+  } else if (bernoulli) {
+    BernoulliArgs b;
+    b.x = as_matrix(x, x_layout);
+    b.x_rows = x_layout.rows;
+    b.logits = as_matrix(recon, recon_layout);
+    b.log_prob = ll_rows;
+    if (compute_grad) b.grad_logits = grad_recon.view({recon_layout.rows, recon_layout.cols});
+    b.scale = ll_scale;
+    if (validate_x) b.found_outside = &found_outside;
+    bernoulli_stub(x.device().type(), b);
+  } else {
+    GaussianArgs g;
+    g.x = as_matrix(x, x_layout);
+    g.x_rows = x_layout.rows;
+    g.mean = as_matrix(recon, recon_layout);
+    // obs_logvar broadcasts to x, hence to recon: a scalar or per-feature one is read in
+    // place; any other is laid out as recon's rows (its gradient summed back below).
+    std::optional<BroadcastOperand> obs;
+    if (obs_logvar) {
+      obs = broadcast_operand(*obs_logvar, recon, event_dims, recon_layout);
+      g.logvar_kind = obs->kind;
+      g.logvar = obs->data;
+      if (compute_grad) g.grad_logvar = at::empty_like(obs->data);
+    }
+    g.log_prob = ll_rows;
+    if (compute_grad) g.grad_mean = grad_recon.view({recon_layout.rows, recon_layout.cols});
+    g.scale = ll_scale;
+    gaussian_stub(x.device().type(), g);
+    if (g.grad_logvar.defined()) {
+      grad_obs = operand_gradient_in_shape(obs->kind, g.grad_logvar, recon, *obs_logvar);
+    }
+  }
+  check_targets_found_in_unit_interval("vae_fast.elbo", x, found_outside.load());
+  if (mu.numel() == 0) {
+    kl.zero_();  // mu and logvar have no elements: their gradients are empty too
+  } else {
+    KLArgs k;
+    k.mu = as_matrix(mu, z_layout);
+    k.logvar = as_matrix(logvar, z_layout);
+    k.kl = kl;
+    if (compute_grad) {
+      k.grad_mu = grad_mu.view({z_layout.rows, z_layout.cols});
+      k.grad_logvar = grad_lv.view({z_layout.rows, z_layout.cols});
+    }
+    k.scale = beta_value * per_sample;
+    kl_stub(x.device().type(), k);
+  }
+  // beta on the device is never read on the host: it scales on the device.
+  const at::Tensor beta_acc = beta_on_host ? at::Tensor() : beta.to(opmath);
+  if (compute_grad && beta_acc.defined()) {
+    grad_mu.mul_(beta_acc);
+    grad_lv.mul_(beta_acc);
+  }
+  const at::Tensor ll_acc = ll_rows.view({samples, batch}).to(opmath).mean(0);
+  at::Tensor weighted_kl = kl.to(opmath);
+  weighted_kl = beta_acc.defined() ? weighted_kl.mul(beta_acc) : weighted_kl.mul(beta_value);
+  const at::Tensor per_row_loss = weighted_kl.sub(ll_acc);
+  const at::Tensor loss = per_row ? per_row_loss : mean ? per_row_loss.mean() : per_row_loss.sum();
+  return {loss.to(x.scalar_type()), ll_acc.to(x.scalar_type()), kl, grad_recon, grad_obs, grad_mu,
+          grad_lv};
+}
+
 // The loss and, when compute_grad, the gradients; d(loss)/d(recon) is written into
 // `grad_recon` (a fresh tensor, or recon itself for _elbo_into_recon: the kernels read
 // each element of recon before they write its gradient there).
@@ -43,6 +135,11 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
                       const at::Tensor& grad_recon) {
   const c10::OptionalDeviceGuard device_guard(x.device());
   const int64_t batch = x.size(0);
+  if (recon.dim() == x.dim() + 1 && batch > 0) {  // K samples of the decoder's output
+    return elbo_samples(x, recon, mu, logvar, obs_logvar, likelihood == "bernoulli", beta,
+                        reduction == "none", reduction == "mean", compute_grad, validate_x,
+                        grad_recon);
+  }
   const int64_t x_event_dims = x.dim() - 1;
   const RowLayout x_layout = row_layout(x, x_event_dims);
   const RowLayout z_layout = row_layout(mu, mu.dim() - 1);
@@ -132,7 +229,7 @@ ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
                  bool compute_grad, bool validate_x) {
   check_elbo(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
   const at::Tensor grad_recon =
-      compute_grad ? empty_output(x.sizes(), x.options()) : empty_grad(x);
+      compute_grad ? empty_output(recon.sizes(), x.options()) : empty_grad(x);
   return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad,
                    validate_x, grad_recon);
 }

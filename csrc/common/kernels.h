@@ -32,8 +32,13 @@
 
 namespace vae_fast {
 
+// x broadcast over samples (elbo's num_samples): when `x_rows` > 0, x holds x_rows
+// rows and row r of the others reads x's row r % x_rows, so K samples of recon, (K*B,
+// cols), share one x of (B, cols) that is never repeated in memory (grad_x is then
+// not asked for: the samples would write it K times).
 struct BernoulliArgs {
-  at::Tensor x, logits;            // (rows, cols)
+  at::Tensor x, logits;            // (rows or x_rows, cols), (rows, cols)
+  int64_t x_rows = 0;
   at::Tensor log_prob;             // out (rows)
   at::Tensor grad_x, grad_logits;  // out (rows, cols)
   at::Tensor row_weight;           // (rows)
@@ -44,7 +49,8 @@ struct BernoulliArgs {
 };
 
 struct GaussianArgs {
-  at::Tensor x, mean;              // (rows, cols)
+  at::Tensor x, mean;              // (rows or x_rows, cols), (rows, cols); see BernoulliArgs
+  int64_t x_rows = 0;
   Broadcast logvar_kind = Broadcast::kElement;
   at::Tensor logvar;               // 1, (cols) or (rows, cols) elements, by logvar_kind;
                                    // undefined: 0 (elbo without obs_logvar)

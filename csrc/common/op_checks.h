@@ -117,7 +117,11 @@ inline void check_elbo(const at::Tensor& x, const at::Tensor& recon, const at::T
   check_like(fn, "recon", recon, "x", x);
   check_like(fn, "mu", mu, "x", x);
   check_like(fn, "logvar", logvar, "x", x);
-  check_same_shape(fn, "x", x, "recon", recon);
+  // recon of x's shape, or (K, *x.shape): K >= 1 samples of the decoder's output.
+  const bool samples = recon.dim() == x.dim() + 1 && recon.sizes().slice(1) == x.sizes();
+  if (!samples) check_same_shape(fn, "x", x, "recon", recon);
+  TORCH_CHECK(!samples || recon.size(0) >= 1, fn, ": `recon` has no samples (shape ",
+              recon.sizes(), "); K >= 1");
   check_same_shape(fn, "mu", mu, "logvar", logvar);
   TORCH_CHECK(x.dim() >= 1 && mu.dim() >= 1, fn,
               ": `x` and `mu` need a leading batch dim, got shapes ", x.sizes(), " and ",

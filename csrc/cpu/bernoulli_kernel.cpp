@@ -45,7 +45,8 @@ void bernoulli_rows(const BernoulliArgs& a) {
   using opmath = opmath_t<scalar_t>;
   using Vec = OpVec<scalar_t>;
   constexpr int64_t W = Vec::size();
-  const int64_t rows = a.x.size(0), cols = a.x.size(1);
+  const int64_t rows = a.logits.size(0), cols = a.logits.size(1);
+  const int64_t x_rows = a.x_rows > 0 ? a.x_rows : rows;
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   const scalar_t* logits = a.logits.const_data_ptr<scalar_t>();
   const scalar_t* row_weight = ptr_or_null<scalar_t>(a.row_weight);
@@ -60,16 +61,17 @@ void bernoulli_rows(const BernoulliArgs& a) {
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
       const int64_t off = r * cols;
+      const scalar_t* x_row = x + (r % x_rows) * cols;
       scalar_t* grad_x_row = kGradX ? grad_x + off : nullptr;
       scalar_t* grad_logits_row = kGradLogits ? grad_logits + off : nullptr;
       int64_t j = 0;
       for (; j + W <= cols; j += W) {
         bernoulli_columns<scalar_t, kLogProb, kGradLogits, kGradX>(
-            x + off, logits + off, grad_x_row, grad_logits_row, j, W, weight, sum, range);
+            x_row, logits + off, grad_x_row, grad_logits_row, j, W, weight, sum, range);
       }
       if (j < cols) {
         bernoulli_columns<scalar_t, kLogProb, kGradLogits, kGradX>(
-            x + off, logits + off, grad_x_row, grad_logits_row, j, cols - j, weight, sum, range);
+            x_row, logits + off, grad_x_row, grad_logits_row, j, cols - j, weight, sum, range);
       }
       if constexpr (kLogProb) {
         log_prob[r] = static_cast<scalar_t>(sum.take());

@@ -23,7 +23,8 @@ void gaussian_rows(const GaussianArgs& a) {
   using opmath = opmath_t<scalar_t>;
   using Vec = OpVec<scalar_t>;
   constexpr int64_t W = Vec::size();
-  const int64_t rows = a.x.size(0), cols = a.x.size(1);
+  const int64_t rows = a.mean.size(0), cols = a.mean.size(1);
+  const int64_t x_rows = a.x_rows > 0 ? a.x_rows : rows;
   // Undefined: logvar = 0 (the elbo without obs_logvar), shared like a scalar.
   const bool shared = !a.logvar.defined() || a.logvar_kind != Broadcast::kElement;
   const bool one_value = a.logvar_kind == Broadcast::kScalar;
@@ -57,10 +58,10 @@ void gaussian_rows(const GaussianArgs& a) {
     BlockedSum<Vec> sum;
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
-      const int64_t off = r * cols;
+      const int64_t off = r * cols, x_off = (r % x_rows) * cols;
       for (int64_t j = 0; j < cols; j += W) {
         const int64_t n = std::min<int64_t>(W, cols - j);
-        const Vec diff = load_n(x + off + j, n) - load_n(mean + off + j, n);
+        const Vec diff = load_n(x + x_off + j, n) - load_n(mean + off + j, n);
         Vec lv, inv_var;
         if (shared) {
           lv = load_n(lv_shared.data() + j, n);

@@ -21,7 +21,7 @@ void bernoulli(const BernoulliArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.x.scalar_type(), "vae_fast::bernoulli_log_prob", [&] {
         with_bool(a.log_prob.defined(), [&](auto kLogProb) {
-          const auto spec = bernoulli_task<scalar_t, decltype(kLogProb)::value>(a, a.x.size(0));
+          const auto spec = bernoulli_task<scalar_t, decltype(kLogProb)::value>(a, a.logits.size(0));
           flags = launch_rows<scalar_t>(spec, NoTask{}, LossSpec<scalar_t>{}, validate ? 1 : 0,
                                         attach, a.x.options())
                       .flags;

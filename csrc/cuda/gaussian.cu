@@ -20,7 +20,7 @@ void gaussian(const GaussianArgs& a) {
           with_bool(per_column(a), [&](auto kPerColumn) {
             constexpr bool kRows = decltype(kLogProb)::value;
             constexpr bool kColumns = decltype(kPerColumn)::value;
-            const auto spec = gaussian_task<scalar_t, kRows, kColumns>(a, a.x.size(0));
+            const auto spec = gaussian_task<scalar_t, kRows, kColumns>(a, a.mean.size(0));
             columns = launch_rows<scalar_t>(spec, a.x.options()).a_columns;
           });
         });

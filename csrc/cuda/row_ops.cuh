@@ -44,12 +44,13 @@ struct BernoulliRows {
   scalar_t* log_prob = nullptr;
   int* found_outside = nullptr;  // set to 1 when an x lies outside [0, 1] (null: not checked)
   int64_t cols = 0;
+  int64_t x_rows = 0;  // > 0: x broadcast over samples, row r reads x's row r % x_rows
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t row, int64_t col, acc (&sums)[1], acc (&)[1][V]) const {
     const int64_t off = row * cols + col;
     acc xv[V], lv[V], gx[V], gl[V];
-    load_vec<V>(x + off, xv);
+    load_vec<V>(x + (x_rows > 0 ? row % x_rows * cols + col : off), xv);
     load_vec<V>(logits + off, lv);
     if (found_outside != nullptr) {
       bool outside = false;
@@ -96,12 +97,13 @@ struct GaussianRows {
   scalar_t* grad_logvar = nullptr;  // kElement logvar only: (rows, cols)
   scalar_t* log_prob = nullptr;
   int64_t cols = 0;
+  int64_t x_rows = 0;  // > 0: x broadcast over samples, row r reads x's row r % x_rows
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t row, int64_t col, acc (&sums)[1], acc (&feat)[1][V]) const {
     const int64_t off = row * cols + col;
     acc xv[V], mv[V], lv[V], gx[V], gm[V], gl[V];
-    load_vec<V>(x + off, xv);
+    load_vec<V>(x + (x_rows > 0 ? row % x_rows * cols + col : off), xv);
     load_vec<V>(mean + off, mv);
     load_operand<V>(logvar, off, col, lv);
     const bool grads = kPerColumn || grad_x != nullptr || grad_mean != nullptr || grad_logvar != nullptr;
@@ -254,11 +256,12 @@ TaskSpec<BernoulliRows<scalar_t, kLogProb>> bernoulli_task(const BernoulliArgs& 
   BernoulliRows<scalar_t, kLogProb> op;
   op.x = a.x.const_data_ptr<scalar_t>();
   op.logits = a.logits.const_data_ptr<scalar_t>();
+  op.x_rows = a.x_rows;
   op.weight = row_weight_of<scalar_t>(a.row_weight, a.scale);
   op.grad_x = mutable_ptr_or_null<scalar_t>(a.grad_x);
   op.grad_logits = mutable_ptr_or_null<scalar_t>(a.grad_logits);
   op.log_prob = mutable_ptr_or_null<scalar_t>(a.log_prob);
-  return task(op, rows, a.x.size(1), {op.x, op.logits, op.grad_x, op.grad_logits});
+  return task(op, rows, a.logits.size(1), {op.x, op.logits, op.grad_x, op.grad_logits});
 }
 
 // A scalar or per-feature logvar's gradient is summed per column by the driver
@@ -273,6 +276,7 @@ TaskSpec<GaussianRows<scalar_t, kLogProb, kPerColumn>> gaussian_task(const Gauss
   GaussianRows<scalar_t, kLogProb, kPerColumn> op;
   op.x = a.x.const_data_ptr<scalar_t>();
   op.mean = a.mean.const_data_ptr<scalar_t>();
+  op.x_rows = a.x_rows;
   op.logvar = make_operand<scalar_t>(a.logvar_kind, a.logvar);
   op.weight = row_weight_of<scalar_t>(a.row_weight, a.scale);
   op.grad_x = mutable_ptr_or_null<scalar_t>(a.grad_x);
@@ -281,7 +285,7 @@ TaskSpec<GaussianRows<scalar_t, kLogProb, kPerColumn>> gaussian_task(const Gauss
     op.grad_logvar = mutable_ptr_or_null<scalar_t>(a.grad_logvar);
   }
   op.log_prob = mutable_ptr_or_null<scalar_t>(a.log_prob);
-  return task(op, rows, a.x.size(1),
+  return task(op, rows, a.mean.size(1),
               {op.x, op.mean, matrix_ptr(op.logvar), op.grad_x, op.grad_mean, op.grad_logvar});
 }
 
