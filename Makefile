@@ -22,8 +22,10 @@ demo: $(BUILD_STAMP)
 	$(PY) -m vae_fast.train --data digits --out runs/demo
 
 bench: $(BUILD_STAMP)
-	$(PY) bench/ops.py --device cpu --json bench/results/ops_cpu.json --plot bench/results/ops_cpu.png
-	$(PY) bench/train.py --device cpu --json bench/results/train_cpu.json
+	$(PY) bench/ops.py --device cpu --json bench/results/ops_cpu.json \
+		--markdown bench/results/ops_cpu.md --plot bench/results/ops_cpu.png
+	$(PY) bench/train.py --device cpu --json bench/results/train_cpu.json \
+		--markdown bench/results/train_cpu.md
 
 build: $(BUILD_STAMP)
 
