@@ -16,7 +16,7 @@ import torch
 import vae_fast
 from vae_fast.nn import VAE, ELBOLoss
 from vae_fast.train import run
-from vae_fast.train.loop import Objective
+from vae_fast.train.objective import Objective
 
 SMALL = ["--latent-dim", "4", "--hidden", "32,16", "--batch-size", "32", "--no-progress",
          "--threads", "1", "--eval-samples", "0"]  # fmt: skip

@@ -1,9 +1,10 @@
-"""The training command, one job per module (imports run cli -> loop -> checkpoint,
-evaluate -> config, vae_fast.data):
+"""The training command, one job per module (imports run cli -> loop -> objective,
+checkpoint, evaluate -> config, vae_fast.data):
 
 - cli: the options, `main` and `run` (exit statuses, one-line errors);
 - config: the options and the data resolved into a frozen Config, and the run checks;
-- loop: the objective, the optimizer step and the epoch loop;
+- objective: the model and its loss (--bound, --num-samples, --estimator) in one module;
+- loop: the optimizer step and the epoch loop;
 - checkpoint: checkpoint.pt and metrics.jsonl, --resume;
 - evaluate: the test ELBO, the importance-weighted log-likelihood, the pictures.
 """
