@@ -33,6 +33,22 @@ at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
 using ElboOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The KL pass of the loss: kl per row and, when compute_grad, the gradients times `scale`.
+KLArgs kl_pass(const at::Tensor& mu, const at::Tensor& logvar, const RowLayout& z_layout,
+               const at::Tensor& kl, const at::Tensor& grad_mu, const at::Tensor& grad_lv,
+               bool compute_grad, double scale) {
+  KLArgs k;
+  k.mu = as_matrix(mu, z_layout);
+  k.logvar = as_matrix(logvar, z_layout);
+  k.kl = kl;
+  if (compute_grad) {
+    k.grad_mu = grad_mu.view({z_layout.rows, z_layout.cols});
+    k.grad_logvar = grad_lv.view({z_layout.rows, z_layout.cols});
+  }
+  k.scale = scale;
+  return k;
+}
+
 // elbo with K samples: recon is (K, *x.shape) and ll the mean over the samples of
 // log p(x | recon_k). One likelihood pass over the K*B rows of recon reads x's row
 // r % B for row r (x is never repeated), its gradient scaled by 1/K; one KL pass; the
@@ -99,16 +115,8 @@ ElboOutputs elbo_samples(const at::Tensor& x, const at::Tensor& recon, const at:
   if (mu.numel() == 0) {
     kl.zero_();  // mu and logvar have no elements: their gradients are empty too
   } else {
-    KLArgs k;
-    k.mu = as_matrix(mu, z_layout);
-    k.logvar = as_matrix(logvar, z_layout);
-    k.kl = kl;
-    if (compute_grad) {
-      k.grad_mu = grad_mu.view({z_layout.rows, z_layout.cols});
-      k.grad_logvar = grad_lv.view({z_layout.rows, z_layout.cols});
-    }
-    k.scale = beta_value * per_sample;
-    kl_stub(x.device().type(), k);
+    kl_stub(x.device().type(),
+            kl_pass(mu, logvar, z_layout, kl, grad_mu, grad_lv, compute_grad, beta_value * per_sample));
   }
   // beta on the device is never read on the host: it scales on the device.
   const at::Tensor beta_acc = beta_on_host ? at::Tensor() : beta.to(opmath);
@@ -200,15 +208,7 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
     if (compute_grad) g.grad_mean = grad_recon.view({x_layout.rows, x_layout.cols});
     g.scale = -per_sample;
   }
-  KLArgs& k = args.kl;
-  k.mu = as_matrix(mu, z_layout);
-  k.logvar = as_matrix(logvar, z_layout);
-  k.kl = kl;
-  if (compute_grad) {
-    k.grad_mu = grad_mu.view({z_layout.rows, z_layout.cols});
-    k.grad_logvar = grad_lv.view({z_layout.rows, z_layout.cols});
-  }
-  k.scale = beta_value * per_sample;
+  args.kl = kl_pass(mu, logvar, z_layout, kl, grad_mu, grad_lv, compute_grad, beta_value * per_sample);
   args.loss = per_row ? at::empty({batch}, x.options()) : at::empty({}, x.options());
   args.per_row = per_row;
   args.mean = mean;
