@@ -49,93 +49,36 @@ KLArgs kl_pass(const at::Tensor& mu, const at::Tensor& logvar, const RowLayout& 
   return k;
 }
 
-// elbo with K samples: recon is (K, *x.shape) and ll the mean over the samples of
-// log p(x | recon_k). One likelihood pass over the K*B rows of recon reads x's row
-// r % B for row r (x is never repeated), its gradient scaled by 1/K; one KL pass; the
-// batch-sized combination (the mean over samples, beta*kl - ll, the reduction) in the
-// accumulation dtype with ATen ops, on the op's device. The rows are never empty here.
-ElboOutputs elbo_samples(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
-                         const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
-                         bool bernoulli, const at::Tensor& beta, bool per_row, bool mean,
-                         bool compute_grad, bool validate_x, const at::Tensor& grad_recon) {
-  const int64_t batch = x.size(0), samples = recon.size(0);
-  const int64_t event_dims = x.dim() - 1;
-  const RowLayout x_layout = row_layout(x, event_dims);
-  const RowLayout recon_layout = row_layout(recon, event_dims);  // K*B rows
-  const RowLayout z_layout = row_layout(mu, mu.dim() - 1);
-  const double per_sample = mean ? 1.0 / static_cast<double>(batch) : 1.0;
-  const bool beta_on_host = beta.device().is_cpu();
-  const double beta_value = beta_on_host ? beta.item<double>() : 1.0;
-  const at::ScalarType opmath = at::toOpMathType(x.scalar_type());
-
-  at::Tensor ll_rows = at::empty({recon_layout.rows}, x.options());
-  at::Tensor kl = at::empty({batch}, x.options());
-  at::Tensor grad_mu = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
-  at::Tensor grad_lv = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
-  at::Tensor grad_obs = compute_grad && obs_logvar && x.numel() == 0
-                            ? at::zeros(obs_logvar->sizes(), x.options())
-                            : empty_grad(x);
-  const double ll_scale = -per_sample / static_cast<double>(samples);  // loss = beta*kl - mean_k ll
-  std::atomic<bool> found_outside{false};
-  if (x.numel() == 0) {
-    ll_rows.zero_();
-  } else if (bernoulli) {
-    BernoulliArgs b;
-    b.x = as_matrix(x, x_layout);
-    b.x_rows = x_layout.rows;
-    b.logits = as_matrix(recon, recon_layout);
-    b.log_prob = ll_rows;
-    if (compute_grad) b.grad_logits = grad_recon.view({recon_layout.rows, recon_layout.cols});
-    b.scale = ll_scale;
-    if (validate_x) b.found_outside = &found_outside;
-    bernoulli_stub(x.device().type(), b);
-  } else {
-    GaussianArgs g;
-    g.x = as_matrix(x, x_layout);
-    g.x_rows = x_layout.rows;
-    g.mean = as_matrix(recon, recon_layout);
-    // obs_logvar broadcasts to x, hence to recon: a scalar or per-feature one is read in
-    // place; any other is laid out as recon's rows (its gradient summed back below).
-    std::optional<BroadcastOperand> obs;
-    if (obs_logvar) {
-      obs = broadcast_operand(*obs_logvar, recon, event_dims, recon_layout);
-      g.logvar_kind = obs->kind;
-      g.logvar = obs->data;
-      if (compute_grad) g.grad_logvar = at::empty_like(obs->data);
-    }
-    g.log_prob = ll_rows;
-    if (compute_grad) g.grad_mean = grad_recon.view({recon_layout.rows, recon_layout.cols});
-    g.scale = ll_scale;
-    gaussian_stub(x.device().type(), g);
-    if (g.grad_logvar.defined()) {
-      grad_obs = operand_gradient_in_shape(obs->kind, g.grad_logvar, recon, *obs_logvar);
-    }
-  }
-  check_targets_found_in_unit_interval("vae_fast.elbo", x, found_outside.load());
-  if (mu.numel() == 0) {
-    kl.zero_();  // mu and logvar have no elements: their gradients are empty too
-  } else {
-    kl_stub(x.device().type(),
-            kl_pass(mu, logvar, z_layout, kl, grad_mu, grad_lv, compute_grad, beta_value * per_sample));
-  }
+// elbo with K samples (recon (K, *x.shape)) after its likelihood pass has written one
+// log p(x | recon_k) per row of recon into `ll_rows`: the KL pass, then the batch-sized
+// combination (the mean over samples, beta*kl - ll, the reduction) in the accumulation
+// dtype with ATen ops on the op's device. (The single-sample elbo does this inside the
+// device's elbo kernel, whose loss reads one log-likelihood per batch row.)
+at::Tensor combine_samples(const ElboArgs& args, const at::Tensor& ll_rows, const at::Tensor& ll,
+                           c10::DeviceType device) {
+  const int64_t batch = ll.size(0);
+  const at::ScalarType opmath = at::toOpMathType(ll.scalar_type());
+  if (args.run_kl) kl_stub(device, args.kl);
   // beta on the device is never read on the host: it scales on the device.
-  const at::Tensor beta_acc = beta_on_host ? at::Tensor() : beta.to(opmath);
-  if (compute_grad && beta_acc.defined()) {
-    grad_mu.mul_(beta_acc);
-    grad_lv.mul_(beta_acc);
+  const at::Tensor beta_acc = args.beta_device;
+  if (beta_acc.defined() && args.kl.grad_mu.defined()) {
+    args.kl.grad_mu.mul_(beta_acc);
+    args.kl.grad_logvar.mul_(beta_acc);
   }
-  const at::Tensor ll_acc = ll_rows.view({samples, batch}).to(opmath).mean(0);
-  at::Tensor weighted_kl = kl.to(opmath);
-  weighted_kl = beta_acc.defined() ? weighted_kl.mul(beta_acc) : weighted_kl.mul(beta_value);
-  const at::Tensor per_row_loss = weighted_kl.sub(ll_acc);
-  const at::Tensor loss = per_row ? per_row_loss : mean ? per_row_loss.mean() : per_row_loss.sum();
-  return {loss.to(x.scalar_type()), ll_acc.to(x.scalar_type()), kl, grad_recon, grad_obs, grad_mu,
-          grad_lv};
+  ll.copy_(ll_rows.view({-1, batch}).to(opmath).mean(0));
+  at::Tensor weighted_kl = args.kl.kl.to(opmath);
+  weighted_kl = beta_acc.defined() ? weighted_kl.mul(beta_acc) : weighted_kl.mul(args.beta);
+  const at::Tensor per_row = weighted_kl.sub(ll.to(opmath));
+  const at::Tensor loss = args.per_row ? per_row : args.mean ? per_row.mean() : per_row.sum();
+  return loss.to(ll.scalar_type());
 }
 
 // The loss and, when compute_grad, the gradients; d(loss)/d(recon) is written into
 // `grad_recon` (a fresh tensor, or recon itself for _elbo_into_recon: the kernels read
-// each element of recon before they write its gradient there).
+// each element of recon before they write its gradient there). recon has x's shape, or
+// (K, *x.shape) for K samples: the likelihood pass then runs over its K*B rows, each
+// reading x's row r % B (x is never repeated), with gradients scaled by 1/K, and the
+// log-likelihood is the mean over the samples.
 ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
                       const at::Tensor& logvar, const std::optional<at::Tensor>& obs_logvar,
                       c10::string_view likelihood, const at::Tensor& beta,
@@ -143,13 +86,11 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
                       const at::Tensor& grad_recon) {
   const c10::OptionalDeviceGuard device_guard(x.device());
   const int64_t batch = x.size(0);
-  if (recon.dim() == x.dim() + 1 && batch > 0) {  // K samples of the decoder's output
-    return elbo_samples(x, recon, mu, logvar, obs_logvar, likelihood == "bernoulli", beta,
-                        reduction == "none", reduction == "mean", compute_grad, validate_x,
-                        grad_recon);
-  }
   const int64_t x_event_dims = x.dim() - 1;
+  const bool multi_sample = recon.dim() == x.dim() + 1;
+  const int64_t samples = multi_sample ? recon.size(0) : 1;
   const RowLayout x_layout = row_layout(x, x_event_dims);
+  const RowLayout recon_layout = row_layout(recon, x_event_dims);  // x's, or K*B rows
   const RowLayout z_layout = row_layout(mu, mu.dim() - 1);
   const bool per_row = reduction == "none", mean = reduction == "mean";
   const bool bernoulli = likelihood == "bernoulli";
@@ -181,46 +122,65 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
   // An empty event sums to 0: its pass does not run (and adds 0 to the loss).
   args.run_likelihood = x.numel() > 0;
   args.run_kl = mu.numel() > 0;
-  if (!args.run_likelihood) ll.zero_();
+  // One log-likelihood per row of recon: per batch row, or per sample and batch row.
+  const at::Tensor ll_rows = multi_sample ? at::empty({recon_layout.rows}, x.options()) : ll;
+  if (!args.run_likelihood) ll_rows.zero_();
   if (!args.run_kl) kl.zero_();
+  const int64_t x_rows = multi_sample ? x_layout.rows : 0;
+  const double ll_scale = -per_sample / static_cast<double>(samples);  // loss = beta*kl - mean ll
+  at::Tensor grad_recon_rows;
+  if (compute_grad) grad_recon_rows = grad_recon.view({recon_layout.rows, recon_layout.cols});
   std::atomic<bool> found_outside{false};
   std::optional<BroadcastOperand> obs;
   if (bernoulli) {
     BernoulliArgs& b = args.bernoulli;
     b.x = as_matrix(x, x_layout);
-    b.logits = as_matrix(recon, x_layout);
-    b.log_prob = ll;
-    if (compute_grad) b.grad_logits = grad_recon.view({x_layout.rows, x_layout.cols});
-    b.scale = -per_sample;  // loss = beta*kl - ll
+    b.x_rows = x_rows;
+    b.logits = as_matrix(recon, recon_layout);
+    b.log_prob = ll_rows;
+    b.grad_logits = grad_recon_rows;
+    b.scale = ll_scale;
     if (validate_x) b.found_outside = &found_outside;
   } else {
     GaussianArgs& g = args.gaussian;
     g.x = as_matrix(x, x_layout);
-    g.mean = as_matrix(recon, x_layout);
-    // No obs_logvar: logvar = 0, an undefined operand that the kernels read as 0.
+    g.x_rows = x_rows;
+    g.mean = as_matrix(recon, recon_layout);
+    // No obs_logvar: logvar = 0, an undefined operand that the kernels read as 0. It
+    // broadcasts to x, hence to recon: a scalar or per-feature one is read in place,
+    // any other laid out as recon's rows (its gradient summed back below).
     if (obs_logvar) {
-      obs = broadcast_operand(*obs_logvar, x, x_event_dims, x_layout);
+      obs = broadcast_operand(*obs_logvar, recon, x_event_dims, recon_layout);
       g.logvar_kind = obs->kind;
       g.logvar = obs->data;
       if (compute_grad && args.run_likelihood) g.grad_logvar = at::empty_like(obs->data);
     }
-    g.log_prob = ll;
-    if (compute_grad) g.grad_mean = grad_recon.view({x_layout.rows, x_layout.cols});
-    g.scale = -per_sample;
+    g.log_prob = ll_rows;
+    g.grad_mean = grad_recon_rows;
+    g.scale = ll_scale;
   }
   args.kl = kl_pass(mu, logvar, z_layout, kl, grad_mu, grad_lv, compute_grad, beta_value * per_sample);
-  args.loss = per_row ? at::empty({batch}, x.options()) : at::empty({}, x.options());
   args.per_row = per_row;
   args.mean = mean;
   args.beta = beta_value;
   if (!beta_on_host) args.beta_device = beta.to(at::toOpMathType(x.scalar_type()));
 
-  elbo_stub(x.device().type(), args);
+  const c10::DeviceType device = x.device().type();
+  at::Tensor loss;
+  if (multi_sample) {
+    if (args.run_likelihood && bernoulli) bernoulli_stub(device, args.bernoulli);
+    if (args.run_likelihood && !bernoulli) gaussian_stub(device, args.gaussian);
+    loss = combine_samples(args, ll_rows, ll, device);
+  } else {
+    args.loss = per_row ? at::empty({batch}, x.options()) : at::empty({}, x.options());
+    elbo_stub(device, args);
+    loss = args.loss;
+  }
   check_targets_found_in_unit_interval("vae_fast.elbo", x, found_outside.load());
   if (args.gaussian.grad_logvar.defined()) {
-    grad_obs = operand_gradient_in_shape(obs->kind, args.gaussian.grad_logvar, x, *obs_logvar);
+    grad_obs = operand_gradient_in_shape(obs->kind, args.gaussian.grad_logvar, recon, *obs_logvar);
   }
-  return {args.loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
+  return {loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
 }
 
 ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,
