@@ -17,23 +17,16 @@ namespace {
 // carries no dead work; the pointers are parameters, not captures, so that the
 // compiler keeps them in registers across the (may-alias) vector stores.
 template <typename scalar_t, bool kLogProb, bool kGradLogits, bool kGradX>
-inline void bernoulli_columns(const scalar_t* x, const scalar_t* logits, scalar_t* grad_x,
-                              scalar_t* grad_logits, int64_t j, int64_t n,
-                              const OpVec<scalar_t>& weight, BernoulliRowSum<OpVec<scalar_t>>& sum,
-                              TargetRange<OpVec<scalar_t>>& range) {
+inline void columns(const scalar_t* x, const scalar_t* logits, scalar_t* grad_x,
+                    scalar_t* grad_logits, int64_t j, int64_t n, const OpVec<scalar_t>& weight,
+                    BernoulliRowSum<OpVec<scalar_t>>& sum, TargetRange<OpVec<scalar_t>>& range) {
   using Vec = OpVec<scalar_t>;
   const Vec xv = load_n(x + j, n);  // lanes past n are 0, inside [0, 1]
   const Vec l = load_n(logits + j, n);
+  if constexpr (kLogProb) range.add(xv);
   if constexpr (kLogProb || kGradLogits) {
-    const Vec e = exp_minus_abs(l, n);
-    const Vec one_plus_e = Vec(1) + e;
-    if constexpr (kLogProb) {
-      range.add(xv);
-      sum.add(xv, l, e, one_plus_e);
-    }
-    if constexpr (kGradLogits) {
-      store_n(grad_logits + j, bernoulli_residual(xv, l, e, one_plus_e) * weight, n);
-    }
+    const Vec residual = bernoulli_columns<kLogProb, kGradLogits>(xv, l, n, sum);
+    if constexpr (kGradLogits) store_n(grad_logits + j, residual * weight, n);
   }
   if constexpr (kGradX) {
     store_n(grad_x + j, l * weight, n);
@@ -45,7 +38,7 @@ void bernoulli_rows(const BernoulliArgs& a) {
   using opmath = opmath_t<scalar_t>;
   using Vec = OpVec<scalar_t>;
   constexpr int64_t W = Vec::size();
-  const int64_t rows = a.logits.size(0), cols = a.logits.size(1);
+  const int64_t rows = a.logits.size(0);
   const int64_t x_rows = a.x_rows > 0 ? a.x_rows : rows;
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   const scalar_t* logits = a.logits.const_data_ptr<scalar_t>();
@@ -55,23 +48,28 @@ void bernoulli_rows(const BernoulliArgs& a) {
   scalar_t* grad_logits = mutable_ptr_or_null<scalar_t>(a.grad_logits);
   const opmath scale = static_cast<opmath>(a.scale);
 
-  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(a.logits.size(1)), [&](int64_t begin, int64_t end) {
+    // Locals, not captures: the stores below may alias a captured reference.
+    const int64_t cols = a.logits.size(1);
+    const scalar_t* x_data = x;
+    const scalar_t* logits_data = logits;
     TargetRange<Vec> range;
     BernoulliRowSum<Vec> sum;
     for (int64_t r = begin; r < end; ++r) {
       const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
       const int64_t off = r * cols;
-      const scalar_t* x_row = x + (r % x_rows) * cols;
+      const scalar_t* x_row = x_data + (r % x_rows) * cols;
       scalar_t* grad_x_row = kGradX ? grad_x + off : nullptr;
       scalar_t* grad_logits_row = kGradLogits ? grad_logits + off : nullptr;
       int64_t j = 0;
       for (; j + W <= cols; j += W) {
-        bernoulli_columns<scalar_t, kLogProb, kGradLogits, kGradX>(
-            x_row, logits + off, grad_x_row, grad_logits_row, j, W, weight, sum, range);
+        columns<scalar_t, kLogProb, kGradLogits, kGradX>(x_row, logits_data + off, grad_x_row,
+                                                         grad_logits_row, j, W, weight, sum, range);
       }
       if (j < cols) {
-        bernoulli_columns<scalar_t, kLogProb, kGradLogits, kGradX>(
-            x_row, logits + off, grad_x_row, grad_logits_row, j, cols - j, weight, sum, range);
+        columns<scalar_t, kLogProb, kGradLogits, kGradX>(x_row, logits_data + off, grad_x_row,
+                                                         grad_logits_row, j, cols - j, weight, sum,
+                                                         range);
       }
       if constexpr (kLogProb) {
         log_prob[r] = static_cast<scalar_t>(sum.take());

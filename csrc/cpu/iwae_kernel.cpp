@@ -41,10 +41,8 @@ inline double bernoulli_row(const scalar_t* x, const scalar_t* logits, scalar_t*
     const Vec xv = load_n(x + j, n);  // lanes past n are 0, inside [0, 1]
     const Vec l = load_n(logits + j, n);
     range.add(xv);
-    const Vec e = exp_minus_abs(l, n);
-    const Vec one_plus_e = Vec(1) + e;
-    sum.add(xv, l, e, one_plus_e);
-    if constexpr (kGrad) store_n(grad + j, bernoulli_residual(xv, l, e, one_plus_e), n);
+    const Vec residual = bernoulli_columns<true, kGrad>(xv, l, n, sum);
+    if constexpr (kGrad) store_n(grad + j, residual, n);
   };
   int64_t j = 0;
   for (; j + W <= cols; j += W) columns(j, W);

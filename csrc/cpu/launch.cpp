@@ -5,6 +5,7 @@
 // combines the loss. Everything device-neutral was done by the op's glue.
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
 #include <mutex>
@@ -21,8 +22,32 @@ void gaussian(const GaussianArgs& args) { VAE_FAST_CPU_DISPATCH(gaussian_kernel,
 void kl(const KLArgs& args) { VAE_FAST_CPU_DISPATCH(kl_kernel, args); }
 void iwae(const IWAEArgs& args) { VAE_FAST_CPU_DISPATCH(iwae_kernel, args); }
 
-// The two passes, then loss = beta*kl - ll per row, combined in the accumulation
-// dtype (batch-sized: cheap) and returned in x's.
+// loss = beta*kl - ll per row in the accumulation dtype, its mean or sum taken in
+// double. A loop over the batch: the handful of ATen ops it replaces cost more than
+// the kernels themselves at small batches.
+template <typename scalar_t>
+void combine_loss(const ElboArgs& args) {
+  using opmath = at::opmath_type<scalar_t>;
+  const scalar_t* ll = args.log_likelihood().const_data_ptr<scalar_t>();
+  const scalar_t* kl = args.kl.kl.const_data_ptr<scalar_t>();
+  scalar_t* loss = args.loss.mutable_data_ptr<scalar_t>();
+  const int64_t batch = args.kl.kl.numel();
+  const auto beta = static_cast<opmath>(args.beta);
+  double total = 0;
+  for (int64_t i = 0; i < batch; ++i) {
+    const opmath row = beta * static_cast<opmath>(kl[i]) - static_cast<opmath>(ll[i]);
+    if (args.per_row) {
+      loss[i] = static_cast<scalar_t>(row);
+    } else {
+      total += static_cast<double>(row);
+    }
+  }
+  if (!args.per_row) {
+    loss[0] = static_cast<scalar_t>(args.mean ? total / static_cast<double>(batch) : total);
+  }
+}
+
+// The two passes, then the loss.
 void elbo(const ElboArgs& args) {
   // A CPU x takes its beta on the CPU (the checks refuse any other): it is on the host.
   TORCH_INTERNAL_ASSERT(!args.beta_device.defined(), "vae_fast.elbo: a device beta on the CPU");
@@ -34,10 +59,8 @@ void elbo(const ElboArgs& args) {
     }
   }
   if (args.run_kl) kl(args.kl);
-  const at::ScalarType opmath = at::toOpMathType(args.loss.scalar_type());
-  const at::Tensor per_row =
-      args.kl.kl.to(opmath).mul(args.beta).sub_(args.log_likelihood().to(opmath));
-  args.loss.copy_(args.per_row ? per_row : args.mean ? per_row.mean() : per_row.sum());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.loss.scalar_type(),
+                                  "vae_fast::elbo", [&] { combine_loss<scalar_t>(args); });
 }
 
 // eps comes from a Philox stream (normal_kernel.cpp) keyed by one 64-bit draw from

@@ -136,6 +136,22 @@ inline Reg above_to(Reg a, Reg b, Reg v, Reg above) {
 }
 // 1/v to 14 bits (vrcp14ps).
 inline Reg rcp(Reg v) { return _mm512_rcp14_ps(v); }
+// v * 2^n for integral n (vscalefps): no exponent bits to build, and a result below
+// the smallest float is 0.
+inline Reg scale_pow2(Reg v, Reg n) { return _mm512_scalef_ps(v, n); }
+// A lane predicate: a mask register, which the masked operations below take for free.
+using Mask = __mmask16;
+inline Mask nonnegative(Reg v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ); }
+// a - b where m, else a.
+inline Reg sub_where(Reg a, Mask m, Reg b) { return _mm512_mask_sub_ps(a, m, a, b); }
+// acc + a*b where a != 0 (or is NaN), else acc: one rounding, and 0*inf never formed.
+inline Reg add_product_where_nonzero(Reg acc, Reg a, Reg b) {
+  return _mm512_mask3_fmadd_ps(a, b, acc, _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ));
+}
+// a + b where m, else a - b.
+inline Reg add_where_else_sub(Mask m, Reg a, Reg b) {
+  return _mm512_mask_add_ps(_mm512_sub_ps(a, b), m, a, b);
+}
 #else
 using Reg = __m256;
 inline Reg set1(float v) { return _mm256_set1_ps(v); }
@@ -154,6 +170,17 @@ inline Reg above_to(Reg a, Reg b, Reg v, Reg above) {
 }
 // 1/v to 12 bits (rcpps).
 inline Reg rcp(Reg v) { return _mm256_rcp_ps(v); }
+// A lane predicate: all-ones or zero lanes.
+using Mask = __m256;
+inline Mask nonnegative(Reg v) { return _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ); }
+inline Reg sub_where(Reg a, Mask m, Reg b) { return _mm256_sub_ps(a, _mm256_and_ps(m, b)); }
+inline Reg add_product_where_nonzero(Reg acc, Reg a, Reg b) {
+  const Reg nonzero = _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+  return _mm256_add_ps(acc, _mm256_and_ps(nonzero, _mm256_mul_ps(a, b)));
+}
+inline Reg add_where_else_sub(Mask m, Reg a, Reg b) {
+  return _mm256_blendv_ps(_mm256_sub_ps(a, b), _mm256_add_ps(a, b), m);
+}
 #endif
 }  // namespace simd
 
@@ -164,58 +191,69 @@ constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 // Arguments are clamped here: n = round(x / ln 2) is then >= -127, and n = -127
 // gives 2^n the bit pattern 0, so exp is 0 below about -87.7 (and 2^n r^2 P(r)
-// vanishes from expm1 - x) with no compare and blend.
+// vanishes from expm1 - x) with no compare and blend. AVX-512's exp scales by 2^n
+// with vscalefps, which rounds anything below the smallest float to 0 itself: its
+// clamp (kMinArgScaled) only keeps r finite for x = -inf, and exp below -87.3 keeps
+// its subnormal values.
 constexpr float kMinArg = -88.0f;
+constexpr float kMinArgScaled = -110.0f;
 constexpr float kMaxArg = 88.72283935546875f;  // ln(FLT_MAX): above it, inf
 constexpr float kMaxN = 127.0f;                // largest n with 2^n finite
 // Adding 1.5*2^23 rounds to an integer in the low mantissa bits; the +127 there
 // is the exponent bias, so (bits << 23) is 2^n as a float without a conversion.
 constexpr float kShifter = 12582912.0f + 127.0f;
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kScalef = true;
+#else
+constexpr bool kScalef = false;
+#endif
 
 enum class Exp { kExp, kExpm1MinusX };
 
 // exp(x) (kNonPositive: for x <= 0 only, which skips the overflow handling), or
 // expm1(x) - x = 2^n r^2 P(r) + (2^n r + 2^n - 1 - x): for |x| < ln2/2, n = 0 and
 // r = x, so it is r^2 P(r) with no cancellation (a KL term of close variances).
-// exp(r) = 1 + r + r^2 P(r), P a near-minimax fit of the relative error, Estrin-style:
-// degree 3 for exp (1.0e-7 on the reduced range, <= 4e-7 overall, with the ln 2
-// rounding) and degree 4 for expm1 - x, whose relative error is P's own (~5e-7).
-// These kernels are bound by their instruction count, so each operation here is
-// one the result needs.
+// exp(r) = 1 + r + r^2 P(r), P a near-minimax fit of the relative error: degree 3
+// for exp (1.0e-7 on the reduced range, <= 4e-7 overall, with the ln 2 rounding), in
+// Horner's scheme (one fma per coefficient: the loops that call it are bound by their
+// instruction count, not by this chain's latency), and degree 4 for expm1 - x, whose
+// relative error is P's own (~5e-7), Estrin-style.
 template <Exp kWhat, bool kNonPositive>
 inline simd::Reg exp_impl(simd::Reg x) {
   using namespace simd;
   constexpr bool kExpm1 = kWhat == Exp::kExpm1MinusX;
+  constexpr bool kScaled = kScalef && !kExpm1;
   // (max/min return their second operand for NaN, so NaN propagates.)
-  const Reg x_low = max(set1(kMinArg), x);
+  const Reg x_low = max(set1(kScaled ? kMinArgScaled : kMinArg), x);
   // n from x clamped so that 2^n stays a normal float; r from x itself, so the
   // top of the range, (88.03, 88.72], is reached with r up to 0.7 (error ~2e-6).
   const Reg xc = kNonPositive ? x_low : min(set1(kMaxN / kLog2e), x_low);
   const Reg k = fmadd(xc, set1(kLog2e), set1(kShifter));
   const Reg n = sub(k, set1(kShifter));
   const Reg r = fnmadd(n, set1(kLn2), x_low);
-  const Reg pow2n = shift_bits_23(k);
-  const Reg r2 = mul(r, r);
-  Reg p;
+  Reg result;
   if constexpr (kExpm1) {
+    const Reg pow2n = shift_bits_23(k);
+    const Reg r2 = mul(r, r);
     // P(r) = (c0 + c1 r) + r^2 ((c2 + c3 r) + r^2 c4)
     const Reg p01 = fmadd(set1(0.16666577756404877f), r, set1(0.5f));
     const Reg p23 = fmadd(set1(0.008363170549273491f), r, set1(0.04166685417294502f));
     const Reg p24 = fmadd(set1(0.0013901293277740479f), r2, p23);
-    p = fmadd(p24, r2, p01);
-  } else {
-    // P(r) = (c0 + c1 r) + r^2 (c2 + c3 r)
-    const Reg p01 = fmadd(set1(0.16667114431416602f), r, set1(0.4999923169673017f));
-    const Reg p23 = fmadd(set1(0.008312531095900045f), r, set1(0.04189012369979417f));
-    p = fmadd(p23, r2, p01);
-  }
-  Reg result;
-  if constexpr (kExpm1) {
+    const Reg p = fmadd(p24, r2, p01);
     const Reg low = sub(sub(pow2n, set1(1.0f)), x);
     result = fmadd(pow2n, mul(p, r2), fmadd(pow2n, r, low));
   } else {
-    const Reg exp_r = fmadd(p, r2, add(r, set1(1.0f)));
-    result = mul(exp_r, pow2n);
+    // exp(r) = 1 + r (1 + r (c0 + r (c1 + r (c2 + r c3))))
+    Reg exp_r = fmadd(set1(0.008312531095900045f), r, set1(0.04189012369979417f));
+    exp_r = fmadd(exp_r, r, set1(0.16667114431416602f));
+    exp_r = fmadd(exp_r, r, set1(0.4999923169673017f));
+    exp_r = fmadd(exp_r, r, set1(1.0f));
+    exp_r = fmadd(exp_r, r, set1(1.0f));
+#if defined(CPU_CAPABILITY_AVX512)
+    result = scale_pow2(exp_r, n);
+#else
+    result = mul(exp_r, shift_bits_23(k));
+#endif
   }
   // Above kMaxArg: +inf. (NaN compares false, and has propagated.)
   if constexpr (!kNonPositive) {
@@ -274,28 +312,6 @@ inline Vec expm1_minus_x(const Vec& x) {
   return Vec::blendv(x.expm1() - x, series * x * x, x.abs() < Vec(cutoff));
 }
 
-// log1p(e) + addend for e = exp(-|l|) in [0, 1] (log1p(e) keeps its relative precision
-// for tiny e). float: log1p(e) = e * P(e), P a degree-8 Chebyshev fit of log1p(e)/e on
-// [0, 1] (max relative error 2.3e-7), in Estrin's scheme, instead of Sleef's log1p
-// which alone doubled the kernel's time; its last step adds `addend` in the same fma.
-template <typename Vec>
-inline Vec log1p_exp_plus(const Vec& e, const Vec& addend) {
-  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    using at::vec::fmadd;
-    const Vec e2 = e * e;
-    const Vec e4 = e2 * e2;
-    const Vec p01 = fmadd(Vec(-0.4999944567680359f), e, Vec(0.9999999403953552f));
-    const Vec p23 = fmadd(Vec(-0.2483539879322052f), e, Vec(0.3331812024116516f));
-    const Vec p45 = fmadd(Vec(-0.13602247834205627f), e, Vec(0.19076880812644958f));
-    const Vec p67 = fmadd(Vec(-0.029074065387248993f), e, Vec(0.0775160863995552f));
-    const Vec p03 = fmadd(p23, e2, p01);
-    const Vec p48 = fmadd(Vec(0.005126102361828089f), e4, fmadd(p67, e2, p45));
-    return fmadd(fmadd(p48, e4, p03), e, addend);
-  } else {
-    return addend + e.log1p();
-  }
-}
-
 // 1/v for v in [1, 2]. AVX2/AVX-512 float: rcp (12/14 bits) refined by one Newton step
 // (~23 bits) at a third of a division's cost; elsewhere a true division.
 template <typename Vec>
@@ -309,29 +325,83 @@ inline Vec reciprocal_1_2(const Vec& v) {
   return Vec(1) / v;
 }
 
-// The row sum of log1p(e_j), e_j in [0, 1], as the log of a running product: each lane
-// keeps Q = prod(1 + e_j) - 1, updated as Q <- Q*(1 + e) + e (one fma, given the 1 + e
-// the sigmoid needs anyway), and every kBlock vectors adds log1p(Q) to double totals.
-// That replaces a log1p polynomial per element by one log1p per lane and block:
-// prod(1 + e) <= 2^kBlock stays finite in float, and keeping Q = prod - 1 (not the
-// product) keeps tiny e exact in relative terms (a near-perfect decoder's rows).
+// Lane predicates and the masked arithmetic of the Bernoulli step, for any Vec (a
+// predicate is a vector of all-ones or zero lanes) and, below, for AVX2/AVX-512 float
+// (on AVX-512 a predicate is a mask register, and a masked operation costs nothing
+// over the plain one).
 template <typename Vec>
-struct Log1pSum {
+inline Vec nonnegative(const Vec& v) {
+  return v >= Vec(0);
+}
+template <typename Vec>
+inline Vec sub_where(const Vec& a, const Vec& m, const Vec& b) {
+  return a - (m & b);
+}
+template <typename Vec>
+inline Vec add_product_where_nonzero(const Vec& acc, const Vec& a, const Vec& b) {
+  return acc + ((a != Vec(0)) & (a * b));
+}
+template <typename Vec>
+inline Vec add_where_else_sub(const Vec& m, const Vec& a, const Vec& b) {
+  return Vec::blendv(a - b, a + b, m);
+}
+#if defined(VAE_FAST_SIMD_FLOAT)
+inline simd::Mask nonnegative(const Vectorized<float>& v) { return simd::nonnegative(v); }
+inline Vectorized<float> sub_where(const Vectorized<float>& a, simd::Mask m,
+                                   const Vectorized<float>& b) {
+  return simd::sub_where(a, m, b);
+}
+inline Vectorized<float> add_product_where_nonzero(const Vectorized<float>& acc,
+                                                   const Vectorized<float>& a,
+                                                   const Vectorized<float>& b) {
+  return simd::add_product_where_nonzero(acc, a, b);
+}
+inline Vectorized<float> add_where_else_sub(simd::Mask m, const Vectorized<float>& a,
+                                            const Vectorized<float>& b) {
+  return simd::add_where_else_sub(m, a, b);
+}
+#endif
+
+// e = exp(-|l|) in the first n lanes, 0 in the others. e is in [0, 1]: exp never
+// overflows, even at |l| = 1e4 (-|l| is l with its sign bit set: one instruction).
+template <typename Vec>
+inline Vec exp_minus_abs(const Vec& l, int64_t n) {
+  return keep_first(exp_nonpositive(l | Vec(-0.0)), n);
+}
+
+// The row sum of x*l - softplus(l) = c*l - log1p(e), c = x - [l >= 0], e = exp(-|l|),
+// in blocks of kBlock vectors whose lanes then go into double totals:
+// - c*l is summed apart from log1p(e), so that a tiny loss at large |l| is not lost
+//   in l + log1p(e) rounding back to l; where c = 0 it adds nothing (its limit at
+//   l = +-inf, where 0*inf would be nan);
+// - the log1p(e) terms as the log of a running product: each lane keeps
+//   Q = prod(1 + e) - 1, updated as Q <- Q*(1 + e) + e (one fma, given the 1 + e the
+//   sigmoid needs anyway), and takes log1p(Q) once per block. prod(1 + e) <= 2^kBlock
+//   stays finite in float, and keeping Q = prod - 1 (not the product) keeps tiny e
+//   exact in relative terms (a near-perfect decoder's rows).
+template <typename Vec>
+struct BernoulliRowSum {
   static constexpr int kBlock = 64;
+  Vec linear = Vec(0);
   Vec q = Vec(0);
   int count = 0;
   double total[Vec::size()] = {};
 
-  // e in [0, 1] and one_plus_e = 1 + e; lanes to be left out must have e = 0.
-  void add(const Vec& e, const Vec& one_plus_e) {
+  // Lanes to be left out must hold l = e = 0 (they then add exactly 0).
+  void add(const Vec& c, const Vec& l, const Vec& e, const Vec& one_plus_e) {
+    linear = add_product_where_nonzero(linear, c, l);
     q = at::vec::fmadd(q, one_plus_e, e);
     if (++count == kBlock) flush();
   }
 
   void flush() {
-    typename Vec::value_type lanes[Vec::size()];
-    q.log1p().store(lanes);
-    for (int i = 0; i < Vec::size(); ++i) total[i] += lanes[i];
+    typename Vec::value_type lin[Vec::size()], log1p_q[Vec::size()];
+    linear.store(lin);
+    q.log1p().store(log1p_q);
+    for (int i = 0; i < Vec::size(); ++i) {
+      total[i] += static_cast<double>(lin[i]) - static_cast<double>(log1p_q[i]);
+    }
+    linear = Vec(0);
     q = Vec(0);
     count = 0;
   }
@@ -348,47 +418,23 @@ struct Log1pSum {
   }
 };
 
-// (x - [l >= 0]) * l, the linear part of x*l - softplus(l) = (x - [l >= 0])*l - log1p(e),
-// e = exp(-|l|); 0, the limit, where x - [l >= 0] = 0 at l = +-inf (0*inf would be nan).
-template <typename Vec>
-inline Vec bernoulli_linear_part(const Vec& x, const Vec& l) {
-  const Vec coef = Vec::blendv(x, x - Vec(1), l >= Vec(0));
-  const Vec limit = (coef == Vec(0)) & ((l | Vec(-0.0)) == Vec(-std::numeric_limits<float>::infinity()));
-  return Vec::blendv(coef * l, Vec(0), limit);
-}
-
-// e = exp(-|l|) in the first n lanes, 0 in the others (which then add nothing to a
-// Log1pSum). e is in (0, 1]: exp never overflows, even at |l| = 1e4 (-|l| is l with
-// its sign bit set: one instruction).
-template <typename Vec>
-inline Vec exp_minus_abs(const Vec& l, int64_t n) {
-  return keep_first(exp_nonpositive(l | Vec(-0.0)), n);
-}
-
-// The row sum of x*l - softplus(l) = (x - [l >= 0])*l - log1p(e): the linear parts
-// summed in blocks, the log1p terms as a running product. The linear part is summed
-// apart from log1p(e), so that a tiny loss at large |l| is not lost in l + log1p(e)
-// rounding back to l.
-template <typename Vec>
-struct BernoulliRowSum {
-  BlockedSum<Vec> linear;
-  Log1pSum<Vec> log1p;
-
-  // Lanes past the row's end must hold x = l = e = 0 (they then add exactly 0).
-  void add(const Vec& x, const Vec& l, const Vec& e, const Vec& one_plus_e) {
-    linear.add(bernoulli_linear_part(x, l));
-    log1p.add(e, one_plus_e);
+// The columns [j, j + n) of a Bernoulli row, given x and the logits l loaded (lanes
+// past n hold 0): adds x*l - softplus(l) to `sum` (kSum) and returns
+// d/dl = x - sigmoid(l) (kResidual), from c = x - [l >= 0] and t = e/(1+e) as c + t
+// for l >= 0 and c - t for l < 0: exactly 0 at saturation, since 1 - t is never
+// formed and an approximate 1/(1+e) cannot leak in.
+template <bool kSum, bool kResidual, typename Vec>
+inline Vec bernoulli_columns(const Vec& x, const Vec& l, int64_t n, BernoulliRowSum<Vec>& sum) {
+  const auto l_nonnegative = nonnegative(l);
+  const Vec c = sub_where(x, l_nonnegative, Vec(1));
+  const Vec e = exp_minus_abs(l, n);
+  const Vec one_plus_e = Vec(1) + e;
+  if constexpr (kSum) sum.add(c, l, e, one_plus_e);
+  if constexpr (kResidual) {
+    return add_where_else_sub(l_nonnegative, c, e * reciprocal_1_2(one_plus_e));
+  } else {
+    return Vec(0);
   }
-  double take() { return linear.take() - log1p.take(); }
-};
-
-// d/dl (x*l - softplus(l)) = x - sigmoid(l), from e = exp(-|l|) and t = e/(1+e):
-// x - t for l < 0 and (x - 1) + t for l >= 0, so the gradient is exactly 0 at
-// saturation (1 - t is never formed, and an approximate 1/(1+e) cannot leak in).
-template <typename Vec>
-inline Vec bernoulli_residual(const Vec& x, const Vec& l, const Vec& e, const Vec& one_plus_e) {
-  const Vec t = e * reciprocal_1_2(one_plus_e);
-  return Vec::blendv(x - t, (x - Vec(1)) + t, l >= Vec(0));
 }
 
 // The running min and max of Bernoulli targets, two operations per vector, so that
