@@ -53,18 +53,27 @@ void gaussian_rows(const GaussianArgs& a) {
   const int64_t chunks = num_row_chunks(rows, cols);
   ColumnSums<opmath> lv_sums(grad_lv && shared, chunks, cols);
 
+  // The row sum is -0.5 * (cols*log(2pi) + sum(logvar) + sum((x-mean)^2/var)): the
+  // constant part once (for a shared logvar its sum too), the rest per element.
+  double shared_lv_sum = 0;
+  if (shared) {
+    for (const opmath v : lv_shared) shared_lv_sum += static_cast<double>(v);
+  }
+  const double row_constant = static_cast<double>(cols) * kLog2Pi + shared_lv_sum;
+
   for_each_row_chunk(rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     opmath* partial = lv_sums.partial(chunk);
     BlockedSum<Vec> sum;
     for (int64_t r = begin; r < end; ++r) {
-      const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
+      const opmath w = row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale;
+      const Vec weight(w), half_weight(opmath(0.5) * w);
       const int64_t off = r * cols, x_off = (r % x_rows) * cols;
+      // Lanes past a row's end load 0 (and exp(-0) = 1): they add 0 to the sums.
       for (int64_t j = 0; j < cols; j += W) {
         const int64_t n = std::min<int64_t>(W, cols - j);
         const Vec diff = load_n(x + x_off + j, n) - load_n(mean + off + j, n);
         Vec lv, inv_var;
         if (shared) {
-          lv = load_n(lv_shared.data() + j, n);
           inv_var = load_n(inv_var_shared.data() + j, n);
         } else {
           lv = load_n(lv_elem + off + j, n);
@@ -72,13 +81,11 @@ void gaussian_rows(const GaussianArgs& a) {
         }
         const Vec scaled_diff = diff * inv_var;  // (x - mean) / var
         const Vec sq = diff * scaled_diff;       // (x - mean)^2 / var
-        if (log_prob) {
-          sum.add(keep_first(Vec(-0.5) * (Vec(static_cast<opmath>(kLog2Pi)) + lv + sq), n));
-        }
+        if (log_prob) sum.add(shared ? sq : lv + sq);
         if (grad_mean) store_n(grad_mean + off + j, scaled_diff * weight, n);
         if (grad_x) store_n(grad_x + off + j, scaled_diff.neg() * weight, n);
         if (grad_lv) {
-          const Vec g = Vec(0.5) * (sq - Vec(1)) * weight;
+          const Vec g = at::vec::fmsub(sq, half_weight, half_weight);  // 0.5 (sq - 1) weight
           if (shared) {
             store_n(partial + j, load_n(partial + j, n) + g, n);
           } else {
@@ -86,7 +93,7 @@ void gaussian_rows(const GaussianArgs& a) {
           }
         }
       }
-      if (log_prob) log_prob[r] = static_cast<scalar_t>(sum.take());
+      if (log_prob) log_prob[r] = static_cast<scalar_t>(-0.5 * (row_constant + sum.take()));
       lv_sums.end_row(chunk, r - begin + 1);
     }
     lv_sums.end_chunk(chunk);

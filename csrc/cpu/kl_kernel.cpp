@@ -79,8 +79,10 @@ void kl_rows(const KLArgs& a) {
     opmath* plv_partial = prior_lv.sums.partial(chunk);
     BlockedSum<Vec> sum;
     for (int64_t r = begin; r < end; ++r) {
-      const Vec weight(row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale);
+      const opmath w = row_weight ? scale * static_cast<opmath>(row_weight[r]) : scale;
+      const Vec weight(w), half_weight(opmath(0.5) * w);
       const int64_t off = r * cols;
+      // Lanes past a row's end load 0 (d = 0, diff = 0): they add 0 to the sum.
       for (int64_t j = 0; j < cols; j += W) {
         const int64_t n = std::min<int64_t>(W, cols - j);
         const Vec m = load_n(mu + off + j, n);
@@ -94,16 +96,17 @@ void kl_rows(const KLArgs& a) {
         const Vec em1_minus_d = expm1_minus_x(dlv);
         const Vec em1 = em1_minus_d + dlv;
         const Vec scaled_diff = diff * inv_prior_var;
-        if (kl) sum.add(keep_first(Vec(0.5) * (em1_minus_d + diff * scaled_diff), n));
+        // Twice the KL term; the row's sum is halved once.
+        if (kl) sum.add(at::vec::fmadd(diff, scaled_diff, em1_minus_d));
         if (g_mu) store_n(g_mu + off + j, scaled_diff * weight, n);
         if (g_pmu) prior_mu.store_grad(pm_partial, off, j, scaled_diff.neg() * weight, n);
-        if (g_lv) store_n(g_lv + off + j, Vec(0.5) * em1 * weight, n);
+        if (g_lv) store_n(g_lv + off + j, em1 * half_weight, n);
         if (g_plv) {
-          const Vec g = Vec(-0.5) * (em1 + diff * scaled_diff) * weight;
+          const Vec g = at::vec::fmadd(diff, scaled_diff, em1) * half_weight.neg();
           prior_lv.store_grad(plv_partial, off, j, g, n);
         }
       }
-      if (kl) kl[r] = static_cast<scalar_t>(sum.take());
+      if (kl) kl[r] = static_cast<scalar_t>(0.5 * sum.take());
       prior_mu.sums.end_row(chunk, r - begin + 1);
       prior_lv.sums.end_row(chunk, r - begin + 1);
     }
