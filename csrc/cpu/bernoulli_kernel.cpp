@@ -75,8 +75,13 @@ void bernoulli_rows(const BernoulliArgs& a) {
         log_prob[r] = static_cast<scalar_t>(sum.take());
       }
     }
-    if (kLogProb && a.found_outside != nullptr && range.outside_unit_interval()) {
-      a.found_outside->store(true, std::memory_order_relaxed);
+    if (kLogProb && a.found_outside != nullptr && range.maybe_outside()) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (outside_unit_interval(x_data + (r % x_rows) * cols, cols)) {
+          a.found_outside->store(true, std::memory_order_relaxed);
+          break;
+        }
+      }
     }
   });
 }

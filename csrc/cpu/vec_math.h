@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -139,6 +141,12 @@ inline Reg rcp(Reg v) { return _mm512_rcp14_ps(v); }
 // v * 2^n for integral n (vscalefps): no exponent bits to build, and a result below
 // the smallest float is 0.
 inline Reg scale_pow2(Reg v, Reg n) { return _mm512_scalef_ps(v, n); }
+// The lanes' bits as unsigned integers, their maximum (as a float register).
+inline Reg max_bits(Reg a, Reg b) {
+  return _mm512_castsi512_ps(_mm512_max_epu32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+}
+// -min(|v|, -bound) for bound < 0 (vrangeps: min of magnitudes, sign set); NaN stays NaN.
+inline Reg neg_abs_at_least(Reg v, float bound) { return _mm512_range_ps(v, set1(bound), 0x0E); }
 // A lane predicate: a mask register, which the masked operations below take for free.
 using Mask = __mmask16;
 inline Mask nonnegative(Reg v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ); }
@@ -170,6 +178,14 @@ inline Reg above_to(Reg a, Reg b, Reg v, Reg above) {
 }
 // 1/v to 12 bits (rcpps).
 inline Reg rcp(Reg v) { return _mm256_rcp_ps(v); }
+// The lanes' bits as unsigned integers, their maximum (as a float register).
+inline Reg max_bits(Reg a, Reg b) {
+  return _mm256_castsi256_ps(_mm256_max_epu32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+}
+// -|v|, at least `bound` (max returns its second operand, -|v|, for NaN).
+inline Reg neg_abs_at_least(Reg v, float bound) {
+  return _mm256_max_ps(set1(bound), _mm256_or_ps(v, set1(-0.0f)));
+}
 // A lane predicate: all-ones or zero lanes.
 using Mask = __m256;
 inline Mask nonnegative(Reg v) { return _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ); }
@@ -218,13 +234,14 @@ enum class Exp { kExp, kExpm1MinusX };
 // Horner's scheme (one fma per coefficient: the loops that call it are bound by their
 // instruction count, not by this chain's latency), and degree 4 for expm1 - x, whose
 // relative error is P's own (~5e-7), Estrin-style.
-template <Exp kWhat, bool kNonPositive>
+// kClamped: the caller has clamped x to [kMinArgScaled or kMinArg, 0] itself.
+template <Exp kWhat, bool kNonPositive, bool kClamped = false>
 inline simd::Reg exp_impl(simd::Reg x) {
   using namespace simd;
   constexpr bool kExpm1 = kWhat == Exp::kExpm1MinusX;
   constexpr bool kScaled = kScalef && !kExpm1;
   // (max/min return their second operand for NaN, so NaN propagates.)
-  const Reg x_low = max(set1(kScaled ? kMinArgScaled : kMinArg), x);
+  const Reg x_low = kClamped ? x : max(set1(kScaled ? kMinArgScaled : kMinArg), x);
   // n from x clamped so that 2^n stays a normal float; r from x itself, so the
   // top of the range, (88.03, 88.72], is reached with r up to 0.7 (error ~2e-6).
   const Reg xc = kNonPositive ? x_low : min(set1(kMaxN / kLog2e), x_low);
@@ -271,17 +288,6 @@ inline Vec fast_exp(const Vec& x) {
 #if defined(VAE_FAST_SIMD_FLOAT)
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
     return fast_exp_impl::exp_impl<fast_exp_impl::Exp::kExp, false>(x);
-  }
-#endif
-  return x.exp();
-}
-
-// exp(x) for x <= 0 (a result in [0, 1], which never overflows).
-template <typename Vec>
-inline Vec exp_nonpositive(const Vec& x) {
-#if defined(VAE_FAST_SIMD_FLOAT)
-  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    return fast_exp_impl::exp_impl<fast_exp_impl::Exp::kExp, true>(x);
   }
 #endif
   return x.exp();
@@ -363,10 +369,18 @@ inline Vectorized<float> add_where_else_sub(simd::Mask m, const Vectorized<float
 #endif
 
 // e = exp(-|l|) in the first n lanes, 0 in the others. e is in [0, 1]: exp never
-// overflows, even at |l| = 1e4 (-|l| is l with its sign bit set: one instruction).
+// overflows, even at |l| = 1e4. -|l| is l with its sign bit set, clamped to exp's
+// range (AVX-512: both in one vrangeps).
 template <typename Vec>
 inline Vec exp_minus_abs(const Vec& l, int64_t n) {
-  return keep_first(exp_nonpositive(l | Vec(-0.0)), n);
+#if defined(VAE_FAST_SIMD_FLOAT)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+    using namespace fast_exp_impl;
+    const simd::Reg arg = simd::neg_abs_at_least(l, kScalef ? kMinArgScaled : kMinArg);
+    return keep_first(Vec(exp_impl<Exp::kExp, true, true>(arg)), n);
+  }
+#endif
+  return keep_first((l | Vec(-0.0)).exp(), n);
 }
 
 // The row sum of x*l - softplus(l) = c*l - log1p(e), c = x - [l >= 0], e = exp(-|l|),
@@ -437,39 +451,61 @@ inline Vec bernoulli_columns(const Vec& x, const Vec& l, int64_t n, BernoulliRow
   }
 }
 
-// The running min and max of Bernoulli targets, two operations per vector, so that
-// a target outside [0, 1] is found in the pass that reads x anyway (no second pass).
-// A NaN target is not "outside": it propagates to a NaN result instead.
+// The range of the Bernoulli targets seen, so that one outside [0, 1] is found in the
+// pass that reads x anyway (no second pass over a valid x). AVX2/AVX-512 float: one
+// integer max per vector of the targets' bits, which exceed those of 1.0f exactly for
+// a target outside [+0, 1], a -0.0 or a NaN; only then does the caller rescan its rows
+// with `outside_unit_interval`. Elsewhere: the min and max, one instruction each.
 template <typename Vec>
 struct TargetRange {
+#if defined(VAE_FAST_SIMD_FLOAT)
+  static constexpr bool kBits = std::is_same_v<Vec, Vectorized<float>>;
+#else
+  static constexpr bool kBits = false;
+#endif
   Vec lo = Vec(std::numeric_limits<float>::infinity());
-  Vec hi = Vec(-std::numeric_limits<float>::infinity());
+  Vec hi = Vec(kBits ? 0.0f : -std::numeric_limits<float>::infinity());
 
   void add(const Vec& x) {
 #if defined(VAE_FAST_SIMD_FLOAT)
-    if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-      // min/max return their second operand when either is NaN: one instruction
-      // each, and a NaN x leaves the range as it was.
-      lo = simd::min(x, lo);
-      hi = simd::max(x, hi);
+    if constexpr (kBits) {
+      hi = simd::max_bits(hi, x);
       return;
     }
 #endif
+    // A NaN x leaves the range as it was.
     lo = at::vec::minimum(lo, x);
     hi = at::vec::maximum(hi, x);
   }
 
-  bool outside_unit_interval() const {
+  // False when every target seen is in [0, 1]; true when one may be outside it.
+  bool maybe_outside() const {
     using T = typename Vec::value_type;
     T l[Vec::size()], h[Vec::size()];
     lo.store(l);
     hi.store(h);
     for (int i = 0; i < Vec::size(); ++i) {
-      if (l[i] < T(0) || h[i] > T(1)) return true;
+      if constexpr (kBits) {
+        uint32_t bits;
+        std::memcpy(&bits, &h[i], sizeof(bits));
+        if (bits > 0x3F800000u) return true;  // above 1.0f's bits
+      } else if (l[i] < T(0) || h[i] > T(1)) {
+        return true;
+      }
     }
     return false;
   }
 };
+
+// Whether one of n targets lies outside [0, 1] (NaN does not).
+template <typename scalar_t>
+bool outside_unit_interval(const scalar_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const auto v = static_cast<opmath_t<scalar_t>>(x[i]);
+    if (v < 0 || v > 1) return true;
+  }
+  return false;
+}
 
 // Elements per parallel task: enough to amortise the fork.
 constexpr int64_t kElementsPerTask = 32768;
