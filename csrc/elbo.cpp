@@ -103,8 +103,8 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
 
   at::Tensor ll = at::empty({batch}, x.options());
   at::Tensor kl = at::empty({batch}, x.options());
-  at::Tensor grad_mu = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
-  at::Tensor grad_lv = compute_grad ? at::empty(mu.sizes(), x.options()) : empty_grad(x);
+  at::Tensor grad_mu = compute_grad ? empty_output(mu.sizes(), x.options()) : empty_grad(x);
+  at::Tensor grad_lv = compute_grad ? empty_output(mu.sizes(), x.options()) : empty_grad(x);
   // Zeros only where no kernel writes it: with no elements of x, obs_logvar's gradient is 0.
   at::Tensor grad_obs = compute_grad && obs_logvar && x.numel() == 0
                             ? at::zeros(obs_logvar->sizes(), x.options())

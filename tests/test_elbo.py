@@ -568,9 +568,9 @@ def test_deterministic(likelihood, gen):
 
 
 def test_large_gradient_buffers(gen):
-    # Gradients of 32 MiB and more come from a separate (huge-page) allocation path on
-    # CPU: check them against the reference, use them as ordinary tensors (in-place
-    # updates, accumulation), and reallocate them a few times.
+    # Gradients of 1 MiB and more come from vae_fast's output allocator on CPU (from
+    # 32 MiB on huge pages): check them against the reference, use them as ordinary
+    # tensors (in-place updates, accumulation), and reallocate them a few times.
     B, D = 2048, 4100  # a float32 gradient of 33.6 MB
     likelihood = "bernoulli"  # the allocation is shared by every kernel that writes one
     ins = inputs((B, D), (B, 8), torch.float32, "cpu", gen, likelihood=likelihood)
@@ -600,6 +600,29 @@ def test_large_gradient_buffers(gen):
     call(op, ins, likelihood=likelihood)[0].backward()
     call(op, ins, likelihood=likelihood)[0].backward()  # accumulates into the first buffer
     assert torch.equal(ins["recon"].grad, 2 * first)
+
+
+def test_a_training_step_reuses_its_gradient_blocks(gen):
+    # recon's, mu's and logvar's gradients (1 MiB each here) are freed together by
+    # zero_grad(set_to_none=True) and allocated together by the next step: each must
+    # come back from the allocator's cache (no fresh pages), not evict the others, nor
+    # go to the step's other temporaries of the same size, which would take the memory
+    # over from glibc's heap.
+    B, D = 2048, 128
+    ins = inputs((B, D), (B, D), torch.float32, "cpu", gen)
+    leaves = [ins["recon"], ins["mu"], ins["logvar"]]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        temporaries = [torch.ones(B, D) for _ in range(3)]  # a decoder's activations
+        call(op, ins)[0].backward()
+        del temporaries
+        return {t.grad.data_ptr() for t in leaves}
+
+    step()
+    first = step()
+    assert step() == first
 
 
 @pytest.mark.parametrize("device", DEVICES)

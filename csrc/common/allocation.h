@@ -1,18 +1,21 @@
 #pragma once
-// Allocation of the large full-size outputs the kernels write (on the CPU from
-// huge pages; on other devices as at::empty).
+// Allocation of the large full-size outputs the kernels write (on the CPU reused
+// across calls; on other devices as at::empty).
 
 #include <ATen/core/Tensor.h>
 
 namespace vae_fast {
 
-// An uninitialised tensor like at::empty. On the CPU, blocks of 32 MiB and more come
-// from 2 MiB-aligned memory advised for transparent huge pages: glibc maps blocks
-// that large afresh on every call, and first-touch page faults on 4 KiB pages
-// cost more than the kernel itself (about 100 ms for a 4096 x 12288 float
-// gradient, against ~20 ms with huge pages). Torch does the same for every
-// allocation under THP_MEM_ALLOC_ENABLE=1; this applies it to our outputs only.
-// The last such block freed is kept for the next one that fits (see allocation.cpp).
+// An uninitialised tensor like at::empty, for the full-size outputs (gradients) the
+// kernels write. On the CPU, outputs of 1 MiB and more come from an allocator that keeps
+// the last block freed for the next output that fits (see allocation.cpp): a training
+// loop allocates the same gradient every step, and glibc, whose heap the step's other
+// large temporaries churn, would otherwise map it afresh, each first touch of a page a
+// fault (at 8192 x 784 floats, about 200 faults and half the kernel's time again when
+// eager torch ran in between). Blocks of 32 MiB and more are 2 MiB-aligned and advised
+// for transparent huge pages: a 4096 x 12288 float gradient costs about 100 ms of 4 KiB
+// faults against ~20 ms on huge pages (torch does the same for every allocation under
+// THP_MEM_ALLOC_ENABLE=1; VAE_FAST_HUGE_PAGES=0 turns it off for ours).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace vae_fast
