@@ -19,17 +19,18 @@ namespace {
 template <typename scalar_t, bool kLogProb, bool kGradLogits, bool kGradX>
 inline void columns(const scalar_t* x, const scalar_t* logits, scalar_t* grad_x,
                     scalar_t* grad_logits, int64_t j, int64_t n, const OpVec<scalar_t>& weight,
-                    BernoulliRowSum<OpVec<scalar_t>>& sum, TargetRange<OpVec<scalar_t>>& range) {
+                    BernoulliRowSum<OpVec<scalar_t>>& sum, TargetRange<OpVec<scalar_t>>& range,
+                    bool stream) {
   using Vec = OpVec<scalar_t>;
   const Vec xv = load_n(x + j, n);  // lanes past n are 0, inside [0, 1]
   const Vec l = load_n(logits + j, n);
   if constexpr (kLogProb) range.add(xv);
   if constexpr (kLogProb || kGradLogits) {
     const Vec residual = bernoulli_columns<kLogProb, kGradLogits>(xv, l, n, sum);
-    if constexpr (kGradLogits) store_n(grad_logits + j, residual * weight, n);
+    if constexpr (kGradLogits) store_out(grad_logits + j, residual * weight, n, stream);
   }
   if constexpr (kGradX) {
-    store_n(grad_x + j, l * weight, n);
+    store_out(grad_x + j, l * weight, n, stream);
   }
 }
 
@@ -47,6 +48,7 @@ void bernoulli_rows(const BernoulliArgs& a) {
   scalar_t* grad_x = mutable_ptr_or_null<scalar_t>(a.grad_x);
   scalar_t* grad_logits = mutable_ptr_or_null<scalar_t>(a.grad_logits);
   const opmath scale = static_cast<opmath>(a.scale);
+  const bool stream = streams(a.grad_logits);  // (grad_x alone: a rare backward)
 
   at::parallel_for(0, rows, row_grain(a.logits.size(1)), [&](int64_t begin, int64_t end) {
     // Locals, not captures: the stores below may alias a captured reference.
@@ -64,17 +66,19 @@ void bernoulli_rows(const BernoulliArgs& a) {
       int64_t j = 0;
       for (; j + W <= cols; j += W) {
         columns<scalar_t, kLogProb, kGradLogits, kGradX>(x_row, logits_data + off, grad_x_row,
-                                                         grad_logits_row, j, W, weight, sum, range);
+                                                         grad_logits_row, j, W, weight, sum, range,
+                                                         stream);
       }
       if (j < cols) {
         columns<scalar_t, kLogProb, kGradLogits, kGradX>(x_row, logits_data + off, grad_x_row,
                                                          grad_logits_row, j, cols - j, weight, sum,
-                                                         range);
+                                                         range, stream);
       }
       if constexpr (kLogProb) {
         log_prob[r] = static_cast<scalar_t>(sum.take());
       }
     }
+    end_streaming(stream);
     if (kLogProb && a.found_outside != nullptr && range.maybe_outside()) {
       for (int64_t r = begin; r < end; ++r) {
         if (outside_unit_interval(x_data + (r % x_rows) * cols, cols)) {

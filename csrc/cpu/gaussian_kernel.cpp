@@ -30,6 +30,7 @@ struct GaussianRows {
   scalar_t* grad_x;
   scalar_t* grad_mean;
   scalar_t* grad_lv;  // per-element logvar's gradient (a shared one sums into `partial`)
+  bool stream;        // the gradients are written past the caches (vec_math.h: streams)
 };
 
 // Columns [j, j + n) of row `off` (x's row at `x_off`): adds logvar + (x-mean)^2/var
@@ -54,14 +55,14 @@ inline void columns(const GaussianRows<scalar_t>& p, int64_t off, int64_t x_off,
   const Vec scaled_diff = diff * inv_var;  // (x - mean) / var
   const Vec sq = diff * scaled_diff;       // (x - mean)^2 / var
   if constexpr (kLogProb) sum.add(kShared ? sq : lv + sq);
-  if constexpr (kGradMean) store_n(p.grad_mean + off + j, scaled_diff * weight, n);
-  if (p.grad_x != nullptr) store_n(p.grad_x + off + j, scaled_diff.neg() * weight, n);
+  if constexpr (kGradMean) store_out(p.grad_mean + off + j, scaled_diff * weight, n, p.stream);
+  if (p.grad_x != nullptr) store_out(p.grad_x + off + j, scaled_diff.neg() * weight, n, p.stream);
   if constexpr (kGradLv) {
     const Vec g = at::vec::fmsub(sq, half_weight, half_weight);  // 0.5 (sq - 1) weight
     if constexpr (kShared) {
       store_n(partial + j, load_n(partial + j, n) + g, n);
     } else {
-      store_n(p.grad_lv + off + j, g, n);
+      store_out(p.grad_lv + off + j, g, n, p.stream);
     }
   }
 }
@@ -103,6 +104,7 @@ void gaussian_rows(const GaussianArgs& a, const GaussianRows<scalar_t>& p, doubl
       lv_sums.end_row(chunk, r - begin + 1);
     }
     lv_sums.end_chunk(chunk);
+    end_streaming(rows_of.stream);
   });
 }
 
@@ -137,7 +139,8 @@ void gaussian_dispatch(const GaussianArgs& a) {
                                  inv_var_shared.data(),
                                  mutable_ptr_or_null<scalar_t>(a.grad_x),
                                  mutable_ptr_or_null<scalar_t>(a.grad_mean),
-                                 mutable_ptr_or_null<scalar_t>(a.grad_logvar)};
+                                 mutable_ptr_or_null<scalar_t>(a.grad_logvar),
+                                 streams(a.grad_mean) || streams(a.grad_x)};
   const bool log_prob = a.log_prob.defined(), grad_mean = p.grad_mean != nullptr;
   const bool grad_lv = p.grad_lv != nullptr;
   const int64_t chunks = num_row_chunks(rows, cols);

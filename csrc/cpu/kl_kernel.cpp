@@ -73,6 +73,7 @@ void kl_rows(const KLArgs& a) {
   const bool g_pmu = prior_mu.has_grad(), g_plv = prior_lv.has_grad();
   const bool has_pm = prior_mu.present(), has_plv = prior_lv.present();
   const opmath scale = static_cast<opmath>(a.scale);
+  const bool stream = streams(a.grad_mu) || streams(a.grad_logvar);
 
   for_each_row_chunk(rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     opmath* pm_partial = prior_mu.sums.partial(chunk);
@@ -98,9 +99,9 @@ void kl_rows(const KLArgs& a) {
         const Vec scaled_diff = diff * inv_prior_var;
         // Twice the KL term; the row's sum is halved once.
         if (kl) sum.add(at::vec::fmadd(diff, scaled_diff, em1_minus_d));
-        if (g_mu) store_n(g_mu + off + j, scaled_diff * weight, n);
+        if (g_mu) store_out(g_mu + off + j, scaled_diff * weight, n, stream);
         if (g_pmu) prior_mu.store_grad(pm_partial, off, j, scaled_diff.neg() * weight, n);
-        if (g_lv) store_n(g_lv + off + j, em1 * half_weight, n);
+        if (g_lv) store_out(g_lv + off + j, em1 * half_weight, n, stream);
         if (g_plv) {
           const Vec g = at::vec::fmadd(diff, scaled_diff, em1) * half_weight.neg();
           prior_lv.store_grad(plv_partial, off, j, g, n);
@@ -112,6 +113,7 @@ void kl_rows(const KLArgs& a) {
     }
     prior_mu.sums.end_chunk(chunk);
     prior_lv.sums.end_chunk(chunk);
+    end_streaming(stream);
   });
   if (prior_mu.sums.active()) {
     prior_mu.sums.write(a.grad_prior_mu.mutable_data_ptr<scalar_t>(),

@@ -22,6 +22,7 @@ void reparameterize_columns(const ReparameterizeArgs& a) {
   const scalar_t* logvar = a.logvar.const_data_ptr<scalar_t>();
   const opmath* eps = a.eps.const_data_ptr<opmath>();
   scalar_t* z = a.z.mutable_data_ptr<scalar_t>();
+  const bool stream = streams(a.z);  // eps is read back (by this loop): not streamed
 
   at::parallel_for(0, n_cols, kElementsPerTask / std::max<int64_t>(samples, 1) + 1,
                    [&](int64_t begin, int64_t end) {
@@ -31,9 +32,10 @@ void reparameterize_columns(const ReparameterizeArgs& a) {
       const Vec sigma = fast_exp(Vec(0.5) * load_n(logvar + j, n));
       for (int64_t k = 0; k < samples; ++k) {
         const int64_t off = k * n_cols + j;
-        store_n(z + off, at::vec::fmadd(sigma, load_n(eps + off, n), m), n);
+        store_out(z + off, at::vec::fmadd(sigma, load_n(eps + off, n), m), n, stream);
       }
     }
+    end_streaming(stream);
   });
 }
 

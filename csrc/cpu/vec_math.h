@@ -63,6 +63,45 @@ inline void store_n(scalar_t* p, const OpVec<scalar_t>& v, int64_t n) {
   }
 }
 
+// Outputs of this many bytes and more are written with non-temporal stores, past the
+// caches: far larger than the caches, they would not be read from them anyway, and a
+// normal store first reads the line it writes (for ownership), as much memory traffic
+// again as the write itself. Measured on 2 cores: the 8192 x 784 float elbo step
+// 3.3 -> 2.8 ms, the Gaussian one 3.4 -> 2.8, gaussian_kl at 65536 x 512 34 -> 28.
+constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+
+inline bool streams(const at::Tensor& out) {
+  return out.defined() && static_cast<int64_t>(out.nbytes()) >= kStreamingBytes;
+}
+
+// Stores the first n lanes of v as scalar_t; with `stream`, a full float vector at an
+// aligned address goes past the caches (the others as store_n: a row's tail, an
+// unaligned row, other dtypes). A task that streams ends with end_streaming().
+template <typename scalar_t>
+inline void store_out(scalar_t* p, const OpVec<scalar_t>& v, int64_t n, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stream && n == OpVec<float>::size() &&
+        reinterpret_cast<uintptr_t>(p) % sizeof(OpVec<float>) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm512_stream_ps(p, v);
+#else
+      _mm256_stream_ps(p, v);
+#endif
+      return;
+    }
+  }
+#endif
+  store_n(p, v, n);
+}
+
+// Orders a task's non-temporal stores before anything after it (they are weakly ordered).
+inline void end_streaming(bool stream) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if (stream) _mm_sfence();
+#endif
+}
+
 // Sum of the first n lanes (the others may hold garbage from a partial load).
 template <typename Vec>
 inline Vec keep_first(const Vec& v, int64_t n) {
