@@ -155,7 +155,7 @@ def test_train_quick(tmp_path):
         assert png.stat().st_size > 0
 
 
-@pytest.mark.parametrize("name", ["ops_cpu", "elbo_cpu", "sweep_cpu", "train_cpu"])
+@pytest.mark.parametrize("name", ["ops_cpu", "train_cpu"])
 def test_report_renders_committed_results(name, tmp_path):
     """bench/results/<name>.md is what bench/report.py makes of bench/results/<name>.json:
     the same tables, columns and target lines."""
@@ -167,7 +167,7 @@ def test_report_renders_committed_results(name, tmp_path):
 
 def test_report_targets_file(tmp_path):
     """Targets come from a file: none with --targets '', and one's own numbers otherwise."""
-    results = BENCH / "results" / "elbo_cpu.json"
+    results = BENCH / "results" / "ops_cpu.json"
     assert "### Targets" not in _report(results, tmp_path, "--targets", "")
     targets = tmp_path / "targets.json"
     check = {"check": "speed", "op": "elbo_bernoulli", "size": "8192x784x32"}
@@ -176,7 +176,9 @@ def test_report_targets_file(tmp_path):
                                            "checks": [check]}}))  # fmt: skip
     table = _report(results, tmp_path, "--targets", str(targets))
     lines = table.split("### Targets in this run\n\n", 1)[1].strip().splitlines()
-    assert lines == ["- elbo_bernoulli fwd+bwd 8192×784×32: 5.8× eager (≥ 1×): met"]
+    assert len(lines) == 1
+    met = r"- elbo_bernoulli fwd\+bwd 8192×784×32: [\d.]+× eager \(≥ 1×\): met"
+    assert re.fullmatch(met, lines[0])
 
 
 def test_help_shows_the_defaults():
