@@ -49,7 +49,7 @@ __device__ __forceinline__ float abs_(float v) { return fabsf(v); }
 __device__ __forceinline__ double abs_(double v) { return ::fabs(v); }
 
 // log1p(e) for e in [0, 1] (e = exp(-|l|)), keeping its relative precision for tiny
-// e. float: e * P(e), P the CPU's degree-8 Chebyshev fit of log1p(e)/e on [0, 1] (max
+// e. float: e * P(e), P a degree-8 Chebyshev fit of log1p(e)/e on [0, 1] (max
 // relative error 2.3e-7), in Estrin's scheme: 9 fma instead of log1pf.
 __device__ __forceinline__ float log1p_unit_(float e) {
   const float e2 = e * e;
