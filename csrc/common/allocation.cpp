@@ -90,7 +90,15 @@ Block* take_cached(size_t rounded) {
   return block;
 }
 
-bool huge_pages_requested();
+// On by default; VAE_FAST_HUGE_PAGES=0 turns it off (with THP defrag "madvise" the
+// kernel may compact memory at fault time, which a fragmented machine may not want).
+bool huge_pages_requested() {
+  static const bool requested = [] {
+    const char* value = std::getenv("VAE_FAST_HUGE_PAGES");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return requested;
+}
 
 class OutputAllocator final : public c10::Allocator {
  public:
@@ -118,16 +126,6 @@ class OutputAllocator final : public c10::Allocator {
 };
 
 OutputAllocator output_allocator;
-
-// On by default; VAE_FAST_HUGE_PAGES=0 turns it off (with THP defrag "madvise" the
-// kernel may compact memory at fault time, which a fragmented machine may not want).
-bool huge_pages_requested() {
-  static const bool requested = [] {
-    const char* value = std::getenv("VAE_FAST_HUGE_PAGES");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
-  return requested;
-}
 
 }  // namespace
 

@@ -79,13 +79,10 @@ void bernoulli_rows(const BernoulliArgs& a) {
       }
     }
     end_streaming(stream);
-    if (kLogProb && a.found_outside != nullptr && range.maybe_outside()) {
-      for (int64_t r = begin; r < end; ++r) {
-        if (outside_unit_interval(x_data + (r % x_rows) * cols, cols)) {
-          a.found_outside->store(true, std::memory_order_relaxed);
-          break;
-        }
-      }
+    const auto x_row_of = [&](int64_t r) { return x_data + (r % x_rows) * cols; };
+    if (kLogProb && a.found_outside != nullptr &&
+        range.rows_outside_unit_interval(begin, end, cols, x_row_of)) {
+      a.found_outside->store(true, std::memory_order_relaxed);
     }
   });
 }

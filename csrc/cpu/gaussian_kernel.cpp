@@ -172,7 +172,8 @@ void gaussian_dispatch(const GaussianArgs& a) {
 
 void gaussian_kernel(const GaussianArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(),
-                                  "vae_fast::gaussian_log_prob", [&] { gaussian_dispatch<scalar_t>(args); });
+                                  "vae_fast::gaussian_log_prob",
+                                  [&] { gaussian_dispatch<scalar_t>(args); });
 }
 
 }  // namespace CPU_CAPABILITY

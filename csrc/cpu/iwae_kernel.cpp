@@ -243,13 +243,10 @@ void iwae_rows(const IWAEArgs& a) {
         for (int64_t j = 0; j < cols; ++j) totals[j] += static_cast<double>(obs_acc[j]);
       }
     }
-    if (a.found_outside != nullptr && range.maybe_outside()) {
-      for (int64_t b = begin; b < end; ++b) {
-        if (outside_unit_interval(x + b * cols, cols)) {
-          found_outside.store(true, std::memory_order_relaxed);
-          break;
-        }
-      }
+    const auto x_row_of = [&](int64_t b) { return x + b * cols; };
+    if (a.found_outside != nullptr &&
+        range.rows_outside_unit_interval(begin, end, cols, x_row_of)) {
+      found_outside.store(true, std::memory_order_relaxed);
     }
   });
   if (a.found_outside != nullptr && found_outside.load()) a.found_outside->store(true);

@@ -64,45 +64,6 @@ inline void store_n(scalar_t* p, const OpVec<scalar_t>& v, int64_t n) {
   }
 }
 
-// Outputs of this many bytes and more are written with non-temporal stores, past the
-// caches: far larger than the caches, they would not be read from them anyway, and a
-// normal store first reads the line it writes (for ownership), as much memory traffic
-// again as the write itself. Measured on 2 cores: the 8192 x 784 float elbo step
-// 3.3 -> 2.8 ms, the Gaussian one 3.4 -> 2.8, gaussian_kl at 65536 x 512 34 -> 28.
-constexpr int64_t kStreamingBytes = int64_t{8} << 20;
-
-inline bool streams(const at::Tensor& out) {
-  return out.defined() && static_cast<int64_t>(out.nbytes()) >= kStreamingBytes;
-}
-
-// Stores the first n lanes of v as scalar_t; with `stream`, a full float vector at an
-// aligned address goes past the caches (the others as store_n: a row's tail, an
-// unaligned row, other dtypes). A task that streams ends with end_streaming().
-template <typename scalar_t>
-inline void store_out(scalar_t* p, const OpVec<scalar_t>& v, int64_t n, bool stream) {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (stream && n == OpVec<float>::size() &&
-        reinterpret_cast<uintptr_t>(p) % sizeof(OpVec<float>) == 0) {
-#if defined(CPU_CAPABILITY_AVX512)
-      _mm512_stream_ps(p, v);
-#else
-      _mm256_stream_ps(p, v);
-#endif
-      return;
-    }
-  }
-#endif
-  store_n(p, v, n);
-}
-
-// Orders a task's non-temporal stores before anything after it (they are weakly ordered).
-inline void end_streaming(bool stream) {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  if (stream) _mm_sfence();
-#endif
-}
-
 // Sum of the first n lanes (the others may hold garbage from a partial load).
 template <typename Vec>
 inline Vec keep_first(const Vec& v, int64_t n) {
@@ -178,6 +139,8 @@ inline Reg above_to(Reg a, Reg b, Reg v, Reg above) {
 }
 // 1/v to 14 bits (vrcp14ps).
 inline Reg rcp(Reg v) { return _mm512_rcp14_ps(v); }
+// A non-temporal store (past the caches) to a 64-byte aligned p.
+inline void store_streaming(float* p, Reg v) { _mm512_stream_ps(p, v); }
 // v * 2^n for integral n (vscalefps): no exponent bits to build, and a result below
 // the smallest float is 0.
 inline Reg scale_pow2(Reg v, Reg n) { return _mm512_scalef_ps(v, n); }
@@ -218,6 +181,8 @@ inline Reg above_to(Reg a, Reg b, Reg v, Reg above) {
 }
 // 1/v to 12 bits (rcpps).
 inline Reg rcp(Reg v) { return _mm256_rcp_ps(v); }
+// A non-temporal store (past the caches) to a 32-byte aligned p.
+inline void store_streaming(float* p, Reg v) { _mm256_stream_ps(p, v); }
 // The lanes' bits as unsigned integers, their maximum (as a float register).
 inline Reg max_bits(Reg a, Reg b) {
   return _mm256_castsi256_ps(_mm256_max_epu32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
@@ -263,10 +228,13 @@ constexpr bool kScalef = true;
 #else
 constexpr bool kScalef = false;
 #endif
+// The clamp of exp's argument (expm1 - x keeps kMinArg: it needs 2^n as a value).
+constexpr float kMinExpArg = kScalef ? kMinArgScaled : kMinArg;
 
 enum class Exp { kExp, kExpm1MinusX };
 
-// exp(x) (kNonPositive: for x <= 0 only, which skips the overflow handling), or
+// exp(x) (kClampedNonPositive: for x already clamped to [kMinExpArg, 0] by the caller,
+// which skips the clamp and the overflow handling), or
 // expm1(x) - x = 2^n r^2 P(r) + (2^n r + 2^n - 1 - x): for |x| < ln2/2, n = 0 and
 // r = x, so it is r^2 P(r) with no cancellation (a KL term of close variances).
 // exp(r) = 1 + r + r^2 P(r), P a near-minimax fit of the relative error: degree 3
@@ -274,17 +242,15 @@ enum class Exp { kExp, kExpm1MinusX };
 // Horner's scheme (one fma per coefficient: the loops that call it are bound by their
 // instruction count, not by this chain's latency), and degree 4 for expm1 - x, whose
 // relative error is P's own (~5e-7), Estrin-style.
-// kClamped: the caller has clamped x to [kMinArgScaled or kMinArg, 0] itself.
-template <Exp kWhat, bool kNonPositive, bool kClamped = false>
+template <Exp kWhat, bool kClampedNonPositive = false>
 inline simd::Reg exp_impl(simd::Reg x) {
   using namespace simd;
   constexpr bool kExpm1 = kWhat == Exp::kExpm1MinusX;
-  constexpr bool kScaled = kScalef && !kExpm1;
   // (max/min return their second operand for NaN, so NaN propagates.)
-  const Reg x_low = kClamped ? x : max(set1(kScaled ? kMinArgScaled : kMinArg), x);
+  const Reg x_low = kClampedNonPositive ? x : max(set1(kExpm1 ? kMinArg : kMinExpArg), x);
   // n from x clamped so that 2^n stays a normal float; r from x itself, so the
   // top of the range, (88.03, 88.72], is reached with r up to 0.7 (error ~2e-6).
-  const Reg xc = kNonPositive ? x_low : min(set1(kMaxN / kLog2e), x_low);
+  const Reg xc = kClampedNonPositive ? x_low : min(set1(kMaxN / kLog2e), x_low);
   const Reg k = fmadd(xc, set1(kLog2e), set1(kShifter));
   const Reg n = sub(k, set1(kShifter));
   const Reg r = fnmadd(n, set1(kLn2), x_low);
@@ -313,7 +279,7 @@ inline simd::Reg exp_impl(simd::Reg x) {
 #endif
   }
   // Above kMaxArg: +inf. (NaN compares false, and has propagated.)
-  if constexpr (!kNonPositive) {
+  if constexpr (!kClampedNonPositive) {
     result = above_to(x, set1(kMaxArg), result, set1(INFINITY));
   }
   return result;
@@ -321,13 +287,48 @@ inline simd::Reg exp_impl(simd::Reg x) {
 }  // namespace fast_exp_impl
 #endif
 
+// Outputs of this many bytes and more are written with non-temporal stores, past the
+// caches: far larger than the caches, they would not be read from them anyway, and a
+// normal store first reads the line it writes (for ownership), as much memory traffic
+// again as the write itself. Measured on 2 cores: the 8192 x 784 float elbo step
+// 3.3 -> 2.8 ms, the Gaussian one 3.4 -> 2.8, gaussian_kl at 65536 x 512 34 -> 28.
+constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+
+inline bool streams(const at::Tensor& out) {
+  return out.defined() && static_cast<int64_t>(out.nbytes()) >= kStreamingBytes;
+}
+
+// Stores the first n lanes of v as scalar_t; with `stream`, a full float vector at an
+// aligned address goes past the caches (the others as store_n: a row's tail, an
+// unaligned row, other dtypes). A task that streams ends with end_streaming().
+template <typename scalar_t>
+inline void store_out(scalar_t* p, const OpVec<scalar_t>& v, int64_t n, bool stream) {
+#if defined(VAE_FAST_SIMD_FLOAT)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stream && n == OpVec<float>::size() &&
+        reinterpret_cast<uintptr_t>(p) % sizeof(simd::Reg) == 0) {
+      simd::store_streaming(p, v);
+      return;
+    }
+  }
+#endif
+  store_n(p, v, n);
+}
+
+// Orders a task's non-temporal stores before anything after it (they are weakly ordered).
+inline void end_streaming(bool stream) {
+#if defined(VAE_FAST_SIMD_FLOAT)
+  if (stream) _mm_sfence();
+#endif
+}
+
 // exp for the kernels: on AVX2/AVX-512 float, the short exp above; else ATen's (Sleef's
 // 1-ulp exp for double).
 template <typename Vec>
 inline Vec fast_exp(const Vec& x) {
 #if defined(VAE_FAST_SIMD_FLOAT)
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    return fast_exp_impl::exp_impl<fast_exp_impl::Exp::kExp, false>(x);
+    return fast_exp_impl::exp_impl<fast_exp_impl::Exp::kExp>(x);
   }
 #endif
   return x.exp();
@@ -341,7 +342,7 @@ template <typename Vec>
 inline Vec expm1_minus_x(const Vec& x) {
 #if defined(VAE_FAST_SIMD_FLOAT)
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    return fast_exp_impl::exp_impl<fast_exp_impl::Exp::kExpm1MinusX, false>(x);
+    return fast_exp_impl::exp_impl<fast_exp_impl::Exp::kExpm1MinusX>(x);
   }
 #endif
   using T = typename Vec::value_type;
@@ -416,8 +417,8 @@ inline Vec exp_minus_abs(const Vec& l, int64_t n) {
 #if defined(VAE_FAST_SIMD_FLOAT)
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
     using namespace fast_exp_impl;
-    const simd::Reg arg = simd::neg_abs_at_least(l, kScalef ? kMinArgScaled : kMinArg);
-    return keep_first(Vec(exp_impl<Exp::kExp, true, true>(arg)), n);
+    const simd::Reg arg = simd::neg_abs_at_least(l, kMinExpArg);
+    return keep_first(Vec(exp_impl<Exp::kExp, true>(arg)), n);
   }
 #endif
   return keep_first((l | Vec(-0.0)).exp(), n);
@@ -491,11 +492,21 @@ inline Vec bernoulli_columns(const Vec& x, const Vec& l, int64_t n, BernoulliRow
   }
 }
 
+// Whether one of n targets lies outside [0, 1] (NaN does not).
+template <typename scalar_t>
+bool outside_unit_interval(const scalar_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const auto v = static_cast<opmath_t<scalar_t>>(x[i]);
+    if (v < 0 || v > 1) return true;
+  }
+  return false;
+}
+
 // The range of the Bernoulli targets seen, so that one outside [0, 1] is found in the
 // pass that reads x anyway (no second pass over a valid x). AVX2/AVX-512 float: one
 // integer max per vector of the targets' bits, which exceed those of 1.0f exactly for
-// a target outside [+0, 1], a -0.0 or a NaN; only then does the caller rescan its rows
-// with `outside_unit_interval`. Elsewhere: the min and max, one instruction each.
+// a target outside [+0, 1], a -0.0 or a NaN; only then are the rows rescanned exactly.
+// Elsewhere: the min and max, one instruction each.
 template <typename Vec>
 struct TargetRange {
 #if defined(VAE_FAST_SIMD_FLOAT)
@@ -518,6 +529,19 @@ struct TargetRange {
     hi = at::vec::maximum(hi, x);
   }
 
+  // Whether a target of rows [begin, end), all of which this range has seen, lies
+  // outside [0, 1]; row(r) points at row r's `cols` targets.
+  template <typename RowOf>
+  bool rows_outside_unit_interval(int64_t begin, int64_t end, int64_t cols,
+                                 const RowOf& row) const {
+    if (!maybe_outside()) return false;
+    for (int64_t r = begin; r < end; ++r) {
+      if (outside_unit_interval(row(r), cols)) return true;
+    }
+    return false;
+  }
+
+ private:
   // False when every target seen is in [0, 1]; true when one may be outside it.
   bool maybe_outside() const {
     using T = typename Vec::value_type;
@@ -536,16 +560,6 @@ struct TargetRange {
     return false;
   }
 };
-
-// Whether one of n targets lies outside [0, 1] (NaN does not).
-template <typename scalar_t>
-bool outside_unit_interval(const scalar_t* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const auto v = static_cast<opmath_t<scalar_t>>(x[i]);
-    if (v < 0 || v > 1) return true;
-  }
-  return false;
-}
 
 // Elements per parallel task: enough to amortise the fork.
 constexpr int64_t kElementsPerTask = 32768;
