@@ -84,8 +84,20 @@ def test_valid_edges_nan_and_soft_targets_pass(device):
     x, recon, mu, logvar = _inputs(device)
     x[0] = torch.linspace(0, 1, 13)  # soft targets, including 0 and 1 exactly
     x[1, 3] = float("nan")  # a NaN target propagates to a NaN row, as before
+    x[2, 5] = -0.0  # 0 (its bits exceed 1.0's: the kernels' fast check rescans, and passes it)
     _, ll, _ = vae_fast.elbo(recon, x, mu, logvar, reduction="none")
     assert ll[1].isnan() and ll[[0, 2, 3, 4]].isfinite().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_does_not_hide_a_target_out_of_range(device):
+    # The CPU kernels keep the maximum of x's bits per vector lane, over rows: a NaN's
+    # bits exceed 2.0's, so column 1 holds both in one lane; the rescan must still find 2.0.
+    x, recon, mu, logvar = _inputs(device)
+    x[1, 1] = float("nan")
+    x[2, 1] = 2.0
+    with pytest.raises(ValueError, match="`x`"):
+        vae_fast.elbo(recon, x, mu, logvar)
 
 
 @pytest.mark.parametrize("device", DEVICES)
