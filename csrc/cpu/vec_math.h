@@ -524,7 +524,7 @@ struct TargetRange {
       return;
     }
 #endif
-    // A NaN x leaves the range as it was.
+    // (minimum/maximum propagate a NaN x: the range is then NaN, and rescanned.)
     lo = at::vec::minimum(lo, x);
     hi = at::vec::maximum(hi, x);
   }
@@ -553,7 +553,7 @@ struct TargetRange {
         uint32_t bits;
         std::memcpy(&bits, &h[i], sizeof(bits));
         if (bits > 0x3F800000u) return true;  // above 1.0f's bits
-      } else if (l[i] < T(0) || h[i] > T(1)) {
+      } else if (!(l[i] >= T(0) && h[i] <= T(1))) {  // NaN too
         return true;
       }
     }
