@@ -53,8 +53,8 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 
 lint: $(DEPS_STAMP)
 	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check vae_fast tests bench
-	$(VENV)/bin/ruff format --check vae_fast tests bench
+	$(VENV)/bin/ruff check vae_fast tests bench tools
+	$(VENV)/bin/ruff format --check vae_fast tests bench tools
 
 clean:
 	rm -rf build $(BUILD_STAMP)

@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         print("MISMATCH", f)
     names = ",".join(str(d).removeprefix("torch.") for d in dtypes)
     print(
-        f"DRIVER: {c.checked} outputs checked on {args.device} ({names}), {len(c.failures)} mismatches vs CPU"
+        f"DRIVER: {c.checked} outputs checked on {args.device} ({names}), "
+        f"{len(c.failures)} mismatches vs CPU"
     )
     return 3 if c.failures else 0
 
