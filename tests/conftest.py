@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+import cuda_compile
 import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
@@ -62,6 +63,22 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "fused_only: calls torch.ops.vae_fast.* directly (skipped with the reference)"
     )
+
+
+# The nvcc compile checks (tests/cuda_compile.py) take about a minute of CPU: their
+# compiles start when collection ends and run beside the other tests, which go first.
+WAITS_ON_NVCC = "test_cuda_source_compiles"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    waits = [getattr(item, "originalname", None) == WAITS_ON_NVCC for item in items]
+    items[:] = [i for i, w in zip(items, waits) if not w] + [i for i, w in zip(items, waits) if w]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    waiting = any(getattr(item, "originalname", None) == WAITS_ON_NVCC for item in session.items)
+    if waiting and cuda_compile.NVCC is not None:
+        cuda_compile.start()
 
 
 @pytest.fixture(autouse=True)

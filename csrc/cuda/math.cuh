@@ -9,7 +9,9 @@
 // cuBLAS/cuSPARSE headers, which a minimal CUDA toolkit (and the compile check in
 // tests/test_build.py) may not have, and none of it is needed here.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
