@@ -162,6 +162,25 @@ def test_extreme_logits(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nan_logits_propagate(device, dtype):
+    # A decoder that emits NaN must show it: NaN values and NaN gradients exactly where the
+    # logits are NaN, whatever the target (x = 0 skips the kernels' x*l product). 19 columns:
+    # NaN in a 16-wide vector body and in its tail; row 1 has none.
+    x = torch.tensor([0.0, 1.0, 0.25, 0.0]).repeat(2, 5)[:, :19]
+    logits = torch.linspace(-3, 3, 38).reshape(2, 19)
+    nan_at = torch.zeros(2, 19, dtype=torch.bool)
+    nan_at[0, [0, 1, 2, 17, 18]] = True
+    logits[nan_at] = float("nan")
+    x, logits = x.to(device, dtype), leaf(logits.to(device, dtype))
+    out = op(x, logits, event_dims=0)
+    (g,) = torch.autograd.grad(out.sum(), logits)
+    assert torch.equal(out.isnan().cpu(), nan_at) and torch.equal(g.isnan().cpu(), nan_at)
+    row = op(x, logits.detach())
+    assert row[0].isnan() and row[1].isfinite()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @pytest.mark.parametrize("magnitude", [20.0, 40.0, 100.0, 1e4])
 def test_large_logits_accuracy(device, dtype, magnitude, gen):

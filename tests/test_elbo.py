@@ -345,6 +345,18 @@ def test_extremes(device, dtype, gen):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_recon_gives_a_nan_loss(device):
+    # All-zero targets: the x*l term vanishes, so only the log1p/sigmoid path can carry the
+    # NaN (on AVX-512 a vrangeps clamp once turned it into a finite loss and gradient).
+    x = torch.zeros(3, 37, device=device)
+    recon = torch.full((3, 37), float("nan"), device=device, requires_grad=True)
+    mu = logvar = torch.zeros(3, 4, device=device)
+    loss, ll, _ = vae_fast.elbo(recon, x, mu, logvar)
+    loss.backward()
+    assert loss.isnan() and ll.isnan().all() and recon.grad.isnan().all()
+
+
 # An empty batch: one exact and one half dtype (the accumulation path differs).
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -442,6 +442,16 @@ def test_log_weights_spread_over_1e4(dtype, device, gen):
     assert (g_recon[1:] == 0).all()  # the weights of the bad samples are exactly 0
 
 
+def test_nan_recon_gives_a_nan_bound():
+    # As in elbo: all-zero targets leave only the exp/log1p path to carry the NaN.
+    x = torch.zeros(2, 21)
+    recon = torch.full((3, 2, 21), float("nan"), requires_grad=True)
+    mu = logvar = torch.zeros(2, 4)
+    loss, log_w = vae_fast.iwae(recon, x, torch.zeros(3, 2, 4), mu, logvar)
+    loss.backward()
+    assert loss.isnan() and log_w.isnan().all() and recon.grad.isnan().all()
+
+
 def test_k1_is_elbo_with_a_sampled_kl(gen):
     """K = 1: -loss = log p(x|z) - (log q(z) - log p(z)), the ELBO with a one-sample KL;
     vae_fast.elbo's analytic KL differs from it by the KL's sampling noise only."""

@@ -148,8 +148,11 @@ inline Reg scale_pow2(Reg v, Reg n) { return _mm512_scalef_ps(v, n); }
 inline Reg max_bits(Reg a, Reg b) {
   return _mm512_castsi512_ps(_mm512_max_epu32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
 }
-// -min(|v|, -bound) for bound < 0 (vrangeps: min of magnitudes, sign set); NaN stays NaN.
-inline Reg neg_abs_at_least(Reg v, float bound) { return _mm512_range_ps(v, set1(bound), 0x0E); }
+// -|v|, at least `bound` (max returns its second operand, -|v|, for NaN). Not vrangeps,
+// which returns the other operand where one is a NaN: a NaN logit would turn finite.
+inline Reg neg_abs_at_least(Reg v, float bound) {
+  return _mm512_max_ps(set1(bound), _mm512_or_ps(v, set1(-0.0f)));
+}
 // A lane predicate: a mask register, which the masked operations below take for free.
 using Mask = __mmask16;
 inline Mask nonnegative(Reg v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ); }
@@ -411,7 +414,7 @@ inline Vectorized<float> add_where_else_sub(simd::Mask m, const Vectorized<float
 
 // e = exp(-|l|) in the first n lanes, 0 in the others. e is in [0, 1]: exp never
 // overflows, even at |l| = 1e4. -|l| is l with its sign bit set, clamped to exp's
-// range (AVX-512: both in one vrangeps).
+// range (an or and a max, which keeps a NaN).
 template <typename Vec>
 inline Vec exp_minus_abs(const Vec& l, int64_t n) {
 #if defined(VAE_FAST_SIMD_FLOAT)
