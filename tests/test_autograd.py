@@ -177,6 +177,21 @@ def test_create_graph_on_a_direct_op_call():
     torch.testing.assert_close(gg, -s * (1 - s), rtol=1e-12, atol=1e-14)
 
 
+def test_recorded_gradient_at_logits_exactly_zero():
+    # A zero-initialised decoder layer gives logits of exactly 0, where |l| has no
+    # derivative: the recorded (reference) gradient must still be x - sigmoid(0), as the
+    # fused first-order one is, and the second derivative -sigmoid'(0) = -1/4.
+    x = torch.tensor([[0.25, 1.0, 0.0]], dtype=torch.float64)
+    logits = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    (fused,) = torch.autograd.grad(vae_fast.bernoulli_log_prob(x, logits).sum(), logits)
+    (recorded,) = torch.autograd.grad(
+        vae_fast.bernoulli_log_prob(x, logits).sum(), logits, create_graph=True
+    )
+    (second,) = torch.autograd.grad(recorded.sum(), logits)
+    assert torch.equal(fused, x - 0.5) and torch.equal(recorded, x - 0.5)
+    assert torch.equal(second, torch.full_like(x, -0.25))
+
+
 # --------------------------------------------------------------------------- 2. forward AD
 
 
