@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -119,6 +120,11 @@ void iwae_rows(const IWAEArgs& a) {
   }
   const scalar_t* obs_elem =
       !kBernoulli && !obs_shared ? a.obs.const_data_ptr<scalar_t>() : nullptr;
+  // Row `row` (= k*B + b) of a per-element obs_logvar; nullptr when it is shared.
+  const auto obs_row = [&](int64_t b, int64_t row) -> const scalar_t* {
+    if (obs_elem == nullptr) return nullptr;
+    return obs_elem + (obs_kind == IWAEObs::kData ? b : row) * cols;
+  };
   const bool grad_obs = kGrad && !kBernoulli && a.grad_obs.defined();
   const bool obs_reduce =
       grad_obs && (obs_kind == IWAEObs::kScalar || obs_kind == IWAEObs::kFeature);
@@ -153,11 +159,9 @@ void iwae_rows(const IWAEArgs& a) {
           ll = bernoulli_row<scalar_t, kGrad>(x_row, recon + row * cols, g_row, cols, bernoulli_sum,
                                               range);
         } else {
-          const scalar_t* lv_row = obs_elem == nullptr ? nullptr
-                                   : obs_kind == IWAEObs::kData ? obs_elem + b * cols
-                                                                : obs_elem + row * cols;
-          ll = gaussian_row<scalar_t, kGrad>(x_row, recon + row * cols, lv_row, lv_shared.data(),
-                                             inv_shared.data(), g_row, cols, sum);
+          ll = gaussian_row<scalar_t, kGrad>(x_row, recon + row * cols, obs_row(b, row),
+                                             lv_shared.data(), inv_shared.data(), g_row, cols,
+                                             sum);
         }
         double latent_term = 0;  // sum of 0.5*(lv + (z-mu)^2 exp(-lv) - z^2)
         const scalar_t* z_row = z + row * latent;
@@ -200,13 +204,22 @@ void iwae_rows(const IWAEArgs& a) {
           // d log p / d obs_logvar = 0.5*((x-m) * residual - 1), from the residual
           // before it is scaled.
           const scalar_t* m_row = recon + row * cols;
+          const scalar_t* lv_row = obs_row(b, row);
           scalar_t* go_row = obs_kind == IWAEObs::kSample
                                  ? a.grad_obs.mutable_data_ptr<scalar_t>() + row * cols
                                  : nullptr;
           for (int64_t j = 0; j < cols; j += W) {
             const int64_t n = std::min<int64_t>(W, cols - j);
-            const Vec r = load_n(g_row + j, n);
             const Vec diff = load_n(x_row + j, n) - load_n(m_row + j, n);
+            Vec r;
+            if constexpr (std::is_same_v<scalar_t, opmath>) {
+              r = load_n(g_row + j, n);
+            } else {
+              // The stored residual was rounded to bf16/fp16, and (x-m)*r - 1 cancels
+              // where the fit is good: form it again in opmath.
+              r = diff * (lv_row != nullptr ? fast_exp(load_n(lv_row + j, n).neg())
+                                            : load_n(inv_shared.data() + j, n));
+            }
             const Vec q = Vec(0.5) * (diff * r - Vec(1)) * cv;
             store_n(g_row + j, r * cv, n);
             if (go_row != nullptr) {
