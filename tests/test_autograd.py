@@ -220,6 +220,27 @@ def test_forward_ad_every_op(name):
     _assert_same(fused, ref)
 
 
+@pytest.mark.fused_only
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_forward_ad_on_a_direct_op_call_raises(requires_grad):
+    # torch.ops calls have no forward derivative; a tangent must not be dropped silently,
+    # whether or not the input also requires grad (two routes through the autograd kernel).
+    mu = _tensor(B, 3, seed=0, requires_grad=requires_grad)
+    logvar = _tensor(B, 3, seed=1)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(mu, torch.ones_like(mu))
+        with pytest.raises(RuntimeError, match="vae_fast.*no forward-mode derivative"):
+            torch.ops.vae_fast.gaussian_kl(dual, logvar, None, None, 1)
+        # Without a tangent, the op runs as ever inside a dual level.
+        assert torch.ops.vae_fast.gaussian_kl(mu, logvar, None, None, 1).shape == (B,)
+
+
+def test_iwae_sample_has_no_forward_derivative():
+    mu, logvar = _tensor(B, 3, seed=0), _tensor(B, 3, seed=1)
+    with pytest.raises(RuntimeError, match="iwae_sample has no forward-mode derivative"):
+        jvp(lambda m: vae_fast.iwae_sample(m, logvar, 2), (mu,), (torch.ones_like(mu),))
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_forward_ad_elbo(likelihood, reduction):

@@ -455,6 +455,24 @@ def _ok():  # (recon, x, mu, logvar), the public order
     return torch.randn(3, 8), torch.rand(3, 8), torch.randn(3, 2), torch.randn(3, 2)
 
 
+_A, _M = torch.zeros(4, 6), torch.zeros(4, 2)
+# A None where a tensor is required (only obs_logvar and the priors may be None).
+NONE_CALLS = {
+    "elbo-recon": (lambda: vae_fast.elbo(None, _A, _M, _M), "recon"),
+    "gaussian_log_prob-logvar": (lambda: vae_fast.gaussian_log_prob(_A, _A, None), "logvar"),
+    "gaussian_kl-logvar": (lambda: vae_fast.gaussian_kl(_M, None), "logvar"),
+    "reparameterize-logvar": (lambda: vae_fast.reparameterize(_M, None), "logvar"),
+    "iwae-z": (lambda: vae_fast.iwae(_A[None], _A, None, _M, _M), "z"),
+    "iwae_sample-logvar": (lambda: vae_fast.iwae_sample(_M, None, 2), "logvar"),
+}
+
+
+@pytest.mark.parametrize("call, name", NONE_CALLS.values(), ids=NONE_CALLS.keys())
+def test_none_for_a_required_tensor_names_it(call, name):
+    with pytest.raises(TypeError, match=f"`{name}` must be a torch.Tensor, got NoneType"):
+        call()
+
+
 def test_unknown_likelihood():
     with pytest.raises(
         ValueError,

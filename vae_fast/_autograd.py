@@ -42,8 +42,10 @@ def runs_reference(*tensors: Any) -> bool:
     if torch._C._are_functorch_transforms_active():
         return True
     # No dual level is open (the common case): no input can carry a tangent.
-    if fwAD._current_level < 0:
-        return False
+    return fwAD._current_level >= 0 and _has_tangent(tensors)
+
+
+def _has_tangent(tensors: Sequence[Any]) -> bool:
     return any(
         isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors
     )
@@ -133,6 +135,8 @@ def register(
         dispatch = _Dispatch(keyset, keyword_only)
         args = args + defaults[len(args) :]
         if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+            if fwAD._current_level >= 0 and _has_tangent(args):
+                no_rule()  # a tangent would be dropped
             return forward(*args, dispatch)
         if torch._C._are_functorch_transforms_active():
             return function.apply(*args, dispatch)

@@ -65,6 +65,14 @@ class _IWAESample(torch.autograd.Function):
         ctx.slot, ctx.fused = slot, fused
 
     @staticmethod
+    def jvp(ctx, *_):
+        raise RuntimeError(
+            "vae_fast.iwae_sample has no forward-mode derivative (forward AD, torch.func.jvp, "
+            "jacfwd): its reweighting is of reverse-mode gradients, for estimator='dreg'; draw z "
+            "with vae_fast.reparameterize(mu, logvar, num_samples=K) there"
+        )
+
+    @staticmethod
     def backward(ctx, grad_z, _grad_eps):
         mu, logvar, eps = ctx.saved_tensors
         needs = ctx.needs_input_grad[:2]

@@ -60,11 +60,16 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# The tensor arguments that may be None (their documented default).
+OPTIONAL_TENSORS = frozenset({"obs_logvar", "prior_mu", "prior_logvar"})
+
+
 def check_tensors(fn: str, **tensors: torch.Tensor | None) -> None:
-    """Tensors (None skipped) must be floating, of one dtype and on one device."""
+    """Tensors must be floating, of one dtype and on one device; only the optional ones
+    (OPTIONAL_TENSORS) may be None."""
     first_name, first = None, None
     for name, t in tensors.items():
-        if t is None:
+        if t is None and name in OPTIONAL_TENSORS:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
