@@ -413,6 +413,19 @@ def test_gradients_only_where_they_flow(likelihood):
     assert obs is None or obs.grad is None
 
 
+def test_recorded_gradients_only_where_they_flow():
+    # The same with create_graph=True (the reference's recorded vector-Jacobian product),
+    # and for iwae's log weights under "stl", which drops log q's direct dependence on mu.
+    x, recon, mu, logvar, _ = _elbo_inputs("bernoulli")
+    _, _, kl = vae_fast.elbo(recon, x, mu, logvar)
+    g_recon, g_mu = torch.autograd.grad(kl.sum(), [recon, mu], create_graph=True, allow_unused=True)
+    assert g_recon is None and g_mu is not None and g_mu.requires_grad
+    z = _tensor(4, B, mu.shape[1], seed=7)
+    recon_k = recon.detach().expand(4, *recon.shape).requires_grad_()
+    _, log_w = vae_fast.iwae(recon_k, x, z, mu, logvar, estimator="stl")
+    assert torch.autograd.grad(log_w.sum(), [mu], allow_unused=True) == (None,)
+
+
 # --------------------------------------------------------------------------- 6. no host sync
 
 

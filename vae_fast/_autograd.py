@@ -58,23 +58,48 @@ def reference_vjp(
     grads: Sequence[torch.Tensor | None],
 ) -> tuple[torch.Tensor | None, ...]:
     """The gradients of `reference(*inputs)` for the cotangents `grads` (None: zero),
-    for the inputs in `needs`, as torch.func.vjp computes them: recorded, so that they
-    can be differentiated again (this is the backward for create_graph=True)."""
+    for the inputs in `needs`. Recorded when grad mode is on (this is the backward for
+    create_graph=True), so that they can be differentiated again. An input that no
+    output with a cotangent depends on gets None, as torch's own backward gives."""
     positions = [
         i for i, (t, need) in enumerate(zip(inputs, needs)) if need and isinstance(t, torch.Tensor)
     ]
-
-    def of_differentiable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args = list(inputs)
-        for i, t in zip(positions, tensors):
-            args[i] = t
-        return reference(*args)
-
-    outputs, vjp = torch.func.vjp(of_differentiable, *(inputs[i] for i in positions))
-    cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads))
     result: list[torch.Tensor | None] = [None] * len(inputs)
-    for i, g in zip(positions, vjp(cotangents)):
-        result[i] = g
+    if torch._C._are_functorch_transforms_active():
+        # Inside torch.func, its own vjp (torch.autograd.grad does not see its levels);
+        # it gives zeros, not None, for an input the outputs do not depend on.
+        def of_differentiable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            args = list(inputs)
+            for i, t in zip(positions, tensors):
+                args[i] = t
+            return reference(*args)
+
+        outputs, vjp = torch.func.vjp(of_differentiable, *(inputs[i] for i in positions))
+        cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads))
+        for i, g in zip(positions, vjp(cotangents)):
+            result[i] = g
+        return tuple(result)
+    record = torch.is_grad_enabled()
+    args = list(inputs)
+    for i in positions:
+        # Each input a variable of its own, even where two are views of one tensor (a
+        # gradient with respect to the base would count both); a first-order backward
+        # builds a graph of its own, on detached inputs.
+        t = inputs[i]
+        args[i] = t.view_as(t) if record else t.detach().requires_grad_()
+    with torch.enable_grad():
+        outputs = reference(*args)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+    if pairs and positions:
+        got = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [args[i] for i in positions],
+            [g for _, g in pairs],
+            create_graph=record,
+            allow_unused=True,
+        )
+        for i, g in zip(positions, got):
+            result[i] = g
     return tuple(result)
 
 
