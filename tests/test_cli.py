@@ -25,6 +25,7 @@ model); Ctrl-C and divergence are simulated by replacing the training step.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -276,6 +277,13 @@ def good_checkpoint(tmp_path_factory) -> bytes:
     return (out / "checkpoint.pt").read_bytes()
 
 
+_ALTERED = {
+    "negative epoch": {"epoch": -1},
+    "history of numbers": {"history": [1, 2]},
+    "history shorter than the epochs": {"history": []},
+}
+
+
 def _damaged(kind: str, good: bytes, path: Path) -> None:
     if kind == "empty":
         path.write_bytes(b"")
@@ -289,6 +297,8 @@ def _damaged(kind: str, good: bytes, path: Path) -> None:
         torch.save(torch.zeros(3), path)
     elif kind == "other format":
         torch.save({"format": 7, "weights": torch.zeros(2)}, path)
+    elif kind in _ALTERED:  # each entry of the right type, but a value no run writes
+        torch.save({**torch.load(io.BytesIO(good), weights_only=True), **_ALTERED[kind]}, path)
     else:
         raise AssertionError(kind)
 
@@ -302,6 +312,9 @@ def _damaged(kind: str, good: bytes, path: Path) -> None:
         ("foreign dict", "not a vae-fast-train checkpoint (it holds a dict with keys"),
         ("tensor", "not a vae-fast-train checkpoint (it holds a Tensor)"),
         ("other format", "checkpoint format 7"),
+        ("negative epoch", "missing or bad: epoch -1"),
+        ("history of numbers", "missing or bad: history"),
+        ("history shorter than the epochs", "missing or bad: history"),
     ],
 )
 def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(

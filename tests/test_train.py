@@ -262,6 +262,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     np.savez(tmp / "mismatch.npz", train=np.zeros((4, 2)), test=np.zeros((4, 3)))
     (tmp / "junk.npy").write_bytes(b"not an array")
     (tmp / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 9]))
+    idx = gzip.compress(bytes([0, 0, 8, 2, 0, 0, 0, 16, 0, 0, 0, 4]) + bytes(64))
+    (tmp / "cut.gz").write_bytes(idx[: len(idx) // 2])  # a download cut short
+    np.save(tmp / "no_features.npy", np.zeros((20, 0)))
+    (tmp / "a_file").write_text("")
     return [
         (["--data", str(tmp / "missing.npz")], "no such file"),
         (["--data", str(tmp / "flat.npy")], "expected (N, features)"),
@@ -283,6 +287,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--batch-size", "63", "--accumulate", "2"], "must be divisible"),
         (["--resume", "--out", str(tmp / "nothing")], "no checkpoint"),
         (["--resume"], "needs the --out DIR"),
+        (["--data", str(tmp / "cut.gz")], "cannot read (Compressed file ended"),
+        (["--data", str(tmp / "no_features.npy")], "hold no features"),
+        (["--out", str(tmp / "a_file"), "--epochs", "1"], "cannot create the directory"),
+        (["--seed", str(2**64)], "must be less than 2147483648"),
     ]
 
 

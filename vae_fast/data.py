@@ -194,7 +194,7 @@ def _looks_like_idx(path: Path) -> bool:
     try:
         with _open(path) as f:
             head = f.read(4)
-    except OSError:
+    except (OSError, EOFError):  # EOFError: a truncated .gz
         return False
     return len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES
 
@@ -208,7 +208,7 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with _open(path) as f:
             raw = f.read()
-    except OSError as error:
+    except (OSError, EOFError) as error:  # EOFError: a truncated .gz
         raise DataError(f"{path}: cannot read ({_one_line(error)})") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
@@ -361,6 +361,8 @@ def _dataset(
     train, binary, reading = _as_float(where, train, scale)
     if train.shape[0] < 2:
         raise DataError(f"{where}: {train.shape[0]} rows; need at least 2")
+    if math.prod(train.shape[1:]) == 0:
+        raise DataError(f"{where}: rows of shape {train.shape[1:]} hold no features")
     x = torch.from_numpy(np.ascontiguousarray(train))
     if test is None:
         x_train, x_test = _split(x)

@@ -239,6 +239,15 @@ def read_checkpoint(path: Path) -> dict:
             f"{vae_fast.__version__} reads format 1"
         )
     bad = [k for k, kind in _CHECKPOINT_ENTRIES.items() if not isinstance(ckpt.get(k), kind)]
+    if not bad:
+        # One metrics record per epoch done, each with the test loss the summary reads.
+        epoch, history = ckpt["epoch"], ckpt["history"]
+        if epoch < 0:
+            bad.append(f"epoch {epoch}")
+        if len(history) != epoch or not all(
+            isinstance(r, dict) and isinstance(r.get("test_loss"), float) for r in history
+        ):
+            bad.append("history")
     if bad:
         raise ConfigError(
             f"--resume: {path} is not a complete vae-fast-train checkpoint (missing or bad: "

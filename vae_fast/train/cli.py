@@ -57,9 +57,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _number(kind: type, *, zero: bool = False) -> Callable[[str], Any]:
+def _number(kind: type, *, zero: bool = False, below: int | None = None) -> Callable[[str], Any]:
     """An argparse type: a finite `kind` (int or float) that must be positive, or >= 0
-    when `zero` is allowed."""
+    when `zero` is allowed, and less than `below` if given."""
     rule = ">= 0" if zero else "positive"
 
     def parse(text: str) -> Any:
@@ -70,6 +70,8 @@ def _number(kind: type, *, zero: bool = False) -> Callable[[str], Any]:
         ok = value >= 0 if zero else value > 0
         if not ok or (kind is float and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"must be {rule} and finite, got {text!r}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be less than {below}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
     g.add_argument(
         "--seed",
-        type=_number(int, zero=True),
+        type=_number(int, zero=True, below=2**31),  # numpy's seeds (+ rank) are < 2**32
         default=0,
         help="seed of the initialization, data order and noise",
     )

@@ -38,7 +38,7 @@ from vae_fast.train.checkpoint import (
     save_checkpoint,
     start,
 )
-from vae_fast.train.config import Config, Runtime, startup_line
+from vae_fast.train.config import Config, ConfigError, Runtime, startup_line
 from vae_fast.train.evaluate import evaluate, evaluate_log_likelihood, pictures
 from vae_fast.train.objective import Objective, build_objective
 
@@ -182,7 +182,11 @@ def _set_up(cfg: Config, data: Dataset, prep: Prepared, rt: Runtime) -> _State:
     the start-up line and the progress bar."""
     device = rt.device
     if rt.main:
-        cfg.out.mkdir(parents=True, exist_ok=True)
+        try:
+            cfg.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            why = error.strerror
+            raise ConfigError(f"--out {cfg.out}: cannot create the directory ({why})") from None
     # The same initialization on every rank (DDP would broadcast rank 0's anyway).
     torch.manual_seed(cfg.seed)
     objective = build_objective(cfg, data, prep.likelihood).to(device)
