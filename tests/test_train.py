@@ -200,6 +200,8 @@ def test_gaussian_likelihood_on_real_data(tmp_path, vae_backend, capsys):
     assert "nats per example" in capsys.readouterr().out
     shift = results[1]["test_log_likelihood"] - results[0]["test_log_likelihood"]
     assert shift == pytest.approx(-10 * np.log(10.0), abs=1e-3)
+    for r in results:  # the terms are in the same (data) units as the loss they add up to
+        assert r["test_loss"] == pytest.approx(r["test_recon"] + r["test_kl"], rel=1e-9)
 
 
 def test_help_explains_every_option(capsys):

@@ -335,7 +335,9 @@ def _record(cfg: Config, prep: Prepared, rt: Runtime, s: _State, epoch: int, rec
     if rt.main:
         s.objective.eval()
         test = evaluate(s.objective, prep.test, cfg.seed, rt.device)
+        # In data units: the standardization's log-Jacobian belongs to the likelihood term.
         test["test_loss"] += prep.log_jacobian
+        test["test_recon"] += prep.log_jacobian
         record.update(test)
         if final and cfg.eval_samples:
             k, t1 = cfg.eval_samples, time.perf_counter()
