@@ -129,6 +129,12 @@ def test_elbo_loss_beta_is_a_live_attribute():
     torch.testing.assert_close(loss, (0.25 * kl - ll).mean())
 
 
+def test_elbo_loss_keeps_beta_exact_when_the_module_is_cast():
+    # .to(bfloat16) casts floating buffers: beta stays the float64 it was set to.
+    loss_fn = ELBOLoss(beta=0.3).to(torch.bfloat16)
+    assert loss_fn.beta == 0.3 and loss_fn._beta.dtype == torch.float64
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -157,6 +157,14 @@ class ELBOLoss(nn.Module):
             shape = () if obs_logvar == "scalar" else self.event_shape
             self.obs_logvar = nn.Parameter(torch.full(shape, float(init_obs_logvar)))
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts floating buffers; beta keeps its float64 value (0.3 in
+        # bfloat16 is 0.30078125) and only follows the module's device.
+        beta = self._beta
+        super()._apply(fn, recurse)
+        self._beta = beta.to(self._beta.device)
+        return self
+
     @property
     def beta(self) -> float:
         """The weight of the KL term."""
