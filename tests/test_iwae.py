@@ -225,15 +225,16 @@ def test_half_precision(dtype, gen):
         assert err <= bound, (err, bound)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("obs_shape", [(64, 16), (1, 64, 16)], ids=["data", "sample"])
-def test_half_precision_obs_logvar_gradient(obs_shape, gen):
+def test_half_precision_obs_logvar_gradient(obs_shape, device, gen):
     # d/d obs_logvar = 0.5*((x-m)^2 exp(-obs_logvar) - 1) cancels where the fit is good:
     # from a residual rounded to bfloat16 it was off by up to ~250 ulps, elementwise.
     dtype = torch.bfloat16
     recon, x, z, mu, logvar = problem(1, (64, 16), (64, 3), gen, likelihood="gaussian")
     recon = (x + torch.randn(x.shape, generator=gen, dtype=x.dtype)).unsqueeze(0)
     obs = draw(obs_shape, gen, kind="normal", high=1.0)
-    ins = [t.to(dtype) for t in (recon, x, z, mu, logvar, obs)]
+    ins = [t.to(device, dtype) for t in (recon, x, z, mu, logvar, obs)]
     grads = []
     for tensors in (ins, [t.double() for t in ins]):  # bf16, then its fp64 truth
         o = tensors[5].clone().requires_grad_()

@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "common/kernels.h"
 
@@ -189,10 +190,16 @@ __global__ void __launch_bounds__(kThreads) iwae_kernel(const IWAEParams<scalar_
           const int64_t row = k * B + b;
           const acc c = static_cast<acc>(p.scratch[row]);
           const int64_t idx = row * cols + j;
-          const acc r = static_cast<acc>(p.grad_recon[idx]);
+          acc r = static_cast<acc>(p.grad_recon[idx]);
+          const acc diff = obs_grad ? xv - static_cast<acc>(p.recon[idx]) : acc(0);
+          if constexpr (!std::is_same_v<scalar_t, acc>) {
+            // The stored residual was rounded to bf16/fp16, and (x-m)*r - 1 cancels
+            // where the fit is good: form it again in acc.
+            if (obs_grad) r = diff * exp_(-obs_at(p, b, row, j));
+          }
           p.grad_recon[idx] = static_cast<scalar_t>(r * c);
           if (obs_grad) {
-            const acc q = acc(0.5) * ((xv - static_cast<acc>(p.recon[idx])) * r - acc(1)) * c;
+            const acc q = acc(0.5) * (diff * r - acc(1)) * c;
             if (p.grad_obs_elems != nullptr) {
               p.grad_obs_elems[idx] = static_cast<scalar_t>(q);
             } else {
