@@ -59,7 +59,9 @@ def elbo(
             and `kl` come back detached (for logging); reduction must be ``"mean"``
             or ``"sum"`` and `x` must not require grad; a backward with
             create_graph=True raises. It only acts when `recon` needs a gradient, in
-            eager mode (torch.compile plans its own buffers).
+            eager mode (torch.compile plans its own buffers). Targets outside [0, 1] are
+            found in the same pass, so when that ValueError is raised `recon` has
+            already been overwritten.
         num_samples: K for the multi-sample ELBO: `recon` is the decoder's output for K
             samples of z per example, shape (K, *x.shape), and the log-likelihood is
             their mean, taken in the same pass (x is read by every sample, never
