@@ -260,6 +260,34 @@ def test_extreme_logvar(device, dtype, logvar_value, prior_logvar_value, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_infinite_log_variances(device, dtype):
+    # A zero or infinite variance (logvar or prior_logvar of -inf or +inf): the KL is +inf
+    # and the gradients are the limits (d/dlogvar = (e^d - 1)/2 = -1/2 at d = -inf, not
+    # inf - inf), the same on every CPU capability and in the reference.
+    inf = math.inf
+    values = {
+        "mu": [[0.5, 0.5, 0.5, 0.5]],
+        "logvar": [[-inf, inf, 0.0, 1.0]],
+        "prior_logvar": [[0.0, 0.0, inf, -inf]],
+    }
+    results = []
+    for backend in ("fused", "reference"):
+        leaves = {k: torch.tensor(v, dtype=dtype, device=device, requires_grad=True)
+                  for k, v in values.items()}  # fmt: skip
+        with vae_fast.backend(backend):
+            kl = vae_fast.gaussian_kl(leaves["mu"], leaves["logvar"], None,
+                                      leaves["prior_logvar"], event_dims=0)  # fmt: skip
+        kl.sum().backward()
+        results.append([kl.detach(), *(t.grad for t in leaves.values())])
+    (kl, *grads), want = results
+    assert kl.isposinf().all()
+    for got, expected in zip([kl, *grads], want):
+        assert torch.equal(got, expected), (got, expected)
+    assert grads[1][0, 0] == -0.5 and grads[1][0, 1] == inf
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_no_grad(device, gen):
     ins = inputs((4, 9), torch.float64, device, gen, prior_mu_shape=(9,), prior_logvar_shape=())
     with torch.no_grad():

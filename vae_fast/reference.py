@@ -80,7 +80,12 @@ def gaussian_kl(
     dlv = lvf if plvf is None else lvf - plvf
     scaled_sq = diff.square() if plvf is None else diff.square() * torch.exp(-plvf)
     # expm1(d) - d instead of exp(d) - 1 - d: no cancellation when the variances are close.
-    kl = 0.5 * (torch.expm1(dlv) - dlv + scaled_sq)
+    # exp(d) where d = +inf (an infinite variance): inf with the gradient inf, not inf - inf
+    # (the other branch sees 0 there, so that its gradient is not 0 * inf either).
+    infinite = dlv == math.inf
+    finite_dlv = torch.where(infinite, 0.0, dlv)
+    em1_minus_d = torch.where(infinite, torch.exp(dlv), torch.expm1(finite_dlv) - finite_dlv)
+    kl = 0.5 * (em1_minus_d + scaled_sq)
     return _sum_event(kl, k).to(mu.dtype)
 
 

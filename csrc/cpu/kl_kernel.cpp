@@ -6,6 +6,7 @@
 
 #include <ATen/Dispatch.h>
 
+#include <limits>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -95,7 +96,8 @@ void kl_rows(const KLArgs& a) {
         // expm1(d) - d in one piece rather than exp(d) - 1 - d: exact when the
         // variances are close (d -> 0), where the KL term is d^2/2.
         const Vec em1_minus_d = expm1_minus_x(dlv);
-        const Vec em1 = em1_minus_d + dlv;
+        // expm1(d) = -1 at d = -inf (a zero variance), where (expm1(d) - d) + d is inf - inf.
+        const Vec em1 = Vec::blendv(em1_minus_d + dlv, Vec(-1), dlv == Vec(-std::numeric_limits<opmath>::infinity()));
         const Vec scaled_diff = diff * inv_prior_var;
         // Twice the KL term; the row's sum is halved once.
         if (kl) sum.add(at::vec::fmadd(diff, scaled_diff, em1_minus_d));

@@ -360,7 +360,9 @@ inline Vec expm1_minus_x(const Vec& x) {
     inverse_factorial *= T(k);
     series = at::vec::fmadd(series, x, Vec(inverse_factorial));
   }
-  return Vec::blendv(x.expm1() - x, series * x * x, x.abs() < Vec(cutoff));
+  const Vec value = Vec::blendv(x.expm1() - x, series * x * x, x.abs() < Vec(cutoff));
+  // +inf, not inf - inf, at x = +inf (as the AVX2/AVX-512 path saturates).
+  return Vec::blendv(value, x, x == Vec(std::numeric_limits<T>::infinity()));
 }
 
 // 1/v for v in [1, 2]. AVX2/AVX-512 float: rcp (12/14 bits) refined by one Newton step

@@ -97,6 +97,7 @@ __device__ __forceinline__ float expm1_minus_x_(float v) {
 // (below 1 ulp).
 __device__ __forceinline__ double expm1_minus_x_(double v) {
   constexpr int kLastPower = 7;
+  if (isinf(v) && v > 0) return v;  // inf, not inf - inf (as the float version)
   if (::fabs(v) >= 0.01) return ::expm1(v) - v;
   double inverse_factorial = 1;
 #pragma unroll

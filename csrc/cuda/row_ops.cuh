@@ -177,7 +177,8 @@ struct KLRows {
       // expm1(d) - d in one piece, not exp(d) - 1 - d: no cancellation when the
       // variances are close (d -> 0, where the term is d^2/2).
       const acc em1_minus_d = expm1_minus_x_(d);
-      const acc em1 = em1_minus_d + d;
+      // expm1(d) = -1 at d = -inf (a zero variance), where (expm1(d) - d) + d is inf - inf.
+      const acc em1 = isinf(d) && d < acc(0) ? acc(-1) : em1_minus_d + d;
       if constexpr (kKL) sums[0] += em1_minus_d + sq;
       gm[i] = scaled * w;
       gl[i] = acc(0.5) * em1 * w;
