@@ -61,7 +61,33 @@ def _opcheck_cases(device):
     # half types: the kernels' accumulate-in-float32 paths
     for dt in (torch.bfloat16, torch.float16):
         cases += _half_cases(device, dt)
-    return cases
+    return cases + _transposed_cases(device)
+
+
+def _transposed_cases(device):
+    """Transposed inputs: the kernels return contiguous gradients whatever the inputs'
+    strides, and the fake kernels must say so (torch.compile checks the strides)."""
+    X, T, _ = _makers(device, torch.float32)
+
+    def TT(shape, x01=False, **kw):  # a (rows, cols) tensor stored column-major
+        return (X if x01 else T)(shape[::-1], **kw).t()
+
+    return [
+        ("_bernoulli_log_prob_backward", (T((4,)), TT((4, 7), True), TT((4, 7)), 1, [True, True]),
+         {}, "transposed-bern-bwd"),
+        ("_gaussian_log_prob_backward",
+         (T((4,)), TT((4, 7)), TT((4, 7)), TT((4, 7)), 1, [True, True, True]),
+         {}, "transposed-gauss-bwd"),
+        ("_gaussian_kl_backward",
+         (T((4,)), TT((4, 3)), TT((4, 3)), TT((4, 3)), TT((4, 3)), 1, [True] * 4),
+         {}, "transposed-kl-bwd"),
+        ("_reparameterize_backward", (TT((4, 3)), TT((4, 3)), TT((4, 3)), [True, True]),
+         {}, "transposed-reparam-bwd"),
+        ("elbo",
+         (TT((4, 7)), TT((4, 7), grad=True), TT((4, 3), grad=True), TT((4, 3), grad=True),
+          TT((4, 7), grad=True), "gaussian", _BETA, "mean", True),
+         {}, "transposed-elbo"),
+    ]  # fmt: skip
 
 
 def _makers(device, dt):

@@ -106,5 +106,6 @@ def batch_shape(x: torch.Tensor, event_dims: int) -> tuple[int, ...]:
 
 
 def like_or_empty(want: bool, like: torch.Tensor | None, fallback: torch.Tensor):
-    """A fake kernel's gradient output: `like`'s shape when computed, else empty."""
-    return torch.empty_like(like) if want and like is not None else empty_grad(fallback)
+    """A fake kernel's gradient output: `like`'s shape when computed (contiguous, as the
+    kernels allocate it whatever `like`'s strides), else empty."""
+    return like.new_empty(like.shape) if want and like is not None else empty_grad(fallback)
