@@ -194,3 +194,19 @@ def test_the_op_itself_checks_layout(device, gen):
         torch.ops.vae_fast._elbo_into_recon(
             x, recon, mu.detach(), logvar.detach(), None, "bernoulli", torch.tensor(1.0), "mean"
         )
+
+
+@pytest.mark.fused_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_op_refuses_inputs_that_share_recons_memory(device):
+    # The gradient is written over recon while x, mu, logvar are read: an input that is
+    # (part of) recon would be read half overwritten, differently from run to run.
+    recon = torch.randn(3, 4, 6, device=device)  # K = 3 samples of (4, 6)
+    mu = torch.randn(4, 6, device=device)
+    beta = torch.tensor(1.0, device=device)
+    op = torch.ops.vae_fast._elbo_into_recon
+    with pytest.raises(RuntimeError, match="`x` shares memory with `recon`"):
+        op(recon[0], recon, mu, mu.clone(), None, "gaussian", beta, "sum")
+    flat = recon[0]
+    with pytest.raises(RuntimeError, match="`mu` shares memory with `recon`"):
+        op(torch.randn(4, 6, device=device), flat, flat, mu, None, "gaussian", beta, "sum")

@@ -702,3 +702,20 @@ def test_autocast(dtype):
     for a, b in zip((*got, got_b), (*want, vae_fast.bernoulli_log_prob(x.float(), recon.float()))):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.fused_only
+def test_fake_kernels_check_meta_calls():
+    # A call with one meta input reaches the fake kernel: it must refuse the mix (not hand
+    # back uninitialized CPU tensors), and check all-meta calls as the kernels check real ones.
+    ops = torch.ops.vae_fast
+    x, meta = torch.rand(4, 5), torch.empty(4, 5, device="meta")
+    with pytest.raises(RuntimeError, match="some tensor arguments are on the meta device"):
+        ops.bernoulli_log_prob(x, meta, 1)
+    with pytest.raises(RuntimeError, match="meta device"):
+        ops.elbo(x, x, x, x, None, "bernoulli", torch.tensor(1.0, device="meta"), "mean", False)
+    assert ops.bernoulli_log_prob(meta, meta, 1).shape == (4,)
+    with pytest.raises(ValueError, match="`logits` has shape"):
+        ops.bernoulli_log_prob(meta, torch.empty(4, 6, device="meta"), 1)
+    with pytest.raises(ValueError, match="`num_samples`"):
+        ops.reparameterize(meta, meta, 0)

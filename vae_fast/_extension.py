@@ -81,7 +81,7 @@ def register_op(
     in float32 (float64 is kept). Nothing to register when the library is not built."""
     if LOAD_ERROR is not None:
         return
-    torch.library.register_fake(f"vae_fast::{name}", fake)
+    torch.library.register_fake(f"vae_fast::{name}", _one_device(name, fake))
     if backward is not None:
         _autograd.register(name, setup_context, backward)
     else:
@@ -89,6 +89,29 @@ def register_op(
     if autocast:
         for device in ("cpu", "cuda"):
             torch.library.register_autocast(f"vae_fast::{name}", device, torch.float32)
+
+
+def _one_device(name: str, fake: Callable[..., Any]) -> Callable[..., Any]:
+    """`fake`, refusing meta tensors mixed with real ones: the dispatcher sends such a call
+    to the fake kernel, whose outputs would be uninitialized tensors on the real device."""
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        # (A 0-d CPU tensor, such as beta, goes with any device, as in torch.)
+        tensors = [
+            a
+            for a in (*args, *kwargs.values())
+            if isinstance(a, torch.Tensor) and not (a.dim() == 0 and a.device.type == "cpu")
+        ]
+        meta = [t for t in tensors if t.device.type == "meta"]
+        if meta and len(meta) < len(tensors):
+            other = next(t.device for t in tensors if t.device.type != "meta")
+            raise RuntimeError(
+                f"vae_fast.{name}: some tensor arguments are on the meta device and some on "
+                f"{other}; all must be on one device"
+            )
+        return fake(*args, **kwargs)
+
+    return checked
 
 
 def empty_grad(like: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ def bernoulli_log_prob(
 
 
 def _fake_bernoulli(x, logits, event_dims, validate_x=True):
+    V.check_bernoulli_log_prob(x, logits, event_dims)  # the C++ checks, for meta tensors
     return x.new_empty(batch_shape(x, event_dims))
 
 
@@ -115,6 +116,7 @@ def gaussian_log_prob(
 
 
 def _fake_gaussian(x, mean, logvar, event_dims):
+    V.check_gaussian_log_prob(x, mean, logvar, event_dims)
     return x.new_empty(batch_shape(x, event_dims))
 
 
@@ -174,6 +176,7 @@ def gaussian_kl(
 
 
 def _fake_kl(mu, logvar, prior_mu, prior_logvar, event_dims):
+    V.check_gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims)
     return mu.new_empty(batch_shape(mu, event_dims))
 
 
@@ -247,6 +250,7 @@ def reparameterize(
 
 
 def _fake_reparameterize(mu, logvar, num_samples=None, *, generator=None):
+    V.check_reparameterize(mu, logvar, num_samples)
     shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
     return mu.new_empty(shape), mu.new_empty(shape, dtype=V.opmath_dtype(mu.dtype))
 

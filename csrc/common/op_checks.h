@@ -3,12 +3,14 @@
 // device, so both devices accept and reject exactly the same calls with the same messages.
 // Each returns the (rows, cols) layout the kernels use where there is one.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
 
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include "common/checks.h"
 #include "common/layout.h"
@@ -156,6 +158,17 @@ inline void check_elbo_into_recon(const at::Tensor& x, const at::Tensor& recon,
   TORCH_CHECK(recon.is_contiguous(), fn,
               ": writes the gradient over `recon`, which must be contiguous; got shape ",
               recon.sizes(), " with strides ", recon.strides());
+  // An input read while recon is being written would be read half overwritten.
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"x", &x}, {"mu", &mu}, {"logvar", &logvar}, {"beta", &beta},
+      {"obs_logvar", obs_logvar.has_value() ? &*obs_logvar : nullptr}};
+  for (const auto& [name, t] : inputs) {
+    if (t == nullptr || !t->defined()) continue;
+    const at::MemOverlapStatus overlap = at::get_overlap_status(recon, *t);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+                fn, ": `", name, "` shares memory with `recon`, which the gradient is written "
+                "over; pass a copy of it");
+  }
 }
 
 }  // namespace vae_fast
