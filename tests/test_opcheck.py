@@ -719,3 +719,11 @@ def test_fake_kernels_check_meta_calls():
         ops.bernoulli_log_prob(meta, torch.empty(4, 6, device="meta"), 1)
     with pytest.raises(ValueError, match="`num_samples`"):
         ops.reparameterize(meta, meta, 0)
+
+
+@pytest.mark.fused_only
+def test_direct_calls_refuse_float8_naming_the_argument():
+    # float8 is a floating type to ATen, but no kernel takes it.
+    x = torch.rand(4, 5).to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="`x` has dtype Float8_e4m3fn"):
+        torch.ops.vae_fast.bernoulli_log_prob(x, x, 1)

@@ -9,7 +9,10 @@
 namespace vae_fast {
 
 inline void check_float(const char* fn, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": `", name, "` has dtype ",
+  const at::ScalarType type = t.scalar_type();  // not isFloatingType: it takes float8 too
+  const bool ok = type == at::kDouble || type == at::kFloat || type == at::kBFloat16 ||
+                  type == at::kHalf;
+  TORCH_CHECK(ok, fn, ": `", name, "` has dtype ",
               t.scalar_type(), "; expected a floating dtype (float64, float32, bfloat16 or float16)");
 }
 
