@@ -67,17 +67,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The nvcc compile checks (tests/cuda_compile.py) take about a minute of CPU: their
 # compiles start when collection ends and run beside the other tests, which go first.
-WAITS_ON_NVCC = "test_cuda_source_compiles"
+def _waits_on_nvcc(item: pytest.Item) -> bool:
+    return getattr(item, "originalname", None) == "test_cuda_source_compiles"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    waits = [getattr(item, "originalname", None) == WAITS_ON_NVCC for item in items]
-    items[:] = [i for i, w in zip(items, waits) if not w] + [i for i, w in zip(items, waits) if w]
+    items.sort(key=_waits_on_nvcc)  # stable: the others keep their order
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    waiting = any(getattr(item, "originalname", None) == WAITS_ON_NVCC for item in session.items)
-    if waiting and cuda_compile.NVCC is not None:
+    if cuda_compile.NVCC is not None and any(map(_waits_on_nvcc, session.items)):
         cuda_compile.start()
 
 

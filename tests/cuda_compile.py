@@ -40,13 +40,13 @@ COMPILE_TIMEOUT_S = 1200
 
 CUDA_CMAKE_MACROS = """\
 // Stand-in for the header torch's CMake generates (CUDA wheels only); written by
-// tests/test_build.py for the nvcc compile check against a CPU-only torch.
+// tests/cuda_compile.py for the nvcc compile check against a CPU-only torch.
 #pragma once
 #define C10_CUDA_BUILD_SHARED_LIBS
 """
 
 CURAND_STUB = """\
-// Stand-in for cuRAND's curand_kernel.h, written by tests/test_build.py only where
+// Stand-in for cuRAND's curand_kernel.h, written by tests/cuda_compile.py only where
 // neither the CUDA toolkit nor an nvidia-curand wheel has the real header. It
 // declares what csrc/cuda/reparameterize.cu uses, with cuRAND's signatures; the
 // bodies are dummies. Never used by a real build.

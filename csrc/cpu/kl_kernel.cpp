@@ -97,7 +97,8 @@ void kl_rows(const KLArgs& a) {
         // variances are close (d -> 0), where the KL term is d^2/2.
         const Vec em1_minus_d = expm1_minus_x(dlv);
         // expm1(d) = -1 at d = -inf (a zero variance), where (expm1(d) - d) + d is inf - inf.
-        const Vec em1 = Vec::blendv(em1_minus_d + dlv, Vec(-1), dlv == Vec(-std::numeric_limits<opmath>::infinity()));
+        const Vec zero_variance = dlv == Vec(-std::numeric_limits<opmath>::infinity());
+        const Vec em1 = Vec::blendv(em1_minus_d + dlv, Vec(-1), zero_variance);
         const Vec scaled_diff = diff * inv_prior_var;
         // Twice the KL term; the row's sum is halved once.
         if (kl) sum.add(at::vec::fmadd(diff, scaled_diff, em1_minus_d));
