@@ -30,15 +30,15 @@ at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int
                               bool validate_x) {
   const RowLayout layout = check_bernoulli_log_prob(x, logits, event_dims);
   const c10::OptionalDeviceGuard device_guard(x.device());
-  at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
-  if (x.numel() == 0) return log_prob.zero_();  // an empty event sums to 0
+  at::Tensor log_prob = empty_rows(layout.batch_shape, x);
+  if (x.numel() == 0) return log_prob.zero_().to(x.scalar_type());  // an empty event sums to 0
   std::atomic<bool> found_outside{false};
   BernoulliArgs args = make_args(x, logits, layout);
   args.log_prob = log_prob;
   if (validate_x) args.found_outside = &found_outside;
   bernoulli_stub(x.device().type(), args);
   check_targets_found_in_unit_interval(kFn, x, found_outside.load());
-  return log_prob;
+  return log_prob.to(x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward(const at::Tensor& grad,

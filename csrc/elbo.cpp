@@ -51,13 +51,13 @@ KLArgs kl_pass(const at::Tensor& mu, const at::Tensor& logvar, const RowLayout& 
 
 // elbo with K samples (recon (K, *x.shape)) after its likelihood pass has written one
 // log p(x | recon_k) per row of recon into `ll_rows`: the KL pass, then the batch-sized
-// combination (the mean over samples, beta*kl - ll, the reduction) in the accumulation
-// dtype with ATen ops on the op's device. (The single-sample elbo does this inside the
-// device's elbo kernel, whose loss reads one log-likelihood per batch row.)
+// combination (the mean over samples, beta*kl - ll, the reduction) with ATen ops on the
+// op's device, all in the accumulation dtype (as are `ll_rows`, `ll` and the kl rows);
+// the loss comes back in `dtype`. (The single-sample elbo does this inside the device's
+// elbo kernel, whose loss reads one log-likelihood per batch row.)
 at::Tensor combine_samples(const ElboArgs& args, const at::Tensor& ll_rows, const at::Tensor& ll,
-                           c10::DeviceType device) {
+                           c10::DeviceType device, at::ScalarType dtype) {
   const int64_t batch = ll.size(0);
-  const at::ScalarType opmath = at::toOpMathType(ll.scalar_type());
   if (args.run_kl) kl_stub(device, args.kl);
   // beta on the device is never read on the host: it scales on the device.
   const at::Tensor beta_acc = args.beta_device;
@@ -65,12 +65,12 @@ at::Tensor combine_samples(const ElboArgs& args, const at::Tensor& ll_rows, cons
     args.kl.grad_mu.mul_(beta_acc);
     args.kl.grad_logvar.mul_(beta_acc);
   }
-  ll.copy_(ll_rows.view({-1, batch}).to(opmath).mean(0));
-  at::Tensor weighted_kl = args.kl.kl.to(opmath);
-  weighted_kl = beta_acc.defined() ? weighted_kl.mul(beta_acc) : weighted_kl.mul(args.beta);
-  const at::Tensor per_row = weighted_kl.sub(ll.to(opmath));
+  ll.copy_(ll_rows.view({-1, batch}).mean(0));
+  const at::Tensor weighted_kl =
+      beta_acc.defined() ? args.kl.kl.mul(beta_acc) : args.kl.kl.mul(args.beta);
+  const at::Tensor per_row = weighted_kl.sub(ll);
   const at::Tensor loss = args.per_row ? per_row : args.mean ? per_row.mean() : per_row.sum();
-  return loss.to(ll.scalar_type());
+  return loss.to(dtype);
 }
 
 // The loss and, when compute_grad, the gradients; d(loss)/d(recon) is written into
@@ -101,8 +101,8 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
   // d(loss)/d(per-sample term) for grad_output = 1.
   const double per_sample = mean ? 1.0 / static_cast<double>(std::max<int64_t>(batch, 1)) : 1.0;
 
-  at::Tensor ll = at::empty({batch}, x.options());
-  at::Tensor kl = at::empty({batch}, x.options());
+  at::Tensor ll = empty_rows({batch}, x);
+  at::Tensor kl = empty_rows({batch}, x);
   at::Tensor grad_mu = compute_grad ? empty_output(mu.sizes(), x.options()) : empty_grad(x);
   at::Tensor grad_lv = compute_grad ? empty_output(mu.sizes(), x.options()) : empty_grad(x);
   // Zeros only where no kernel writes it: with no elements of x, obs_logvar's gradient is 0.
@@ -114,7 +114,8 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
     const at::Tensor loss =
         per_row ? at::empty({0}, x.options())
                 : at::full({}, mean ? std::numeric_limits<double>::quiet_NaN() : 0.0, x.options());
-    return {loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
+    return {loss, ll.to(x.scalar_type()), kl.to(x.scalar_type()), grad_recon, grad_obs, grad_mu,
+            grad_lv};
   }
 
   ElboArgs args;
@@ -123,7 +124,7 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
   args.run_likelihood = x.numel() > 0;
   args.run_kl = mu.numel() > 0;
   // One log-likelihood per row of recon: per batch row, or per sample and batch row.
-  const at::Tensor ll_rows = multi_sample ? at::empty({recon_layout.rows}, x.options()) : ll;
+  const at::Tensor ll_rows = multi_sample ? empty_rows({recon_layout.rows}, x) : ll;
   if (!args.run_likelihood) ll_rows.zero_();
   if (!args.run_kl) kl.zero_();
   const int64_t x_rows = multi_sample ? x_layout.rows : 0;
@@ -170,7 +171,7 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
   if (multi_sample) {
     if (args.run_likelihood && bernoulli) bernoulli_stub(device, args.bernoulli);
     if (args.run_likelihood && !bernoulli) gaussian_stub(device, args.gaussian);
-    loss = combine_samples(args, ll_rows, ll, device);
+    loss = combine_samples(args, ll_rows, ll, device, x.scalar_type());
   } else {
     args.loss = per_row ? at::empty({batch}, x.options()) : at::empty({}, x.options());
     elbo_stub(device, args);
@@ -180,7 +181,8 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
   if (args.gaussian.grad_logvar.defined()) {
     grad_obs = operand_gradient_in_shape(obs->kind, args.gaussian.grad_logvar, recon, *obs_logvar);
   }
-  return {loss, ll, kl, grad_recon, grad_obs, grad_mu, grad_lv};
+  return {loss, ll.to(x.scalar_type()), kl.to(x.scalar_type()), grad_recon, grad_obs, grad_mu,
+          grad_lv};
 }
 
 ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor& mu,

@@ -39,12 +39,12 @@ at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const 
                              int64_t event_dims) {
   const RowLayout layout = check_gaussian_log_prob(x, mean, logvar, event_dims);
   const c10::OptionalDeviceGuard device_guard(x.device());
-  at::Tensor log_prob = at::empty(layout.batch_shape, x.options());
-  if (x.numel() == 0) return log_prob.zero_();  // an empty event sums to 0
+  at::Tensor log_prob = empty_rows(layout.batch_shape, x);
+  if (x.numel() == 0) return log_prob.zero_().to(x.scalar_type());  // an empty event sums to 0
   GaussianArgs args = make_args(x, mean, logvar, event_dims, layout);
   args.log_prob = log_prob;
   gaussian_stub(x.device().type(), args);
-  return log_prob;
+  return log_prob.to(x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(

@@ -52,12 +52,12 @@ at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar,
                        const std::optional<at::Tensor>& prior_logvar, int64_t event_dims) {
   const RowLayout layout = check_gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims);
   const c10::OptionalDeviceGuard device_guard(mu.device());
-  at::Tensor kl = at::empty(layout.batch_shape, mu.options());
-  if (mu.numel() == 0) return kl.zero_();  // an empty event sums to 0
+  at::Tensor kl = empty_rows(layout.batch_shape, mu);
+  if (mu.numel() == 0) return kl.zero_().to(mu.scalar_type());  // an empty event sums to 0
   KLArgs args = make_args(mu, logvar, prior_mu, prior_logvar, event_dims, layout);
   args.kl = kl;
   kl_stub(mu.device().type(), args);
-  return kl;
+  return kl.to(mu.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(

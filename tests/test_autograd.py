@@ -316,6 +316,32 @@ def test_func_transforms_every_op(name):
             _assert_same(fused, ref)
 
 
+# torch.autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) run the
+# backward under vmap with a batched grad_output: elbo's and iwae's backward scales its
+# saved gradients by it, which must happen out of place and without reading its value.
+@pytest.mark.parametrize("op", ["elbo", "iwae"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_batched_backward(op, reduction):
+    x, recon, mu, logvar, _ = _elbo_inputs("bernoulli", requires_grad=False)
+    if op == "elbo":
+        fn = lambda r, m, lv: vae_fast.elbo(r, x, m, lv, reduction=reduction)[0]  # noqa: E731
+    else:
+        recon = torch.stack([recon, 0.5 * recon])
+        z = torch.stack([_eps((B, Z)), _eps((B, Z), seed=8)])
+        fn = lambda r, m, lv: vae_fast.iwae(r, x, z, m, lv, reduction=reduction)[0]  # noqa: E731
+    inputs = (recon, mu, logvar)
+    jac = lambda: torch.autograd.functional.jacobian(fn, inputs, vectorize=True)  # noqa: E731
+    fused, ref = _both_backends(jac)
+    _assert_same(fused, ref)
+    # A batch of two cotangents: the second is twice the first.
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    loss = fn(*leaves)
+    cotangents = torch.stack([torch.ones_like(loss), torch.full_like(loss, 2.0)])
+    grads = torch.autograd.grad(loss, leaves, cotangents, is_grads_batched=True)
+    for g in grads:
+        torch.testing.assert_close(g[1], 2 * g[0], rtol=1e-12, atol=0)
+
+
 def test_vmap_randomness_modes_of_reparameterize():
     mu, logvar = torch.zeros(4, 3, dtype=F64), torch.zeros(4, 3, dtype=F64)
     with pytest.raises(RuntimeError, match="randomness"):

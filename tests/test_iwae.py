@@ -616,6 +616,7 @@ def test_opcheck(gen):
         torch.library.opcheck(torch.ops.vae_fast.iwae.default, args)
 
 
+@pytest.mark.slow  # Inductor compiles a training step
 @pytest.mark.fused_only  # the reference backend's sampler does not compile
 @pytest.mark.parametrize("estimator", ["iwae", "stl"])
 def test_compiled_training_step_matches_eager(estimator):

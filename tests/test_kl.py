@@ -187,12 +187,31 @@ def _check_per_element_kl(d: torch.Tensor, device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
-def test_close_variances_keep_relative_precision(device, dtype):
+@pytest.mark.parametrize("backend", ["fused", "reference"])  # the reference's series too
+def test_close_variances_keep_relative_precision(device, dtype, backend):
     # Per dim, KL = (expm1(d) - d)/2, about d^2/4, for d = logvar - prior_logvar.
     # Computed as expm1(d) - d in two steps it cancels (relative error ~ulp(1)/d:
-    # 100% at d = 1e-7 in float32); the kernels form it in one piece.
-    d = torch.tensor([1e-7, -3e-6, 2e-5, 1e-4, -1e-3, 0.02, -0.2, 0.4, -0.6], dtype=dtype)
-    _check_per_element_kl(d, device)
+    # 100% at d = 1e-7 in float32, 1e-7 at d = 1e-9 in float64); the kernels form it in
+    # one piece, the reference by its series.
+    d = [1e-9, 1e-7, -3e-6, 2e-5, 1e-4, -1e-3, 0.02, -0.2, 0.4, -0.6]
+    with vae_fast.backend(backend):
+        _check_per_element_kl(torch.tensor(d, dtype=dtype), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("create_graph", [False, True])  # the recorded backward's route
+def test_overflowing_variance_gives_an_infinite_gradient(device, dtype, backend, create_graph):
+    # Where exp(logvar) overflows (but logvar is finite) the KL and d/dlogvar are +inf,
+    # as in plain torch; not nan from a masked-off exp's 0 * inf.
+    big = 89.0 if dtype == torch.float32 else 710.0
+    logvar = torch.tensor([[big, 0.5]], dtype=dtype, device=device, requires_grad=True)
+    with vae_fast.backend(backend):
+        kl = vae_fast.gaussian_kl(torch.zeros_like(logvar), logvar, event_dims=0)
+    (g,) = torch.autograd.grad(kl.sum(), logvar, create_graph=create_graph)
+    assert kl[0, 0] == math.inf and g[0, 0] == math.inf, (kl, g)
+    assert torch.isclose(g[0, 1], torch.expm1(logvar[0, 1].detach()) / 2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

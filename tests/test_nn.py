@@ -165,6 +165,23 @@ def test_elbo_loss_under_bf16_autocast(backend):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_gaussian_elbo_loss_keeps_its_float32_obs_logvar_under_autocast():
+    # Under autocast the loss runs in float32, so the learnable obs_logvar enters as it
+    # is (rounded to the decoder's bf16 first, the loss moved by 1e-4 relative).
+    torch.manual_seed(0)
+    loss_fn = ELBOLoss("gaussian", obs_logvar="feature", reduction="sum", event_shape=(64,))
+    with torch.no_grad():
+        loss_fn.obs_logvar.copy_(torch.linspace(-6.0, 6.0, 64) + 1e-2)  # not bf16 values
+    x, mu, logvar = torch.randn(4, 64), torch.randn(4, 3), torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon = torch.nn.Linear(3, 64)(torch.randn(4, 3))
+        assert recon.dtype == torch.bfloat16
+        loss, _, _ = loss_fn(recon, x, mu, logvar)
+        kwargs = dict(likelihood="gaussian", obs_logvar=loss_fn.obs_logvar, reduction="sum")
+        want, _, _ = vae_fast.elbo(recon, x, mu, logvar, **kwargs)
+    assert torch.equal(loss, want)
+
+
 # --------------------------------------------------------------------------- log-likelihood
 
 

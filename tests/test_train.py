@@ -111,6 +111,7 @@ def test_resume_refuses_other_options(tmp_path, vae_backend, capsys):
     assert "was written with --lr 0.003, this run has 0.01" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_two_gloo_processes_match_one(tmp_path, vae_backend):
     """A 2-process gloo run equals one process that splits the same global batch the same
     way (--accumulate 2): the same rows, the same noise per shard, averaged gradients."""
@@ -267,6 +268,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     idx = gzip.compress(bytes([0, 0, 8, 2, 0, 0, 0, 16, 0, 0, 0, 4]) + bytes(64))
     (tmp / "cut.gz").write_bytes(idx[: len(idx) // 2])  # a download cut short
     np.save(tmp / "no_features.npy", np.zeros((20, 0)))
+    # Empty uint8 arrays (whose small-range warning read their min and max first).
+    np.save(tmp / "empty_u8.npy", np.zeros((0, 16), np.uint8))
+    np.save(tmp / "no_features_u8.npy", np.zeros((10, 0), np.uint8))
+    np.save(tmp / "two_rows.npy", np.array([[0.1, 0.5], [0.3, 0.2]]))  # 1 left after the split
     (tmp / "a_file").write_text("")
     return [
         (["--data", str(tmp / "missing.npz")], "no such file"),
@@ -291,6 +296,9 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--resume"], "needs the --out DIR"),
         (["--data", str(tmp / "cut.gz")], "cannot read (Compressed file ended"),
         (["--data", str(tmp / "no_features.npy")], "hold no features"),
+        (["--data", str(tmp / "empty_u8.npy")], "0 rows; need at least 2"),
+        (["--data", str(tmp / "no_features_u8.npy")], "hold no features"),
+        (["--data", str(tmp / "two_rows.npy"), "--batch-size", "1"], "leave 1 to train on"),
         (["--out", str(tmp / "a_file"), "--epochs", "1"], "cannot create the directory"),
         (["--seed", str(2**64)], "must be less than 2147483648"),
     ]
@@ -305,6 +313,16 @@ def test_bad_input_gets_a_one_line_error(tmp_path, capsys):
         last = err.strip().splitlines()[-1]
         assert last.startswith("vae-fast-train: error: ") and message in last, (argv, err)
         assert "Traceback" not in err
+
+
+def test_bad_input_under_torchrun_is_reported_by_rank_0_only(monkeypatch, capsys):
+    # Every rank finds the same bad data; one line in all, from rank 0, and status 2 on each.
+    for rank, reported in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            run(["--data", "synthetic:0x5", "--backend", "reference", "--no-progress"])
+        assert exit_info.value.code == 2
+        assert ("synthetic:NxD" in capsys.readouterr().err) == reported, rank
 
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
@@ -326,3 +344,32 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
             "'synthetic:NxD', or a .npz/.npy/IDX file)"
         )
     )
+
+
+# A test set that is not a whole number of picture rows (13 rows, 10 to a row) or is
+# smaller than one row (4): every row of test images is followed by a row of their own
+# reconstructions, never wrapped into the next.
+@pytest.mark.parametrize("test_rows, want_ncol, want_pairs", [(13, 10, 10), (4, 4, 4)])
+def test_reconstruction_picture_pairs_whole_rows(monkeypatch, tmp_path, test_rows, want_ncol,
+                                                 want_pairs):  # fmt: skip
+    from vae_fast.data import Dataset, prepare
+    from vae_fast.nn import VAE
+    from vae_fast.train import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(20, 16, generator=g), torch.rand(test_rows, 16, generator=g)
+    data = Dataset("tiny", train, test, binary=True, image_shape=(1, 4, 4))
+    objective = torch.nn.Module()
+    objective.model = VAE(16, 2, hidden=(8,))
+    grids = {}
+
+    def capture(images, path, title, *, ncol, vmin, vmax):
+        grids[path.name] = (images, ncol)
+        return path
+
+    monkeypatch.setattr(evaluate._plots, "save_grid", capture)
+    evaluate.pictures(objective, prepare(data, "bernoulli"), data, tmp_path, 0, torch.device("cpu"))
+    images, ncol = grids["reconstructions.png"]
+    assert ncol == want_ncol and images.shape[0] == 2 * want_pairs
+    shown = test[:want_pairs].reshape(-1, 1, 4, 4)
+    assert torch.equal(images.reshape(-1, 2, ncol, 1, 4, 4)[:, 0].reshape(-1, 1, 4, 4), shown)

@@ -187,13 +187,21 @@ def register_first_order_only(name: str) -> None:
     torch.library.register_autograd(f"vae_fast::{name}", backward)
 
 
+def _is_batched(t: torch.Tensor) -> bool:
+    """Whether t carries a vmap batch dim: torch.func's, or the older vmap's that
+    ``torch.autograd.grad(is_grads_batched=True)`` and ``jacobian(vectorize=True)`` use."""
+    return torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
 def is_exactly_one(t: torch.Tensor) -> bool:
     """Whether grad_output is exactly 1, so that saved gradients need no scaling. Reading
     a value is free on the CPU; elsewhere it is a host sync, so it is never read there
-    (and compiled graphs always scale: the check depends on data)."""
+    (and compiled graphs always scale: the check depends on data; so does a backward
+    under vmap, whose grad_output is batched: is_grads_batched, vectorized jacobians)."""
     return (
         t.device.type == "cpu"
         and not torch.compiler.is_compiling()
+        and not _is_batched(t)
         and t.numel() == 1
         and t.item() == 1
     )
@@ -211,7 +219,10 @@ def hand_back(
     that clipping them in place cannot change what a later backward reads.
     `scale_shapes[i]`: the shape grad_output is viewed as to scale grads[i] (a per-row
     grad_output against a gradient with more dims); None scales by it as it is."""
+    # A batched grad_output (a backward under vmap) is scaled out of place: the saved
+    # gradient is one of the batch's, the result has a gradient per batch entry.
     keep_graph = torch._C._autograd._get_current_graph_task_keep_graph()
+    keep_graph = keep_graph or _is_batched(grad_output)
     one = is_exactly_one(grad_output)
     out = []
     for i, g in enumerate(grads):

@@ -322,8 +322,8 @@ def _as_float(
     else:
         rule = f"{a.dtype} / {_fmt(divisor)}"
         reading = rule if scale is None else f"{rule} (--data-scale)"
-        if warn and a.dtype != np.bool_ and big < SMALL_RANGE:
-            top = float(np.abs(a).max()) if a.size else 0.0
+        if warn and a.size and a.dtype != np.bool_ and big < SMALL_RANGE:
+            top = float(np.abs(a).max())
             what = (
                 "uint8 is divided by 255"
                 if scale is None
@@ -366,6 +366,12 @@ def _dataset(
     x = torch.from_numpy(np.ascontiguousarray(train))
     if test is None:
         x_train, x_test = _split(x)
+        # At least 2 rows to train on: a Gaussian's scale is a standard deviation over them.
+        if x_train.shape[0] < 2:
+            raise DataError(
+                f"{where}: {x.shape[0]} rows leave {x_train.shape[0]} to train on after the "
+                f"test split takes {x_test.shape[0]}; need at least 2"
+            )
     else:
         test, _ = _event_layout(f"{where} (test)", test)
         test, test_binary, _ = _as_float(f"{where} (test)", test, scale, warn=False)

@@ -36,7 +36,7 @@ from vae_fast._dreg import dreg_slot, iwae_sample
 from vae_fast._extension import ops, public, register_op
 
 _FN = "vae_fast.iwae"
-# The plain-torch iwae, under its older name.
+# An alias of vae_fast.reference.iwae, the plain-torch iwae.
 reference_iwae = reference.iwae
 ESTIMATORS = V.ESTIMATORS
 __all__ = ["iwae", "iwae_sample", "reference_iwae", "ESTIMATORS"]

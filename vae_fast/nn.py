@@ -53,8 +53,9 @@ def importance_log_likelihood(
 
     ``log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K`` with
     ``z_k ~ q(z|x)``; a lower bound whose gap closes as K grows (Burda et al., 2016).
-    The K samples are drawn and decoded in chunks of at most `max_rows` decoder rows,
-    and the mean over K is taken in log space, so nothing overflows for any K.
+    The K samples are drawn and decoded in chunks of at most `max_rows` decoder rows
+    (one sample per row of x, B rows, when B alone exceeds it), and the mean over K is
+    taken in log space, so nothing overflows for any K.
 
     Args:
         x: data, shape (B, *event).
@@ -65,7 +66,8 @@ def importance_log_likelihood(
         likelihood: ``"bernoulli"`` or ``"gaussian"``.
         obs_logvar: the Gaussian observation log-variance, broadcastable to one row
             of x; None means 0.
-        max_rows: the most decoder rows (K_chunk * B) evaluated at once (memory bound).
+        max_rows: the most decoder rows (K_chunk * B) evaluated at once (memory bound;
+            at least one sample per row of x, B rows, is always evaluated).
         generator: where the samples come from (default: torch's global generator).
 
     Returns:
@@ -189,9 +191,7 @@ class ELBOLoss(nn.Module):
         # x is taken as it is: integer data is refused by vae_fast.elbo, never scaled
         # here (uint8 pixels of 0..255 are not Bernoulli targets). Under autocast the
         # half decoder output runs in float32 there, as torch's own losses do.
-        obs = self.obs_logvar
-        if obs is not None and recon.is_floating_point():
-            obs = obs.to(recon.dtype)
+        obs = self.obs_logvar_for(recon)
         return vae_fast.elbo(
             recon,
             x,
@@ -204,6 +204,16 @@ class ELBOLoss(nn.Module):
             inplace_grad=self.inplace_grad,
             num_samples=num_samples,
         )
+
+    def obs_logvar_for(self, recon: torch.Tensor) -> torch.Tensor | None:
+        """The observation log-variance as a loss of `recon` takes it: in recon's dtype
+        (a model cast to bfloat16 as a whole), except under autocast, where the loss runs
+        in float32 and this float32 parameter is passed as it is (not rounded to bf16)."""
+        obs = self.obs_logvar
+        autocast = torch.is_autocast_enabled(recon.device.type)
+        if obs is not None and recon.is_floating_point() and not autocast:
+            obs = obs.to(recon.dtype)
+        return obs
 
     def extra_repr(self) -> str:
         s = f"likelihood={self.likelihood!r}"

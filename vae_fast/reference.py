@@ -1,4 +1,4 @@
-"""The five vae_fast functions in plain torch: the readable definition of the maths.
+"""The vae_fast functions in plain torch: the readable definition of the maths.
 
 Used by the tests and the benchmarks as the eager baseline, and by
 `with vae_fast.backend("reference"):`. Half-precision inputs are computed in
@@ -79,14 +79,29 @@ def gaussian_kl(
     diff = muf if pmf is None else muf - pmf
     dlv = lvf if plvf is None else lvf - plvf
     scaled_sq = diff.square() if plvf is None else diff.square() * torch.exp(-plvf)
-    # expm1(d) - d instead of exp(d) - 1 - d: no cancellation when the variances are close.
-    # exp(d) where d = +inf (an infinite variance): inf with the gradient inf, not inf - inf
-    # (the other branch sees 0 there, so that its gradient is not 0 * inf either).
-    infinite = dlv == math.inf
-    finite_dlv = torch.where(infinite, 0.0, dlv)
-    em1_minus_d = torch.where(infinite, torch.exp(dlv), torch.expm1(finite_dlv) - finite_dlv)
-    kl = 0.5 * (em1_minus_d + scaled_sq)
+    kl = 0.5 * (_expm1_minus_x(dlv) + scaled_sq)
     return _sum_event(kl, k).to(mu.dtype)
+
+
+def _expm1_minus_x(d: torch.Tensor) -> torch.Tensor:
+    """exp(d) - 1 - d, the KL's variance term, to rounding for every d, with the
+    derivative expm1(d) wherever that is finite (inf where exp(d) overflows)."""
+    # Near 0, expm1(d) - d cancels (relative error ~2 eps/|d|): the Taylor series
+    # d^2/2! + ... + d^n/n! there, with the kernels' cutoff and length per precision.
+    cutoff, last = (0.01, 7) if d.dtype == torch.float64 else (0.5, 9)
+    small = d.abs() < cutoff
+    ds = torch.where(small, d, 0.0)
+    series = torch.full_like(ds, 1 / math.factorial(last))
+    for k in range(last - 1, 1, -1):
+        series = series * ds + 1 / math.factorial(k)
+    series = series * ds * ds
+    # Each other branch sees only its own d (masked lanes read 1 or 0), so that no 0 * inf
+    # from an overflowing exp reaches the gradient; at d = +inf (an infinite variance)
+    # exp(d) gives inf with the gradient inf, where expm1(d) - d is inf - inf.
+    infinite = d == math.inf
+    dl = torch.where(small | infinite, 1.0, d)
+    infinite_value = torch.exp(torch.where(infinite, d, 0.0))
+    return torch.where(small, series, torch.where(infinite, infinite_value, torch.expm1(dl) - dl))
 
 
 def reparameterize(
@@ -138,26 +153,27 @@ def elbo(
     if likelihood == "bernoulli" and V.resolve_validate_args(validate_args):
         V.check_targets_in_unit_interval("vae_fast.elbo", x)
     event_dims = x.dim() - 1
+    # Every term in the accumulation dtype until the loss is formed: beta*kl - ll from
+    # half-precision rows would lose a loss where the two nearly cancel.
+    xf, rf, muf, lvf, obsf = _opmath(x, recon, mu, logvar, obs_logvar)
     # x broadcast over the samples: a view, as the op reads it.
-    x_k = x.expand(recon.shape)
+    x_k = xf.expand(rf.shape)
     if likelihood == "bernoulli":
-        ll = bernoulli_log_prob(x_k, recon, event_dims=event_dims, validate_args=False)
+        ll = bernoulli_log_prob(x_k, rf, event_dims=event_dims, validate_args=False)
     else:
-        if obs_logvar is None:
-            obs_logvar = x.new_zeros(())
-        ll = gaussian_log_prob(x_k, recon, obs_logvar, event_dims=event_dims)
-    if num_samples is not None:  # the mean over the samples, in the accumulation dtype
-        ll = _opmath(ll)[0].mean(0).to(x.dtype)
-    kl = gaussian_kl(mu, logvar)
-    kl_acc, ll_acc = _opmath(kl, ll)
-    per_sample = beta * kl_acc - ll_acc
+        obs = obsf if obsf is not None else xf.new_zeros(())
+        ll = gaussian_log_prob(x_k, rf, obs, event_dims=event_dims)
+    if num_samples is not None:  # the mean over the samples
+        ll = ll.mean(0)
+    kl = gaussian_kl(muf, lvf)
+    per_sample = beta * kl - ll
     if reduction == "mean":
         loss = per_sample.mean()
     elif reduction == "sum":
         loss = per_sample.sum()
     else:
         loss = per_sample
-    return loss.to(x.dtype), ll, kl
+    return loss.to(x.dtype), ll.to(x.dtype), kl.to(x.dtype)
 
 
 def iwae(

@@ -2,7 +2,9 @@
 // How the ops see their inputs: a (rows, cols) matrix, where cols is the product of
 // the last `event_dims` dims (summed per row) and rows the product of the rest.
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <vector>
 
@@ -26,6 +28,14 @@ inline RowLayout row_layout(const at::Tensor& x, int64_t event_dims) {
     }
   }
   return layout;
+}
+
+// The per-row sums every kernel writes (log-likelihoods, KLs), uninitialised: in the
+// accumulation dtype (float32 for bf16/fp16 inputs), so that a loss formed from them is
+// not rounded twice (beta*kl - ll rounded from half-precision rows loses the loss where
+// the two nearly cancel). The single-term ops return them in their input's dtype.
+inline at::Tensor empty_rows(at::IntArrayRef shape, const at::Tensor& like) {
+  return at::empty(shape, like.options().dtype(at::toOpMathType(like.scalar_type())));
 }
 
 // A tensor broadcastable to x, as the kernels read it. A shared (scalar or

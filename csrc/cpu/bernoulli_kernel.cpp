@@ -44,7 +44,7 @@ void bernoulli_rows(const BernoulliArgs& a) {
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   const scalar_t* logits = a.logits.const_data_ptr<scalar_t>();
   const scalar_t* row_weight = ptr_or_null<scalar_t>(a.row_weight);
-  scalar_t* log_prob = mutable_ptr_or_null<scalar_t>(a.log_prob);
+  opmath* log_prob = mutable_ptr_or_null<opmath>(a.log_prob);  // rows in opmath
   scalar_t* grad_x = mutable_ptr_or_null<scalar_t>(a.grad_x);
   scalar_t* grad_logits = mutable_ptr_or_null<scalar_t>(a.grad_logits);
   const opmath scale = static_cast<opmath>(a.scale);
@@ -75,7 +75,7 @@ void bernoulli_rows(const BernoulliArgs& a) {
                                                          range, stream);
       }
       if constexpr (kLogProb) {
-        log_prob[r] = static_cast<scalar_t>(sum.take());
+        log_prob[r] = static_cast<opmath>(sum.take());
       }
     }
     end_streaming(stream);

@@ -76,7 +76,7 @@ void gaussian_rows(const GaussianArgs& a, const GaussianRows<scalar_t>& p, doubl
   const int64_t rows = a.mean.size(0);
   const int64_t x_rows = a.x_rows > 0 ? a.x_rows : rows;
   const scalar_t* row_weight = ptr_or_null<scalar_t>(a.row_weight);
-  scalar_t* log_prob = mutable_ptr_or_null<scalar_t>(a.log_prob);
+  opmath* log_prob = mutable_ptr_or_null<opmath>(a.log_prob);  // rows in opmath
   const opmath scale = static_cast<opmath>(a.scale);
 
   for_each_row_chunk(rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
@@ -99,7 +99,7 @@ void gaussian_rows(const GaussianArgs& a, const GaussianRows<scalar_t>& p, doubl
             rows_of, off, x_off, j, cols - j, weight, half_weight, sum, partial);
       }
       if constexpr (kLogProb) {
-        log_prob[r] = static_cast<scalar_t>(-0.5 * (row_constant + sum.take()));
+        log_prob[r] = static_cast<opmath>(-0.5 * (row_constant + sum.take()));
       }
       lv_sums.end_row(chunk, r - begin + 1);
     }

@@ -68,7 +68,7 @@ void kl_rows(const KLArgs& a) {
   Prior<scalar_t> prior_mu(a.prior_mu, a.prior_mu_kind, a.grad_prior_mu, chunks, cols);
   Prior<scalar_t> prior_lv(a.prior_logvar, a.prior_logvar_kind, a.grad_prior_logvar, chunks, cols);
   const scalar_t* row_weight = ptr_or_null<scalar_t>(a.row_weight);
-  scalar_t* kl = mutable_ptr_or_null<scalar_t>(a.kl);
+  opmath* kl = mutable_ptr_or_null<opmath>(a.kl);  // rows in opmath
   scalar_t* g_mu = mutable_ptr_or_null<scalar_t>(a.grad_mu);
   scalar_t* g_lv = mutable_ptr_or_null<scalar_t>(a.grad_logvar);
   const bool g_pmu = prior_mu.has_grad(), g_plv = prior_lv.has_grad();
@@ -110,7 +110,7 @@ void kl_rows(const KLArgs& a) {
           prior_lv.store_grad(plv_partial, off, j, g, n);
         }
       }
-      if (kl) kl[r] = static_cast<scalar_t>(0.5 * sum.take());
+      if (kl) kl[r] = static_cast<opmath>(0.5 * sum.take());
       prior_mu.sums.end_row(chunk, r - begin + 1);
       prior_lv.sums.end_row(chunk, r - begin + 1);
     }

@@ -28,14 +28,14 @@ void iwae(const IWAEArgs& args) { VAE_FAST_CPU_DISPATCH(iwae_kernel, args); }
 template <typename scalar_t>
 void combine_loss(const ElboArgs& args) {
   using opmath = at::opmath_type<scalar_t>;
-  const scalar_t* ll = args.log_likelihood().const_data_ptr<scalar_t>();
-  const scalar_t* kl = args.kl.kl.const_data_ptr<scalar_t>();
+  const opmath* ll = args.log_likelihood().const_data_ptr<opmath>();
+  const opmath* kl = args.kl.kl.const_data_ptr<opmath>();
   scalar_t* loss = args.loss.mutable_data_ptr<scalar_t>();
   const int64_t batch = args.kl.kl.numel();
   const auto beta = static_cast<opmath>(args.beta);
   double total = 0;
   for (int64_t i = 0; i < batch; ++i) {
-    const opmath row = beta * static_cast<opmath>(kl[i]) - static_cast<opmath>(ll[i]);
+    const opmath row = beta * kl[i] - ll[i];
     if (args.per_row) {
       loss[i] = static_cast<scalar_t>(row);
     } else {

@@ -8,8 +8,10 @@
 // - the KL to N(0, I) over (mu, logvar) (KLRows), likewise.
 //
 // For reduction "sum" / "mean" the same launch reduces the loss, sum(beta*kl - ll),
-// from the rounded ll and kl as the CPU does (csrc/cpu/launch.cpp): each block adds the rows it finishes,
-// and the last block adds those parts in block order (deterministic). "none" takes
+// from ll and kl in the accumulation dtype, as the CPU does (csrc/cpu/launch.cpp;
+// rounded to bf16/fp16 first, they would lose a loss where beta*kl and ll nearly
+// cancel): each block adds the rows it finishes, and the last block adds those parts
+// in block order (deterministic). "none" takes
 // one more small elementwise kernel (beta*kl - ll per row needs both tasks done).
 // Also left outside the launch: at::sum over the blocks' per-column sums (a scalar or
 // per-feature obs_logvar with gradients), a cast of a device beta of another dtype,
@@ -27,17 +29,17 @@
 namespace vae_fast::cuda {
 namespace {
 
-// loss = beta*kl - ll per row (reduction "none"), from the rounded ll and kl.
+// loss = beta*kl - ll per row (reduction "none"), from ll and kl in the accumulation dtype.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlockThreads)
-    elbo_loss_rows_kernel(const scalar_t* __restrict__ ll, const scalar_t* __restrict__ kl,
+    elbo_loss_rows_kernel(const acc_t<scalar_t>* __restrict__ ll, const acc_t<scalar_t>* __restrict__ kl,
                           scalar_t* __restrict__ loss, int64_t batch, acc_t<scalar_t> beta,
                           const acc_t<scalar_t>* __restrict__ beta_ptr) {
   using acc = acc_t<scalar_t>;
   const acc b = beta_ptr != nullptr ? *beta_ptr : beta;
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < batch;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    loss[r] = static_cast<scalar_t>(b * static_cast<acc>(kl[r]) - static_cast<acc>(ll[r]));
+    loss[r] = static_cast<scalar_t>(b * kl[r] - ll[r]);
   }
 }
 
@@ -88,7 +90,7 @@ void elbo(const ElboArgs& args) {
       const auto blocks = static_cast<unsigned>(
           std::max<int64_t>(std::min<int64_t>(ceil_div(batch, kBlockThreads), static_cast<int64_t>(sm_count()) * 8), 1));
       elbo_loss_rows_kernel<scalar_t><<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          args.log_likelihood().const_data_ptr<scalar_t>(), args.kl.kl.const_data_ptr<scalar_t>(),
+          args.log_likelihood().const_data_ptr<acc>(), args.kl.kl.const_data_ptr<acc>(),
           args.loss.mutable_data_ptr<scalar_t>(), batch, static_cast<acc>(args.beta), beta_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

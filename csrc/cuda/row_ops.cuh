@@ -41,7 +41,7 @@ struct BernoulliRows {
   RowWeight<scalar_t> weight;
   scalar_t* grad_x = nullptr;
   scalar_t* grad_logits = nullptr;
-  scalar_t* log_prob = nullptr;
+  acc* log_prob = nullptr;  // rows in the accumulation dtype
   int* found_outside = nullptr;  // set to 1 when an x lies outside [0, 1] (null: not checked)
   int64_t cols = 0;
   int64_t x_rows = 0;  // > 0: x broadcast over samples, row r reads x's row r % x_rows
@@ -71,9 +71,8 @@ struct BernoulliRows {
   }
 
   __device__ __forceinline__ acc finish_row(int64_t row, const acc (&sums)[1]) const {
-    const scalar_t value = static_cast<scalar_t>(sums[0]);
-    log_prob[row] = value;
-    return static_cast<acc>(value);
+    log_prob[row] = sums[0];
+    return sums[0];
   }
 };
 
@@ -95,7 +94,7 @@ struct GaussianRows {
   scalar_t* grad_x = nullptr;
   scalar_t* grad_mean = nullptr;
   scalar_t* grad_logvar = nullptr;  // kElement logvar only: (rows, cols)
-  scalar_t* log_prob = nullptr;
+  acc* log_prob = nullptr;  // rows in the accumulation dtype
   int64_t cols = 0;
   int64_t x_rows = 0;  // > 0: x broadcast over samples, row r reads x's row r % x_rows
 
@@ -127,9 +126,9 @@ struct GaussianRows {
 
   __device__ __forceinline__ acc finish_row(int64_t row, const acc (&sums)[1]) const {
     const acc log_norm = static_cast<acc>(cols) * static_cast<acc>(kLog2Pi);
-    const scalar_t value = static_cast<scalar_t>(acc(-0.5) * (log_norm + sums[0]));
+    const acc value = acc(-0.5) * (log_norm + sums[0]);
     log_prob[row] = value;
-    return static_cast<acc>(value);
+    return value;
   }
 };
 
@@ -151,7 +150,7 @@ struct KLRows {
   scalar_t* grad_logvar = nullptr;
   scalar_t* grad_prior_mu = nullptr;      // kElement prior only
   scalar_t* grad_prior_logvar = nullptr;  // kElement prior only
-  scalar_t* kl = nullptr;
+  acc* kl = nullptr;  // rows in the accumulation dtype
   int64_t cols = 0;
 
   template <int V>
@@ -196,9 +195,9 @@ struct KLRows {
   }
 
   __device__ __forceinline__ acc finish_row(int64_t row, const acc (&sums)[1]) const {
-    const scalar_t value = static_cast<scalar_t>(acc(0.5) * sums[0]);
+    const acc value = acc(0.5) * sums[0];
     kl[row] = value;
-    return static_cast<acc>(value);
+    return value;
   }
 };
 
@@ -261,7 +260,7 @@ TaskSpec<BernoulliRows<scalar_t, kLogProb>> bernoulli_task(const BernoulliArgs& 
   op.weight = row_weight_of<scalar_t>(a.row_weight, a.scale);
   op.grad_x = mutable_ptr_or_null<scalar_t>(a.grad_x);
   op.grad_logits = mutable_ptr_or_null<scalar_t>(a.grad_logits);
-  op.log_prob = mutable_ptr_or_null<scalar_t>(a.log_prob);
+  op.log_prob = mutable_ptr_or_null<acc_t<scalar_t>>(a.log_prob);
   return task(op, rows, a.logits.size(1), {op.x, op.logits, op.grad_x, op.grad_logits});
 }
 
@@ -285,7 +284,7 @@ TaskSpec<GaussianRows<scalar_t, kLogProb, kPerColumn>> gaussian_task(const Gauss
   if (!reduced_over_rows(a.logvar_kind)) {
     op.grad_logvar = mutable_ptr_or_null<scalar_t>(a.grad_logvar);
   }
-  op.log_prob = mutable_ptr_or_null<scalar_t>(a.log_prob);
+  op.log_prob = mutable_ptr_or_null<acc_t<scalar_t>>(a.log_prob);
   return task(op, rows, a.mean.size(1),
               {op.x, op.mean, matrix_ptr(op.logvar), op.grad_x, op.grad_mean, op.grad_logvar});
 }
@@ -313,7 +312,7 @@ TaskSpec<KLRows<scalar_t, kKL, kPerColumn>> kl_task(const KLArgs& a, int64_t row
   if (!reduced_over_rows(a.prior_logvar_kind)) {
     op.grad_prior_logvar = mutable_ptr_or_null<scalar_t>(a.grad_prior_logvar);
   }
-  op.kl = mutable_ptr_or_null<scalar_t>(a.kl);
+  op.kl = mutable_ptr_or_null<acc_t<scalar_t>>(a.kl);
   return task(op, rows, a.mu.size(1),
               {op.mu, op.logvar, matrix_ptr(op.prior_mu), matrix_ptr(op.prior_logvar), op.grad_mu,
                op.grad_logvar, op.grad_prior_mu, op.grad_prior_logvar});

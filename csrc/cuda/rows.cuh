@@ -5,8 +5,8 @@
 //   static constexpr int kRowSums;   // per-row sums it produces (0: elementwise only)
 //   static constexpr int kFeatSums;  // per-column sums over rows (0, 1 or 2)
 //   template <int V> void apply(int64_t row, int64_t col, acc (&sums)[..], acc (&feat)[..][V]);
-//   acc finish_row(int64_t row, const acc (&sums)[..]);  // writes a row's outputs, returns
-//                                                        // its value as written (rounded)
+//   acc finish_row(int64_t row, const acc (&sums)[..]);  // writes a row's outputs (in the
+//                                                        // accumulation dtype), returns it
 // `apply` handles V consecutive elements of one row (one 16-byte load per input when
 // V > 1; V = 1 for single elements), adds to the row sums and the per-column sums, and
 // writes any per-element gradients. The driver owns the thread mapping, the access

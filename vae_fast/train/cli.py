@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -362,7 +362,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         prep = prepare(data, args.likelihood, args.data)
         rt = start_runtime(args.device)
     except (DataError, ConfigError) as error:
-        parser.error(str(error))
+        _refuse(parser, error, _launched_as_rank_0())
     except KeyboardInterrupt:
         parser.exit(EXIT_INTERRUPTED, f"{parser.prog}: interrupted\n")
     threads = torch.get_num_threads()
@@ -373,7 +373,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         with vae_fast.backend(cfg.backend):
             return train(cfg, data, prep, rt)
     except (DataError, ConfigError) as error:
-        parser.error(str(error))
+        _refuse(parser, error, rt.main)
     except Diverged as error:
         parser.exit(EXIT_DIVERGED, f"{parser.prog}: error: {error}\n" if rt.main else None)
     except Interrupted as error:
@@ -386,6 +386,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
             dist.destroy_process_group()
 
 
+def _launched_as_rank_0() -> bool:
+    """Rank 0 of a torchrun launch, or a single process (before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _refuse(parser: argparse.ArgumentParser, error: Exception, main: bool) -> NoReturn:
+    """Bad options or data: status 2, with the one-line error from the main process only
+    (under torchrun every rank finds the same error)."""
+    if main:
+        parser.error(str(error))
+    parser.exit(2)
+
+
 def _load_data(spec: str, scale: float | None, prog: str) -> Dataset:
     """load_dataset, with its DataWarnings printed as one line each on stderr (rank 0)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -394,7 +407,7 @@ def _load_data(spec: str, scale: float | None, prog: str) -> Dataset:
     for w in caught:
         if not issubclass(w.category, DataWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        elif int(os.environ.get("RANK", "0")) == 0:
+        elif _launched_as_rank_0():
             print(f"{prog}: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     return data
 

@@ -92,18 +92,22 @@ def pictures(
         vmin=lo,
         vmax=hi,
     )
-    n = min(ncol * (ncol // 2), prep.test.shape[0])
+    # Whole rows of test images, each followed by its reconstructions (a partial row would
+    # wrap into the next one); a test set smaller than a row fills one row of its size.
+    available = prep.test.shape[0]
+    ncol_pairs = min(ncol, available)
+    n = min(ncol_pairs * (ncol // 2), available // ncol_pairs * ncol_pairs)
     shown = prep.test_shown[:n]
     model_in = shown if prep.likelihood == "bernoulli" else prep.test[:n]
     recon = to_data(model.reconstruct(model_in.to(device)))
     pairs = []
-    for r in range(0, n, ncol):  # alternating rows: test images, then their reconstructions
-        pairs += [shown[r : r + ncol].reshape(-1, *image), recon[r : r + ncol]]
+    for r in range(0, n, ncol_pairs):  # alternating rows: test images, their reconstructions
+        pairs += [shown[r : r + ncol_pairs].reshape(-1, *image), recon[r : r + ncol_pairs]]
     r = _plots.save_grid(
         torch.cat(pairs),
         out / "reconstructions.png",
         f"{data.name}: test images (odd rows) and reconstructions (even rows)",
-        ncol=ncol,
+        ncol=ncol_pairs,
         vmin=lo,
         vmax=hi,
     )

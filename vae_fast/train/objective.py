@@ -52,7 +52,6 @@ class Objective(nn.Module):
         recon = self.model.decode(z.flatten(0, 1)).reshape(k, *x.shape)
         if self.bound == "elbo":
             return self.loss(recon, x, mu, logvar, num_samples=k)
-        obs = self.loss.obs_logvar
         loss, log_weights = vae_fast.iwae(
             recon,
             x,
@@ -60,7 +59,7 @@ class Objective(nn.Module):
             mu,
             logvar,
             likelihood=self.loss.likelihood,
-            obs_logvar=None if obs is None else obs.to(recon.dtype),
+            obs_logvar=self.loss.obs_logvar_for(recon),
             estimator=self.estimator,
         )
         return loss, log_weights, None
