@@ -530,6 +530,23 @@ def test_integer_dtype(name):
         op(*args.values())
 
 
+# A sparse tensor is refused by name (the dispatcher's own error names only the op), and
+# a yes/no option must be a bool ("no" would read as true).
+@pytest.mark.parametrize("name", ["x", "recon"])
+def test_sparse_input(name):
+    args = dict(zip(("recon", "x", "mu", "logvar"), _ok()))
+    args[name] = args[name].to_sparse()
+    with pytest.raises(
+        TypeError, match=rf"`{name}` is a torch.sparse_coo tensor; expected a dense"
+    ):
+        op(*args.values())
+
+
+def test_inplace_grad_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"`inplace_grad` must be a bool, got 'no'"):
+        op(*_ok(), inplace_grad="no")
+
+
 def test_mixed_dtypes():
     recon, x, mu, logvar = _ok()
     with pytest.raises(TypeError, match=r"`mu` has dtype torch.float64 but `x` has torch.float32"):

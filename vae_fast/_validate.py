@@ -33,6 +33,12 @@ def set_default_validate_args(value: bool) -> None:
     _validate_args_default = value
 
 
+def check_flag(fn: str, name: str, value: bool) -> None:
+    """A yes/no option must be a bool (a string such as "no" would read as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: `{name}` must be a bool, got {value!r}")
+
+
 def resolve_validate_args(value: bool | None) -> bool:
     if value is None:
         return _validate_args_default
@@ -73,6 +79,11 @@ def check_tensors(fn: str, **tensors: torch.Tensor | None) -> None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(
+                f"{fn}: `{name}` is a {t.layout} tensor; expected a dense (strided) one "
+                f"(call .to_dense() first)"
+            )
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{fn}: `{name}` has dtype {t.dtype}; expected a floating dtype "

@@ -149,6 +149,7 @@ def elbo(
     """
     V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
     V.check_elbo_samples(x, recon, num_samples)
+    V.check_flag("vae_fast.elbo", "inplace_grad", inplace_grad)
     beta = V.check_beta(beta, x)
     if likelihood == "bernoulli" and V.resolve_validate_args(validate_args):
         V.check_targets_in_unit_interval("vae_fast.elbo", x)

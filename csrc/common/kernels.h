@@ -39,7 +39,7 @@ namespace vae_fast {
 struct BernoulliArgs {
   at::Tensor x, logits;            // (rows or x_rows, cols), (rows, cols)
   int64_t x_rows = 0;
-  at::Tensor log_prob;             // out (rows)
+  at::Tensor log_prob;             // out (rows), in the accumulation dtype (empty_rows)
   at::Tensor grad_x, grad_logits;  // out (rows, cols)
   at::Tensor row_weight;           // (rows)
   double scale = 1.0;
@@ -54,7 +54,7 @@ struct GaussianArgs {
   Broadcast logvar_kind = Broadcast::kElement;
   at::Tensor logvar;               // 1, (cols) or (rows, cols) elements, by logvar_kind;
                                    // undefined: 0 (elbo without obs_logvar)
-  at::Tensor log_prob;             // out (rows)
+  at::Tensor log_prob;             // out (rows), in the accumulation dtype
   at::Tensor grad_x, grad_mean;    // out (rows, cols)
   at::Tensor grad_logvar;          // out, logvar's layout
   at::Tensor row_weight;           // (rows)
@@ -66,7 +66,7 @@ struct KLArgs {
   // Undefined: the standard normal's 0. Otherwise 1, (cols) or (rows, cols) elements.
   Broadcast prior_mu_kind = Broadcast::kElement, prior_logvar_kind = Broadcast::kElement;
   at::Tensor prior_mu, prior_logvar;
-  at::Tensor kl;                               // out (rows)
+  at::Tensor kl;                               // out (rows), in the accumulation dtype
   at::Tensor grad_mu, grad_logvar;             // out (rows, cols)
   at::Tensor grad_prior_mu, grad_prior_logvar; // out, their prior's layout
   at::Tensor row_weight;                       // (rows)
