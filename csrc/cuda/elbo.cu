@@ -32,8 +32,8 @@ namespace {
 // loss = beta*kl - ll per row (reduction "none"), from ll and kl in the accumulation dtype.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlockThreads)
-    elbo_loss_rows_kernel(const acc_t<scalar_t>* __restrict__ ll, const acc_t<scalar_t>* __restrict__ kl,
-                          scalar_t* __restrict__ loss, int64_t batch, acc_t<scalar_t> beta,
+    elbo_loss_rows_kernel(const acc_t<scalar_t>* __restrict__ ll,
+                          const acc_t<scalar_t>* __restrict__ kl, scalar_t* __restrict__ loss, int64_t batch, acc_t<scalar_t> beta,
                           const acc_t<scalar_t>* __restrict__ beta_ptr) {
   using acc = acc_t<scalar_t>;
   const acc b = beta_ptr != nullptr ? *beta_ptr : beta;
