@@ -219,10 +219,10 @@ def hand_back(
     that clipping them in place cannot change what a later backward reads.
     `scale_shapes[i]`: the shape grad_output is viewed as to scale grads[i] (a per-row
     grad_output against a gradient with more dims); None scales by it as it is."""
-    # A batched grad_output (a backward under vmap) is scaled out of place: the saved
-    # gradient is one of the batch's, the result has a gradient per batch entry.
+    # Out of place also for a batched grad_output (a backward under vmap): the saved
+    # gradient is one, the result has one per batch entry.
     keep_graph = torch._C._autograd._get_current_graph_task_keep_graph()
-    keep_graph = keep_graph or _is_batched(grad_output)
+    out_of_place = keep_graph or _is_batched(grad_output)
     one = is_exactly_one(grad_output)
     out = []
     for i, g in enumerate(grads):
@@ -230,7 +230,7 @@ def hand_back(
             scale = grad_output.to(g.dtype)
             if scale_shapes is not None and scale_shapes[i] is not None:
                 scale = scale.reshape(scale_shapes[i])
-            g = g * scale if keep_graph else g.mul_(scale)
+            g = g * scale if out_of_place else g.mul_(scale)
         elif g is not None and keep_graph:
             g = g.clone()
         out.append(g)

@@ -11,8 +11,8 @@
 // from ll and kl in the accumulation dtype, as the CPU does (csrc/cpu/launch.cpp;
 // rounded to bf16/fp16 first, they would lose a loss where beta*kl and ll nearly
 // cancel): each block adds the rows it finishes, and the last block adds those parts
-// in block order (deterministic). "none" takes
-// one more small elementwise kernel (beta*kl - ll per row needs both tasks done).
+// in block order (deterministic). "none" takes one more small elementwise kernel
+// (beta*kl - ll per row needs both tasks done).
 // Also left outside the launch: at::sum over the blocks' per-column sums (a scalar or
 // per-feature obs_logvar with gradients), a cast of a device beta of another dtype,
 // and the flag read when validating Bernoulli targets (a host sync). One memset zeroes
@@ -33,7 +33,8 @@ namespace {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlockThreads)
     elbo_loss_rows_kernel(const acc_t<scalar_t>* __restrict__ ll,
-                          const acc_t<scalar_t>* __restrict__ kl, scalar_t* __restrict__ loss, int64_t batch, acc_t<scalar_t> beta,
+                          const acc_t<scalar_t>* __restrict__ kl, scalar_t* __restrict__ loss,
+                          int64_t batch, acc_t<scalar_t> beta,
                           const acc_t<scalar_t>* __restrict__ beta_ptr) {
   using acc = acc_t<scalar_t>;
   const acc b = beta_ptr != nullptr ? *beta_ptr : beta;

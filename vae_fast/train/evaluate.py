@@ -96,7 +96,7 @@ def pictures(
     # wrap into the next one); a test set smaller than a row fills one row of its size.
     available = prep.test.shape[0]
     ncol_pairs = min(ncol, available)
-    n = min(ncol_pairs * (ncol // 2), available // ncol_pairs * ncol_pairs)
+    n = ncol_pairs * min(ncol // 2, available // ncol_pairs)
     shown = prep.test_shown[:n]
     model_in = shown if prep.likelihood == "bernoulli" else prep.test[:n]
     recon = to_data(model.reconstruct(model_in.to(device)))
