@@ -20,6 +20,8 @@ import vae_fast
 
 
 def _step(recon, x, mu, logvar, validate: bool) -> None:
+    for t in (recon, mu, logvar):
+        t.grad = None  # into fresh .grad, as a training step does: no accumulation pass
     loss = vae_fast.elbo(recon, x, mu, logvar, validate_args=validate)[0]
     loss.backward()
 
@@ -40,7 +42,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["128x784x32", "8192x784x32"])
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per variant and round")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"capability {vae_fast._C.cpu_capability()}"

@@ -155,6 +155,34 @@ def test_train_quick(tmp_path):
         assert png.stat().st_size > 0
 
 
+def test_iwae_quick(tmp_path):
+    out, markdown = tmp_path / "iwae.json", tmp_path / "iwae.md"
+    args = ("--quick", "--threads", "1", "--samples", "1", "3")
+    proc = _python("iwae.py", *args, "--json", str(out), "--markdown", str(markdown))
+    results = json.loads(out.read_text())["results"]
+    assert {(r["K"], r["provider"]) for r in results} == {
+        (k, p)
+        for k in (1, 3)
+        for p in ("vae_fast", "vae_fast dreg", "torch (repeat x)", "torch (expand x)")
+    }
+    for r in results:
+        assert r["time"]["median_s"] > 0 and r["peak_bytes"] >= r["recon_bytes"]
+        assert r["max_rel_diff_vs_torch"] < 1e-4  # the fused bound is plain torch's
+        # The op alone: the recon gradient at least, measured for vae_fast's own rows.
+        alone = r["op_alone_peak_bytes"]
+        assert (alone >= r["recon_bytes"]) if r["provider"] == "vae_fast" else alone is None
+    table = markdown.read_text()
+    assert proc.stdout.startswith(table.rstrip("\n"))
+    assert re.search(r"- K=3: speed [\d.]+x >= 3x: (met|NOT met); peak [\d.]+ x recon", table)
+
+
+def test_validation_quick():
+    proc = _python("validation.py", "--sizes", "16x32x4", "--rounds", "1", "--min-time", "0.01",
+                   "--threads", "1")  # fmt: skip
+    assert re.search(r"^\| 16×32×4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \([\d.]+–[\d.]+\) \|$",
+                     proc.stdout, re.M)  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["ops_cpu", "train_cpu"])
 def test_report_renders_committed_results(name, tmp_path):
     """bench/results/<name>.md is what bench/report.py makes of bench/results/<name>.json:
