@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward(const at::Tensor&
                                                                int64_t event_dims,
                                                                std::array<bool, 2> output_mask) {
   const RowLayout layout = check_bernoulli_log_prob(x, logits, event_dims);
-  check_row_grad(kFn, grad, x, layout);
+  check_row_grad(kFn, grad, "x", x, layout);
   const c10::OptionalDeviceGuard device_guard(x.device());
   at::Tensor grad_x = output_mask[0] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_logits = output_mask[1] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});

@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar,
     int64_t event_dims, std::array<bool, 3> output_mask) {
   const RowLayout layout = check_gaussian_log_prob(x, mean, logvar, event_dims);
-  check_row_grad(kFn, grad, x, layout);
+  check_row_grad(kFn, grad, "x", x, layout);
   const c10::OptionalDeviceGuard device_guard(x.device());
   at::Tensor grad_x = output_mask[0] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor grad_mean = output_mask[1] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});

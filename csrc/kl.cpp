@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
     const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
     int64_t event_dims, std::array<bool, 4> output_mask) {
   const RowLayout layout = check_gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims);
-  check_row_grad(kFn, grad, mu, layout);
+  check_row_grad(kFn, grad, "mu", mu, layout);
   const c10::OptionalDeviceGuard device_guard(mu.device());
   const bool want[4] = {output_mask[0], output_mask[1], output_mask[2] && prior_mu.has_value(),
                         output_mask[3] && prior_logvar.has_value()};

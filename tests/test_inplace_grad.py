@@ -190,7 +190,7 @@ def test_the_op_itself_checks_layout(device, gen):
     # Direct torch.ops calls (and the fake kernel under compile) check it too.
     x, weight, hidden, mu, logvar, _ = _inputs(device, gen)
     recon = (hidden @ weight).detach().t().contiguous().t()
-    with pytest.raises(RuntimeError, match="must be contiguous"):
+    with pytest.raises(ValueError, match="must be contiguous"):
         torch.ops.vae_fast._elbo_into_recon(
             x, recon, mu.detach(), logvar.detach(), None, "bernoulli", torch.tensor(1.0), "mean"
         )
@@ -205,8 +205,49 @@ def test_the_op_refuses_inputs_that_share_recons_memory(device):
     mu = torch.randn(4, 6, device=device)
     beta = torch.tensor(1.0, device=device)
     op = torch.ops.vae_fast._elbo_into_recon
-    with pytest.raises(RuntimeError, match="`x` shares memory with `recon`"):
+    with pytest.raises(ValueError, match="`x` shares memory with `recon`"):
         op(recon[0], recon, mu, mu.clone(), None, "gaussian", beta, "sum")
     flat = recon[0]
-    with pytest.raises(RuntimeError, match="`mu` shares memory with `recon`"):
+    with pytest.raises(ValueError, match="`mu` shares memory with `recon`"):
         op(torch.randn(4, 6, device=device), flat, flat, mu, None, "gaussian", beta, "sum")
+
+
+def _into_recon(x, recon, mu, logvar):
+    beta = torch.tensor(1.0)
+    return torch.ops.vae_fast._elbo_into_recon(x, recon, mu, logvar, None, "bernoulli", beta, "sum")
+
+
+@pytest.mark.fused_only
+def test_the_op_bumps_recons_version_when_autograd_does_not_record_it(gen):
+    # A direct call with nothing requiring grad still writes over recon: a backward that
+    # saved recon elsewhere must raise, as after torch's own in-place ops, not read the
+    # gradient as if it were recon.
+    x, weight, hidden, mu, logvar, _ = _inputs("cpu", gen)
+    recon = (hidden @ weight).detach()
+    w = torch.ones_like(recon, requires_grad=True)
+    saved_recon = (w * recon).sum()  # mul saves recon for d/dw
+    _into_recon(x, recon, mu.detach(), logvar.detach())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved_recon.backward()
+
+
+@pytest.mark.fused_only
+def test_the_op_refuses_what_torchs_in_place_ops_refuse(gen):
+    x, weight, hidden, mu, logvar, _ = _inputs("cpu", gen)
+    mu, logvar = mu.detach(), logvar.detach()
+    # A recorded call: x would get no gradient (recon's values are gone), and a leaf
+    # that requires grad would lose its values to its own gradient.
+    with pytest.raises(ValueError, match="`x` requires grad"):
+        _into_recon(x.clone().requires_grad_(), hidden @ weight, mu, logvar)
+    with pytest.raises(ValueError, match="`recon` is a leaf"):
+        _into_recon(x, torch.zeros(B, D, requires_grad=True), mu, logvar)
+    # A lazily negated view (ATen's fallback would copy it and assert) and an inference
+    # tensor outside inference mode.
+    negated = torch.randn(B, D, dtype=torch.complex64).conj().imag
+    assert negated.is_neg()
+    with pytest.raises(ValueError, match="`recon` is a lazily negated or conjugated view"):
+        _into_recon(x, negated, mu, logvar)
+    with torch.inference_mode():
+        frozen = torch.randn(B, D)
+    with pytest.raises(RuntimeError, match="`recon` is an inference tensor"):
+        _into_recon(x, frozen, mu, logvar)

@@ -462,6 +462,32 @@ def test_log_weights_spread_over_1e4(dtype, device, gen):
     assert (g_recon[1:] == 0).all()  # the weights of the bad samples are exactly 0
 
 
+def test_every_gradient_route_normalizes_float32_weights_of_1e7_nats():
+    # Three equal samples 1.25e7 nats below zero: each weight is 1/3. A float32
+    # logsumexp rounds its result there (ulp 1), and its backward exp(w - result) would
+    # then weigh each sample e^-1. The reference (which create_graph=True and torch.func
+    # differentiate) shifts by the largest weight first, as the kernels do.
+    k, d = 3, 4
+    x, recon = torch.zeros(1, d), torch.full((k, 1, d), 2500.0)
+    mu = logvar = torch.zeros(1, 1)
+    z = torch.zeros(k, 1, 1)
+
+    def loss_of(r):
+        return vae_fast.iwae(r, x, z, mu, logvar, likelihood="gaussian")[0]
+
+    # d(loss)/d(recon) = w_k (recon - x): the weights are the gradient over recon.
+    r = recon.clone().requires_grad_()
+    routes = {
+        "ordinary": torch.autograd.grad(loss_of(r), r)[0],
+        "create_graph": torch.autograd.grad(loss_of(r), r, create_graph=True)[0],
+        "torch.func": torch.func.grad(loss_of)(recon),
+    }
+    for route, g in routes.items():
+        torch.testing.assert_close(
+            g / recon, torch.full_like(recon, 1 / k), rtol=1e-6, atol=0, msg=route
+        )
+
+
 def test_nan_recon_gives_a_nan_bound():
     # As in elbo: all-zero targets leave only the exp/log1p path to carry the NaN.
     x = torch.zeros(2, 21)

@@ -270,8 +270,12 @@ def test_log_likelihood_tightens_with_more_samples():
 
 def test_importance_log_likelihood_checks_its_arguments():
     x, mu = torch.zeros(2, 3), torch.zeros(2, 1)
-    with pytest.raises(ValueError, match="num_samples"):
-        importance_log_likelihood(x, mu, mu, lambda z: z, num_samples=0)
+    # 2.0 reached range() (a bare TypeError) and True passed as one sample.
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="`num_samples` must be a positive int"):
+            importance_log_likelihood(x, mu, mu, lambda z: z, num_samples=bad)
+    with pytest.raises(ValueError, match="`max_rows` must be a positive int"):
+        importance_log_likelihood(x, mu, mu, lambda z: z, num_samples=1, max_rows=0)
     with pytest.raises(ValueError, match="unknown likelihood"):
         importance_log_likelihood(x, mu, mu, lambda z: z, num_samples=1, likelihood="laplace")
 

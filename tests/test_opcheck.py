@@ -485,56 +485,135 @@ def test_elbo_op_saved_gradients(device, likelihood, obs_shape, reduction):
 
 
 def _bad_calls():
-    r = torch.rand
+    """(error type, a regex of what the message names, the call on tensors made by `r`)."""
+    V, T = ValueError, TypeError
     return [
-        ("`logits` has shape", lambda: ops.bernoulli_log_prob(r(3, 4), r(3, 5), 1)),
-        ("`event_dims`=5", lambda: ops.bernoulli_log_prob(r(3, 4), r(3, 4), 5)),
-        ("`event_dims`=-1", lambda: ops.gaussian_kl(r(3, 4), r(3, 4), None, None, -1)),
-        ("`logits` has dtype", lambda: ops.bernoulli_log_prob(r(3, 4), r(3, 4).double(), 1)),
+        (V, "`logits` has shape", lambda r: ops.bernoulli_log_prob(r(3, 4), r(3, 5), 1)),
+        (V, "`event_dims`=5", lambda r: ops.bernoulli_log_prob(r(3, 4), r(3, 4), 5)),
+        (V, "`event_dims`=-1", lambda r: ops.gaussian_kl(r(3, 4), r(3, 4), None, None, -1)),
         (
-            "`x` has dtype",
-            lambda: ops.bernoulli_log_prob(
-                torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64), 1
-            ),
+            T,
+            "`logits` has dtype",
+            lambda r: ops.bernoulli_log_prob(r(3, 4), r(3, 4).double(), 1),
         ),
-        ("`logvar` has shape", lambda: ops.gaussian_log_prob(r(3, 4), r(3, 4), r(3), 1)),
-        ("`prior_mu` has shape", lambda: ops.gaussian_kl(r(3, 4), r(3, 4), r(5), None, 1)),
-        ("`logvar` has shape", lambda: ops.reparameterize(r(3, 4), r(4), None)),
-        ("`num_samples`", lambda: ops.reparameterize(r(3, 4), r(3, 4), 0)),
         (
+            T,
+            "`x` has dtype",
+            lambda r: ops.bernoulli_log_prob(r(3, 4).long(), r(3, 4).long(), 1),
+        ),
+        (V, "`logvar` has shape", lambda r: ops.gaussian_log_prob(r(3, 4), r(3, 4), r(3), 1)),
+        (V, "`prior_mu` has shape", lambda r: ops.gaussian_kl(r(3, 4), r(3, 4), r(5), None, 1)),
+        (V, "`logvar` has shape", lambda r: ops.reparameterize(r(3, 4), r(4), None)),
+        (V, "`num_samples`", lambda r: ops.reparameterize(r(3, 4), r(3, 4), 0)),
+        (
+            V,
             "`mu` has batch size",
-            lambda: ops.elbo(
+            lambda r: ops.elbo(
                 r(3, 4), r(3, 4), r(2, 2), r(2, 2), None, "bernoulli", _ONE, "mean", False
             ),
         ),
         (
+            V,
             "unknown likelihood",
-            lambda: ops.elbo(r(3, 4), r(3, 4), r(3, 2), r(3, 2), None, "foo", _ONE, "mean", False),
+            lambda r: ops.elbo(
+                r(3, 4), r(3, 4), r(3, 2), r(3, 2), None, "foo", _ONE, "mean", False
+            ),
         ),
         (
+            V,
             "unknown reduction",
-            lambda: ops.elbo(
+            lambda r: ops.elbo(
                 r(3, 4), r(3, 4), r(3, 2), r(3, 2), None, "bernoulli", _ONE, "avg", False
             ),
         ),
         (
-            "`eps` has shape",
-            lambda: ops._reparameterize_backward(r(3, 4), r(3, 4), r(2, 4), [True, True]),
+            V,
+            "`beta` must be",  # a (2,) beta: one weight, not one per sample
+            lambda r: ops.elbo(
+                r(3, 4), r(3, 4), r(3, 2), r(3, 2), None, "bernoulli", r(2), "mean", False
+            ),
         ),
         (
+            V,
+            "`eps` has shape",
+            lambda r: ops._reparameterize_backward(r(3, 4), r(3, 4), r(2, 4), [True, True]),
+        ),
+        (
+            # (4, 3) samples of a (4,)-logvar would be read as 3 samples of 4: refused.
+            V,
+            "`eps` has shape",
+            lambda r: ops._reparameterize_backward(r(4, 3), r(4), r(4, 3), [True, True]),
+        ),
+        (
+            T,
+            "`eps` has dtype",
+            lambda r: ops._reparameterize_backward(
+                r(3, 4), r(3, 4), r(3, 4).double(), [True, True]
+            ),
+        ),
+        (
+            V,
             "`grad` has shape",
-            lambda: ops._bernoulli_log_prob_backward(r(2), r(3, 4), r(3, 4), 1, [True, True]),
+            lambda r: ops._bernoulli_log_prob_backward(r(2), r(3, 4), r(3, 4), 1, [True, True]),
+        ),
+        (
+            T,
+            "`grad` has dtype .* but `x` has",
+            lambda r: ops._gaussian_log_prob_backward(
+                r(3).double(), r(3, 4), r(3, 4), r(4), 1, [True, True, True]
+            ),
+        ),
+        (
+            V,
+            "`event_dims`=3",
+            lambda r: ops._gaussian_kl_backward(
+                r(3), r(3, 4), r(3, 4), None, None, 3, [True, True, False, False]
+            ),
         ),
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+def _real(*shape):
+    return torch.rand(*shape)
+
+
+def _meta(*shape):
+    return torch.empty(*shape, device="meta")
+
+
+@pytest.mark.fused_only
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
 def test_direct_op_checks_input(case):
     # Calling torch.ops.vae_fast.* directly (bypassing the Python checks) still fails
-    # cleanly, naming the argument, instead of reading out of bounds.
-    what, call = _bad_calls()[case]
-    with pytest.raises(RuntimeError, match=r"vae_fast\.\w+: .*" + re.escape(what)):
-        call()
+    # cleanly, naming the argument, instead of reading out of bounds; with the error
+    # type the public functions raise, and the same on meta tensors (the fake kernels
+    # check what the C++ glue checks, so compiled graphs refuse what eager calls refuse).
+    error, what, call = _bad_calls()[case]
+    for make_tensor in (_real, _meta):
+        with pytest.raises(error, match=r"vae_fast\.\w+: .*" + what):  # (`what`: a regex)
+            call(make_tensor)
+
+
+@pytest.mark.fused_only
+@pytest.mark.parametrize(
+    "op, args, flags",
+    [
+        ("_bernoulli_log_prob_backward", ((3,), (3, 4), (3, 4), 1), 2),
+        ("_gaussian_log_prob_backward", ((3,), (3, 4), (3, 4), (4,), 1), 3),
+        ("_gaussian_kl_backward", ((3,), (3, 4), (3, 4), None, None, 1), 4),
+        ("_reparameterize_backward", ((3, 4), (3, 4), (3, 4)), 2),
+    ],
+)
+def test_fake_backward_kernels_check_the_output_mask(op, args, flags):
+    # A fake kernel that returned one output per flag handed the dispatcher more outputs
+    # than the schema has (a segfault with too many flags). (On real tensors torch's own
+    # argument parsing refuses a wrong count first.)
+    tensors = [_meta(*a) if isinstance(a, tuple) else a for a in args]
+    for mask in ([True] * (flags - 1), [True] * (flags + 1)):
+        with pytest.raises(ValueError, match=rf"`output_mask` must be {flags} bools"):
+            getattr(ops, op)(*tensors, mask)
+    outputs = getattr(ops, op)(*tensors, [True] * flags)
+    assert len(outputs) == flags
 
 
 # --------------------------------------------------------------------------- torch.compile
@@ -725,5 +804,5 @@ def test_fake_kernels_check_meta_calls():
 def test_direct_calls_refuse_float8_naming_the_argument():
     # float8 is a floating type to ATen, but no kernel takes it.
     x = torch.rand(4, 5).to(torch.float8_e4m3fn)
-    with pytest.raises(RuntimeError, match="`x` has dtype Float8_e4m3fn"):
+    with pytest.raises(TypeError, match="`x` has dtype Float8_e4m3fn"):
         torch.ops.vae_fast.bernoulli_log_prob(x, x, 1)

@@ -115,10 +115,19 @@ def register(
     name: str,
     setup_context: Callable[[Any, tuple[Any, ...], Any], None],
     backward: Callable[..., tuple[torch.Tensor | None, ...]],
+    *,
+    overwritten: int | None = None,
+    check_call: Callable[[tuple[Any, ...], bool], None] | None = None,
 ) -> type[torch.autograd.Function]:
     """Registers the autograd of torch.ops.vae_fast.<name>: `setup_context(ctx, inputs,
     output)` saves what `backward(ctx, *grads)` needs; backward returns one gradient
-    (or None) per positional input. Returns the Function (for tests)."""
+    (or None) per positional input. Returns the Function (for tests).
+
+    For an op that writes over an input (its schema's ``Tensor(a!)``): `overwritten` is
+    that input's position, whose version a call that autograd does not record bumps
+    (setup_context does it for one that it records, before saving anything), so that a
+    backward that saved it raises instead of reading the new values; `check_call(inputs,
+    recording)` runs before every call, while the input is still intact."""
     op = getattr(torch.ops.vae_fast, name).default
     # The dispatcher drops trailing arguments equal to their defaults; setup_context
     # sees them all.
@@ -159,10 +168,16 @@ def register(
     def autograd_kernel(keyset: Any, *args: Any, **keyword_only: Any) -> Any:
         dispatch = _Dispatch(keyset, keyword_only)
         args = args + defaults[len(args) :]
-        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        recording = torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+        if check_call is not None:
+            check_call(args, recording)
+        if not recording:
             if fwAD._current_level >= 0 and _has_tangent(args):
                 no_rule()  # a tangent would be dropped
-            return forward(*args, dispatch)
+            output = forward(*args, dispatch)
+            if overwritten is not None:
+                torch.autograd.graph.increment_version(args[overwritten])
+            return output
         if torch._C._are_functorch_transforms_active():
             return function.apply(*args, dispatch)
         # Function.apply's own preamble binds the arguments to forward's signature

@@ -178,7 +178,9 @@ def dreg_slot(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> DRegSl
             f"{fn}: `z` must be the tensor returned by vae_fast.iwae_sample(mu, logvar, K), "
             "as it is (not a view, copy, slice or detached version): DReG reweights the "
             "gradient that reaches z through the decoder, which only iwae_sample's backward "
-            "can do. With z = mu + sigma*eps built by hand, use estimator='stl' or 'iwae'"
+            "can do. With z = mu + sigma*eps built by hand, use estimator='stl' or 'iwae'. "
+            "(Inside torch.compile iwae_sample returns a plain z, so a z drawn in a "
+            "compiled region cannot take DReG either)"
         )
     if slot.mu() is not mu or slot.logvar() is not logvar:
         raise ValueError(

@@ -74,16 +74,21 @@ def register_op(
     backward: Callable[..., Any] | None = None,
     *,
     autocast: bool = False,
+    overwritten: int | None = None,
+    check_call: Callable[[tuple[Any, ...], bool], None] | None = None,
 ) -> None:
     """Registers torch.ops.vae_fast.<name>'s fake kernel and its autograd: `setup_context`
     and `backward` as its one autograd route, or (a private backward op, given neither)
     first-order only. `autocast`: direct torch.ops calls under autocast run half inputs
-    in float32 (float64 is kept). Nothing to register when the library is not built."""
+    in float32 (float64 is kept). `overwritten` and `check_call`: see
+    `_autograd.register`. Nothing to register when the library is not built."""
     if LOAD_ERROR is not None:
         return
     torch.library.register_fake(f"vae_fast::{name}", _one_device(name, fake))
     if backward is not None:
-        _autograd.register(name, setup_context, backward)
+        _autograd.register(
+            name, setup_context, backward, overwritten=overwritten, check_call=check_call
+        )
     else:
         _autograd.register_first_order_only(name)
     if autocast:

@@ -281,6 +281,66 @@ def check_reparameterize(
         raise ValueError(f"{fn}: `eps` is on {eps.device} but `mu` is on {mu.device}")
 
 
+# The private backward ops (their fake kernels check what the C++ glue checks).
+
+
+def check_output_mask(fn: str, output_mask: Sequence[bool], count: int) -> None:
+    """A backward op's `output_mask`: one bool per gradient it can compute."""
+    if len(output_mask) != count or not all(isinstance(m, bool) for m in output_mask):
+        raise ValueError(f"{fn}: `output_mask` must be {count} bools, got {list(output_mask)!r}")
+
+
+def check_row_grad(
+    fn: str, grad: torch.Tensor, like_name: str, like: torch.Tensor, event_dims: int
+) -> None:
+    """The incoming gradient of a row-summing op's backward: one value per row."""
+    check_tensors(fn, **{like_name: like, "grad": grad})
+    batch = tuple(like.shape[: like.dim() - event_dims])
+    if tuple(grad.shape) != batch:
+        raise ValueError(
+            f"{fn}: `grad` has shape {tuple(grad.shape)}; expected the batch shape {batch}"
+        )
+
+
+def check_reparameterize_backward(
+    grad_z: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, output_mask: Sequence[bool]
+) -> None:
+    fn = "vae_fast.reparameterize"
+    check_tensors(fn, logvar=logvar, grad_z=grad_z)
+    check_same_shape(fn, "grad_z", grad_z, "eps", eps)
+    if eps.device != logvar.device:
+        raise ValueError(
+            f"{fn}: `eps` is on {eps.device} but `logvar` is on {logvar.device}; all inputs "
+            "of one call must be on the same device"
+        )
+    opmath = opmath_dtype(logvar.dtype)
+    if eps.dtype != opmath:
+        raise TypeError(
+            f"{fn}: `eps` has dtype {eps.dtype}; expected {opmath}, the accumulation dtype "
+            f"of `logvar`'s {logvar.dtype}"
+        )
+    if eps.shape != logvar.shape and eps.shape[1:] != logvar.shape:
+        raise ValueError(
+            f"{fn}: `eps` has shape {tuple(eps.shape)}; expected logvar's shape "
+            f"{tuple(logvar.shape)} or (samples, *{tuple(logvar.shape)})"
+        )
+    check_output_mask(fn, output_mask, 2)
+
+
+def check_overwritable(fn: str, name: str, t: torch.Tensor) -> None:
+    """`t` can be written over in place, as torch's own in-place ops require."""
+    if t.is_neg() or t.is_conj():
+        raise ValueError(
+            f"{fn}: `{name}` is a lazily negated or conjugated view, which cannot be written "
+            "over; pass it materialized (.resolve_neg(), .resolve_conj())"
+        )
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{fn}: `{name}` is an inference tensor (made under torch.inference_mode()), "
+            "which cannot be written over outside inference mode"
+        )
+
+
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"

@@ -84,8 +84,7 @@ def elbo(
     inputs = (x, recon, mu, logvar, obs_logvar, beta)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if inplace_grad and wants_grad and recon.requires_grad and not torch.compiler.is_compiling():
-        V.check_inplace_grad_layout(recon, reduction)
-        V.check_inplace_grad_autograd(x, recon)
+        V.check_inplace_grad_layout(recon, reduction)  # (the op checks the rest: see below)
         loss, ll, kl, *_ = ops._elbo_into_recon(
             x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, validate
         )
@@ -103,6 +102,7 @@ def _fake_elbo(
     x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, validate_x=True
 ):
     V.check_elbo(x, recon, mu, logvar, likelihood, obs_logvar, reduction)
+    V.check_beta(beta, x)
     batch = x.shape[0]
     return (
         x.new_empty((batch,) if reduction == "none" else ()),
@@ -247,6 +247,15 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype) -> 
     return a if b is None else a + b
 
 
+def _check_elbo_into_recon_call(inputs, recording):
+    """Before recon is written over: what torch's in-place ops refuse, and (when autograd
+    records the call) what the gradient written over recon cannot serve."""
+    x, recon = inputs[:2]
+    V.check_overwritable("vae_fast.elbo(inplace_grad=True)", "recon", recon)
+    if recording:
+        V.check_inplace_grad_autograd(x, recon)
+
+
 def _setup_elbo_into_recon(ctx, inputs, output):
     x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, _ = inputs
     _, ll, kl, g_obs, g_mu, g_logvar = output
@@ -277,5 +286,10 @@ def _backward_elbo_into_recon(ctx, grad_loss, *_):
 
 register_op("elbo", _fake_elbo, _setup_elbo, _backward_elbo, autocast=True)
 register_op(
-    "_elbo_into_recon", _fake_elbo_into_recon, _setup_elbo_into_recon, _backward_elbo_into_recon
+    "_elbo_into_recon",
+    _fake_elbo_into_recon,
+    _setup_elbo_into_recon,
+    _backward_elbo_into_recon,
+    overwritten=1,
+    check_call=_check_elbo_into_recon_call,
 )

@@ -74,8 +74,12 @@ def importance_log_likelihood(
         The estimate for each row of x, shape (B,), in x's dtype (nats).
     """
     _check_choice("likelihood", likelihood, LIKELIHOODS)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    for name, value in (("num_samples", num_samples), ("max_rows", max_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"vae_fast.nn.importance_log_likelihood: `{name}` must be a positive int, "
+                f"got {value!r}"
+            )
     batch = x.shape[0]
     chunk = max(1, min(num_samples, max_rows // max(batch, 1)))
     # Streaming over chunks of samples: each chunk's log weights come from the fused

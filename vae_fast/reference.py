@@ -217,7 +217,11 @@ def iwae(
     if latent.dim() > 2:
         latent = latent.sum(dim=tuple(range(2, latent.dim())))
     log_weights = ll + latent
-    bound = torch.logsumexp(log_weights, dim=0) - math.log(recon.shape[0])
+    # Shifted by the (constant) largest weight first: logsumexp's backward,
+    # exp(w - result), sums to 1 only if result is not rounded at |log w|'s magnitude.
+    peak = log_weights.detach().amax(dim=0)
+    peak = torch.where(peak.isfinite(), peak, torch.zeros_like(peak))  # all -inf, or +inf
+    bound = torch.logsumexp(log_weights - peak, dim=0) + peak - math.log(recon.shape[0])
     per_row = -bound
     if reduction == "mean":
         loss = per_row.mean()
