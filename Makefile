@@ -19,7 +19,7 @@ test: $(BUILD_STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(BUILD_STAMP)
-	$(PY) -m vae_fast.train --data digits --out runs/demo
+	$(PY) -m vae_fast.train --data digits --out runs/demo --overwrite
 
 # ops_cpu.json holds three runs: the headline sizes with the sweeps, the fixed-cost size
 # 128x784, and gaussian_kl / reparameterize at 65536x512; ops_cpu.md renders all three.
@@ -53,7 +53,7 @@ $(DEPS_STAMP): | $(PY)
 # incrementally (persistent build dir) only when a C++/CUDA/CMake source changed.
 # Progress: ninja's line per compiled file; the whole log is kept in .venv/build.log.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
-	@echo "building vae_fast._C (a first build compiles 27 files: about 3 CPU-minutes)"
+	@echo "building vae_fast._C (a first build compiles 27 files and links them: about 4-5 CPU-minutes)"
 	@set -o pipefail; \
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
 	  | { grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] ' || true; } \

@@ -155,7 +155,7 @@ def test_small_range_warns_in_one_line_and_still_trains(tmp_path, capsys, vae_ba
     assert line.startswith("vae-fast-train: warning: ") and path in line
     assert "only reach 16" in line and "--data-scale 16" in line
     # Saying the scale silences it.
-    code, _, err = cli(capsys, vae_backend, *argv, "--data-scale", "16")
+    code, _, err = cli(capsys, vae_backend, *argv, "--data-scale", "16", "--overwrite")
     assert code == 0 and err == ""
 
 
@@ -400,6 +400,38 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path, capsys, vae_backend, monke
     assert "interrupted before the first checkpoint" in one_line(err)
 
 
+def test_an_out_that_holds_a_run_needs_resume_or_overwrite(tmp_path, capsys, vae_backend):
+    # Forgetting --resume after a Ctrl-C would start over and overwrite the checkpoint.
+    argv = ["--out", str(tmp_path), "--steps", "2", *SMALL]
+    assert cli(capsys, vae_backend, *argv)[0] == 0
+    code, _, err = cli(capsys, vae_backend, *argv)
+    assert code == 2
+    assert "holds a run (checkpoint.pt); continue it with --resume" in one_line(err)
+    code, _, err = cli(capsys, vae_backend, *argv, "--overwrite")
+    assert code == 0, err
+    code, _, err = cli(capsys, vae_backend, *argv, "--overwrite", "--resume")
+    assert code == 2 and "pick one" in one_line(err)
+
+
+def test_resume_past_stop_after_says_nothing_was_trained(tmp_path, capsys, vae_backend):
+    argv = ["--out", str(tmp_path), "--epochs", "3", *SMALL]
+    assert cli(capsys, vae_backend, *argv, "--stop-after", "2")[0] == 0
+    code, out, err = cli(capsys, vae_backend, *argv, "--resume", "--stop-after", "1")
+    assert code == 0, err
+    assert "the checkpoint is already at epoch 2 of 3, past --stop-after 1: nothing trained" in out
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_usage_errors_come_from_rank_0_only(capsys, vae_backend, monkeypatch):
+    # Under torchrun every rank parses the same options: one message, not one per rank.
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = cli(capsys, vae_backend, "--lr", "-1", *SMALL)
+    assert code == 2 and err == ""
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = cli(capsys, vae_backend, "--lr", "-1", *SMALL)
+    assert code == 2 and "--lr" in one_line(err)
+
+
 # --------------------------------------------------------------------------- 10. pictures
 
 
@@ -450,7 +482,7 @@ def test_kl_warmup_shows_in_the_progress_bar(tmp_path, capsys, vae_backend):
     code, _, err = cli(capsys, vae_backend, *argv, "--kl-warmup-steps", "1000")
     assert code == 0
     assert "beta=0.03" in err  # 30 of 1000 warm-up steps: the KL weight is 0.03
-    code, _, err = cli(capsys, vae_backend, *argv, "--kl-warmup-steps", "0")
+    code, _, err = cli(capsys, vae_backend, *argv, "--kl-warmup-steps", "0", "--overwrite")
     assert code == 0
     assert "loss=" in err and "beta=" not in err  # no warm-up: nothing to explain
 

@@ -368,8 +368,11 @@ def test_reconstruction_picture_pairs_whole_rows(monkeypatch, tmp_path, test_row
         return path
 
     monkeypatch.setattr(evaluate._plots, "save_grid", capture)
-    evaluate.pictures(objective, prepare(data, "bernoulli"), data, tmp_path, 0, torch.device("cpu"))
+    prep = prepare(data, "bernoulli")
+    evaluate.pictures(objective, prep, data, tmp_path, 0, torch.device("cpu"))
     images, ncol = grids["reconstructions.png"]
     assert ncol == want_ncol and images.shape[0] == 2 * want_pairs
-    shown = test[:want_pairs].reshape(-1, 1, 4, 4)
+    # The test rows as the model is scored on them: binarized once.
+    shown = prep.test[:want_pairs].reshape(-1, 1, 4, 4)
+    assert set(shown.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(images.reshape(-1, 2, ncol, 1, 4, 4)[:, 0].reshape(-1, 1, 4, 4), shown)

@@ -394,7 +394,7 @@ class Prepared:
 
     train: torch.Tensor  # probabilities (Bernoulli) or standardized values (Gaussian)
     test: torch.Tensor  # binarized once (Bernoulli) or standardized (Gaussian)
-    test_shown: torch.Tensor  # test rows in data space, for the reconstruction picture
+    test_shown: torch.Tensor  # the test rows in data units, for the reconstruction picture
     likelihood: str  # "bernoulli" or "gaussian" ("auto" resolved)
     shift: torch.Tensor | float = 0.0
     scale: torch.Tensor | float = 1.0
@@ -417,7 +417,8 @@ def prepare(data: Dataset, likelihood: str, label: str | None = None) -> Prepare
         # The test set is binarized once, with a fixed seed, so every run is scored alike.
         g = torch.Generator().manual_seed(1)
         test = torch.bernoulli(data.test, generator=g)
-        return Prepared(data.train, test, data.test, "bernoulli")
+        # The picture shows the binarized test rows: what the model is scored on.
+        return Prepared(data.train, test, test, "bernoulli")
     shift = data.train.mean(0)
     std = data.train.std(0)
     # Constant features would get a zero scale: leave those unscaled.

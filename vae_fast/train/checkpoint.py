@@ -187,6 +187,12 @@ def start(
     --resume, the checkpoint's, its weights, optimizer and RNG state restored. Rank 0
     (re)writes metrics.jsonl to match (dropping lines of epochs after the checkpoint)."""
     if not cfg.resume:
+        if (cfg.out / CHECKPOINT).exists() and not cfg.overwrite:
+            # (Forgetting --resume after a Ctrl-C would otherwise lose the run.)
+            raise ConfigError(
+                f"--out {cfg.out} holds a run ({CHECKPOINT}); continue it with --resume, or "
+                "start over with --overwrite"
+            )
         if rt.main:
             write_metrics(cfg.out / METRICS, [])
         return 0, []

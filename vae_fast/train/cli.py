@@ -31,7 +31,7 @@ from vae_fast.train.loop import Diverged, Interrupted, train
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
 EPILOG = (
     "exit status: 0 done (or stopped by --stop-after); 1 the training diverged (the loss or "
-    "the weights became nan/inf; checkpoint.pt keeps the last good epoch); 2 a bad option "
+    "the weights became nan/inf; checkpoint.pt keeps the last epoch it saved); 2 a bad option "
     "or bad data (a one-line error); 130 interrupted (Ctrl-C; --resume continues from the "
     "last checkpoint)"
 )
@@ -42,7 +42,9 @@ class _Parser(argparse.ArgumentParser):
     mistake, argparse's or ours, reads the same and scripts can grep it."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
+        # Under torchrun every rank parses the same options: one of them says so.
+        text = f"{self.prog}: error: {' '.join(message.split())}\n"
+        self.exit(EXIT_USAGE, text if _launched_as_rank_0() else None)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -315,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from --out's checkpoint; reaches the same result as an uninterrupted run",
     )
     g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out that holds one (without it, that is refused)",
+    )
+    g.add_argument(
         "--checkpoint-every",
         type=_number(int),
         default=10,
@@ -396,7 +403,7 @@ def _refuse(parser: argparse.ArgumentParser, error: Exception, main: bool) -> No
     (under torchrun every rank finds the same error)."""
     if main:
         parser.error(str(error))
-    parser.exit(2)
+    parser.exit(EXIT_USAGE)
 
 
 def _load_data(spec: str, scale: float | None, prog: str) -> Dataset:

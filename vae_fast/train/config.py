@@ -124,6 +124,7 @@ class Config:
     threads: int | None  # default: 1 for a batch of at most SMALL_BATCH values, else torch's
     out: Path  # default: runs/<data>-<time>
     resume: bool
+    overwrite: bool  # start over in an --out that holds a run
     checkpoint_every: int
     stop_after: int | None
     eval_samples: int
@@ -210,6 +211,8 @@ def _check(args: argparse.Namespace, data: Dataset, rt: Runtime, n_train: int) -
         )
     if args.resume and args.out is None:
         raise ConfigError("--resume needs the --out DIR of the run to continue")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out, --overwrite replaces it: pick one")
     _check_bound(args)
     if args.model == "conv" and data.image_shape is None:
         raise ConfigError(

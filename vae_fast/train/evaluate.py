@@ -98,15 +98,15 @@ def pictures(
     ncol_pairs = min(ncol, available)
     n = ncol_pairs * min(ncol // 2, available // ncol_pairs)
     shown = prep.test_shown[:n]
-    model_in = shown if prep.likelihood == "bernoulli" else prep.test[:n]
-    recon = to_data(model.reconstruct(model_in.to(device)))
+    recon = to_data(model.reconstruct(prep.test[:n].to(device)))
     pairs = []
     for r in range(0, n, ncol_pairs):  # alternating rows: test images, their reconstructions
         pairs += [shown[r : r + ncol_pairs].reshape(-1, *image), recon[r : r + ncol_pairs]]
     r = _plots.save_grid(
         torch.cat(pairs),
         out / "reconstructions.png",
-        f"{data.name}: test images (odd rows) and reconstructions (even rows)",
+        f"{data.name}: test images{' (binarized)' if prep.likelihood == 'bernoulli' else ''} "
+        "(odd rows) and reconstructions (even rows)",
         ncol=ncol_pairs,
         vmin=lo,
         vmax=hi,

@@ -13,6 +13,7 @@ where the uninterrupted run would be.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 import time
@@ -160,6 +161,12 @@ def train(cfg: Config, data: Dataset, prep: Prepared, rt: Runtime) -> dict:
             s.objective.eval()
             samples, recons = pictures(s.objective, prep, data, cfg.out, cfg.seed, rt.device)
             _summary(cfg, result, samples, recons)
+        elif rt.main and s.start_epoch >= cfg.stop_epoch:
+            print(
+                f"the checkpoint is already at epoch {s.start_epoch} of {cfg.total_epochs}, "
+                f"past --stop-after {cfg.stop_epoch}: nothing trained; continue with "
+                f"--resume --out {cfg.out}"
+            )
         elif rt.main:
             print(
                 f"stopped after epoch {cfg.stop_epoch} of {cfg.total_epochs}; "
@@ -175,6 +182,15 @@ def train(cfg: Config, data: Dataset, prep: Prepared, rt: Runtime) -> dict:
     finally:
         if s.bar is not None:
             s.bar.close()
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DistributedDataParallel's option not to broadcast buffers before every forward (the
+    ranks' buffers are equal): `forward_sync_buffers` where torch has it, the deprecated
+    `broadcast_buffers` in older releases."""
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in names else "broadcast_buffers"
+    return {key: False}
 
 
 def _set_up(cfg: Config, data: Dataset, prep: Prepared, rt: Runtime) -> _State:
@@ -207,7 +223,7 @@ def _set_up(cfg: Config, data: Dataset, prep: Prepared, rt: Runtime) -> _State:
         trainer = DistributedDataParallel(
             objective,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
+            **_no_buffer_sync(),
         )
     sampler = DistributedSampler(
         _Rows(prep.train),
