@@ -32,6 +32,7 @@ bench: $(BUILD_STAMP)
 		--no-sweep --json bench/results/ops_cpu.json --append
 	$(PY) bench/report.py bench/results/ops_cpu.json --markdown bench/results/ops_cpu.md
 	$(PY) bench/validation.py --rounds 21 | tee bench/results/validation_cpu.txt
+	$(PY) bench/overhead.py | tee bench/results/overhead_cpu.txt
 	$(PY) bench/iwae.py --json bench/results/iwae_cpu.json --markdown bench/results/iwae_cpu.md
 	$(PY) bench/train.py --device cpu --json bench/results/train_cpu.json \
 		--markdown bench/results/train_cpu.md

@@ -176,6 +176,15 @@ def test_iwae_quick(tmp_path):
     assert re.search(r"- K=3: speed [\d.]+x >= 3x: (met|NOT met); peak [\d.]+ x recon", table)
 
 
+def test_overhead_quick():
+    proc = _python("overhead.py", "--size", "16x32x4", "--rounds", "1", "--min-time", "0.05",
+                   "--threads", "1")  # fmt: skip
+    stages = re.findall(
+        r"^\| ([\w.]+) \| [\d.]+ \([\d.]+–[\d.]+\) \| [\d.]+× \|$", proc.stdout, re.M
+    )
+    assert stages == ["kernel", "engine", "Function", "op", "vae_fast.elbo", "eager"]
+
+
 def test_validation_quick():
     proc = _python("validation.py", "--sizes", "16x32x4", "--rounds", "1", "--min-time", "0.01",
                    "--threads", "1")  # fmt: skip
