@@ -7,16 +7,18 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vae_fast.data import load_dataset
+from vae_fast.data import DataError, load_dataset
 from vae_fast.train import build_parser, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,6 +257,82 @@ def test_npz_npy_and_synthetic(tmp_path):
     d = load_dataset("digits")
     assert (len(d.train), len(d.test)) == (1437, 360) and float(d.train.max()) == 1.0
     assert torch.equal(load_dataset("digits").test, d.test)  # the split is fixed
+
+
+def test_idx_test_file_found_compressed_or_not(tmp_path):
+    # A gzipped training file beside a plain t10k file (or the reverse): the test rows
+    # are that file's, not a split of the training rows.
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (30, 4, 4)))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (7, 4, 4)))
+    data = load_dataset(str(tmp_path))
+    assert (len(data.train), len(data.test)) == (30, 7)
+
+
+def _damaged_files(tmp: Path) -> list[tuple[Path, str]]:
+    """Files whose reading raised Python exceptions other than a DataError."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "good.npz", x=rng.random((8, 4)).astype(np.float32))
+    raw = bytearray((tmp / "good.npz").read_bytes())
+    raw[200] ^= 0xFF  # a flipped byte inside the stored member (x.npy): a bad CRC
+    (tmp / "crc.npz").write_bytes(bytes(raw))
+    with zipfile.ZipFile(tmp / "raw.npz", "w") as z:
+        z.writestr("x", b"not a .npy file")  # numpy hands such a member back as bytes
+    gz = gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 4, 1, 2, 3, 4]))
+    (tmp / "bad-idx.gz").write_bytes(gz[:10] + b"\xff" * 8 + gz[18:])  # an invalid deflate block
+    np.save(tmp / "delta.npy", np.arange(8, dtype="m8[s]").reshape(4, 2))
+    return [
+        (tmp / "crc.npz", "cannot read as .npz (Bad CRC-32"),
+        (tmp / "raw.npz", "its member 'x' is not a .npy array"),
+        (tmp / "bad-idx.gz", "cannot read ("),
+        (tmp / "delta.npy", "array of dtype timedelta64[s]; expected numbers"),
+    ]
+
+
+def test_damaged_or_odd_files_are_one_line_data_errors(tmp_path):
+    for path, message in _damaged_files(tmp_path):
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_dataset(str(path))
+    with pytest.raises(DataError, match="cannot hold"):
+        load_dataset("synthetic:1000000000000x784")  # 3 PiB: the allocator refuses
+
+
+def test_data_misread_before_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    # A test array under a name the loader does not pair would have been ignored.
+    np.savez(tmp_path / "keys.npz", x=rng.random((8, 4)), x_test=rng.random((2, 4)))
+    # Train and test stored so that they are read on different scales.
+    np.savez(
+        tmp_path / "mixed.npz",
+        x_train=rng.random((8, 4)).astype(np.float32) * 255,
+        x_test=rng.integers(0, 256, (2, 4)).astype(np.uint8),
+    )
+    # float64 values that float32 flushes to zero (they trained as all-zero data).
+    np.save(tmp_path / "tiny.npy", rng.random((8, 4)) * 1e-50)
+    np.savez(tmp_path / "no_test_rows.npz", x_train=rng.random((8, 4)), x_test=np.zeros((0, 4)))
+    cases = [
+        ("keys.npz", "holds arrays ['x', 'x_test']"),
+        ("mixed.npz", "read as float32 as is but the test rows as uint8 / 255"),
+        ("tiny.npy", "underflow float32"),
+        ("no_test_rows.npz", "the test array has no rows"),
+    ]
+    for name, message in cases:
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_dataset(str(tmp_path / name))
+    # A data scale so small that dividing overflows: said so, not blamed on the data.
+    np.save(tmp_path / "ok.npy", rng.random((8, 4)).astype(np.float32) + 0.5)
+    with pytest.raises(DataError, match="overflow float32"):
+        load_dataset(str(tmp_path / "ok.npy"), scale=1e-39)
+
+
+def test_channels_first_images_stay_channels_first(tmp_path):
+    # (N, 2, 5, 3) is 2 channels of 5x3, as the README promises; only a second dim that
+    # cannot be a channel count (e.g. (N, 28, 28, 3)) is read as channels-last.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "nchw.npy", rng.random((10, 2, 5, 3)).astype(np.float32))
+    np.save(tmp_path / "nhwc.npy", rng.random((10, 6, 5, 3)).astype(np.float32))
+    assert load_dataset(str(tmp_path / "nchw.npy")).image_shape == (2, 5, 3)
+    assert load_dataset(str(tmp_path / "nhwc.npy")).image_shape == (3, 6, 5)
 
 
 def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:

@@ -23,6 +23,8 @@ import math
 import re
 import struct
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -42,6 +44,8 @@ _NPZ_SINGLE = ("x", "X", "data", "images")
 # A scaling rule that leaves every value below this fraction of its full scale warns.
 SMALL_RANGE = 1 / 8
 _NPY_MAGIC = b"\x93NUMPY"
+# What reading a damaged or oversized file raises: a one-line DataError, never a traceback.
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, MemoryError)
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip
 
 
@@ -88,16 +92,22 @@ def load_dataset(spec: str, *, scale: float | None = None) -> Dataset:
             )
         return _digits() if spec == "digits" else _synthetic(spec)
     path = Path(spec)
-    if not path.exists():
+    try:
+        exists = bool(spec) and path.exists()
+        is_dir = exists and path.is_dir()
+    except OSError as error:  # e.g. a file in a directory that cannot be entered
+        raise DataError(f"--data {spec}: cannot read ({_one_line(error)})") from None
+    if not exists:
         raise DataError(
-            f"--data {spec}: no such file or directory (expected 'digits', 'synthetic:NxD', "
-            "or a .npz/.npy/IDX file)"
+            f"--data {spec or repr(spec)}: no such file or directory (expected 'digits', "
+            "'synthetic:NxD', or a .npz/.npy/IDX file)"
         )
-    if path.is_dir():
+    suffix = path.suffix.lower()
+    if is_dir:
         train, test = _idx_directory(path)
-    elif path.suffix == ".npz":
+    elif suffix == ".npz":
         train, test = _npz(path)
-    elif path.suffix == ".npy":
+    elif suffix == ".npy":
         train, test = _load_npy(path), None
     elif _looks_like_idx(path):
         train, test = _read_idx(path), _idx_test_sibling(path)
@@ -130,8 +140,15 @@ def _synthetic(spec: str) -> Dataset:
     # Probabilities from a random 16-dim latent model: data a VAE can learn something of.
     g = torch.Generator().manual_seed(SPLIT_SEED)
     n_test = max(1, n // 10)
-    w = torch.randn(16, d, generator=g) / 2.0
-    x = torch.sigmoid(torch.randn(n + n_test, 16, generator=g) @ w)
+    try:
+        w = torch.randn(16, d, generator=g) / 2.0
+        x = torch.sigmoid(torch.randn(n + n_test, 16, generator=g) @ w)
+    except (RuntimeError, MemoryError) as error:  # the allocator's "can't allocate memory"
+        gib = (n + n_test) * d * 4 / 2**30
+        raise DataError(
+            f"--data {spec}: cannot hold {n + n_test}x{d} float32 values ({gib:.3g} GiB): "
+            f"{_one_line(error)}"
+        ) from None
     side = math.isqrt(d)
     image = (1, side, side) if side * side == d else None
     return Dataset(
@@ -163,18 +180,29 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             keys = list(z.keys())
             for a, b in _NPZ_PAIRS:
                 if a in z and b in z:
-                    return z[a], z[b]
-            for k in _NPZ_SINGLE:
-                if k in z:
-                    return z[k], None
-            if len(keys) == 1:
-                return z[keys[0]], None
-    except (OSError, ValueError, EOFError) as error:
+                    return _npz_array(path, z, a), _npz_array(path, z, b)
+            # A test array under another name would be ignored: refuse, do not guess.
+            if not any("test" in k.lower() for k in keys):
+                for k in _NPZ_SINGLE:
+                    if k in z:
+                        return _npz_array(path, z, k), None
+                if len(keys) == 1:
+                    return _npz_array(path, z, keys[0]), None
+    except DataError:
+        raise
+    except _READ_ERRORS as error:
         raise DataError(f"{path}: cannot read as .npz ({_one_line(error)})") from None
     raise DataError(
         f"{path}: holds arrays {keys}; expected 'x_train' and 'x_test', 'train' and 'test', "
         "or a single array"
     )
+
+
+def _npz_array(path: Path, z: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+    a = z[key]
+    if not isinstance(a, np.ndarray):  # a member that is not a .npy file comes as bytes
+        raise DataError(f"{path}: cannot read as .npz: its member {key!r} is not a .npy array")
+    return a
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -186,7 +214,7 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read as .npy: the file is not a .npy file ({why})")
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
+    except _READ_ERRORS as error:
         raise DataError(f"{path}: cannot read as .npy ({_one_line(error)})") from None
 
 
@@ -194,7 +222,9 @@ def _looks_like_idx(path: Path) -> bool:
     try:
         with _open(path) as f:
             head = f.read(4)
-    except (OSError, EOFError):  # EOFError: a truncated .gz
+    except (PermissionError, EOFError, zlib.error) as error:  # unreadable, a damaged .gz
+        raise DataError(f"{path}: cannot read ({_one_line(error)})") from None
+    except OSError:  # e.g. a .gz that is not gzip
         return False
     return len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES
 
@@ -208,7 +238,7 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with _open(path) as f:
             raw = f.read()
-    except (OSError, EOFError) as error:  # EOFError: a truncated .gz
+    except _READ_ERRORS as error:  # EOFError, zlib.error: a truncated or damaged .gz
         raise DataError(f"{path}: cannot read ({_one_line(error)})") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
@@ -232,14 +262,21 @@ def _idx_test_sibling(path: Path) -> np.ndarray | None:
     if "train" not in path.name:
         return None
     for word in ("t10k", "test"):
-        sibling = path.with_name(path.name.replace("train", word))
-        if sibling.exists():
-            return _read_idx(sibling)
+        name = path.name.replace("train", word)
+        # Compressed or not, whichever the training file is.
+        for candidate in (name, name.removesuffix(".gz"), name.removesuffix(".gz") + ".gz"):
+            sibling = path.with_name(candidate)
+            if sibling.exists():
+                return _read_idx(sibling)
     return None
 
 
 def _idx_directory(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    images = sorted(p for p in path.iterdir() if "images" in p.name and _looks_like_idx(p))
+    try:
+        names = list(path.iterdir())
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({_one_line(error)})") from None
+    images = sorted(p for p in names if "images" in p.name and _looks_like_idx(p))
     train = [p for p in images if "train" in p.name]
     if not train:
         raise DataError(
@@ -263,7 +300,8 @@ def _event_layout(name: str, a: np.ndarray) -> tuple[np.ndarray, tuple[int, int,
     if a.ndim == 3:
         return a[:, None], (1, *a.shape[1:])
     if a.ndim == 4:
-        if a.shape[1] not in (1, 3, 4) and a.shape[3] in (1, 3, 4):
+        # Channels-last only where the second dim cannot be a channel count (e.g. 28).
+        if a.shape[1] > 4 and a.shape[3] in (1, 3, 4):
             a = a.transpose(0, 3, 1, 2)  # channels-last to channels-first
         return a, tuple(a.shape[1:])
     raise DataError(
@@ -280,13 +318,9 @@ def _as_float(
 ) -> tuple[np.ndarray, bool, str]:
     """float32 values, whether they are probabilities, and how they were read (the dtype
     rules of the module docstring); `warn` about a small range (once per dataset)."""
-    if not (
-        a.dtype == np.bool_
-        or np.issubdtype(a.dtype, np.integer)
-        or np.issubdtype(a.dtype, np.floating)
-    ):
+    if a.dtype.kind not in "buif":  # (not "m": numpy counts timedelta64 as an integer)
         raise DataError(f"{name}: array of dtype {a.dtype}; expected numbers")
-    integer = np.issubdtype(a.dtype, np.integer)
+    integer = a.dtype.kind in "ui"
     if scale is None and a.dtype == np.bool_:
         return a.astype(np.float32), True, "bool as 0/1"
     if scale is None and integer and a.dtype != np.uint8:
@@ -297,24 +331,31 @@ def _as_float(
             f"fixed scale: save the data as floats, or pass --data-scale S to divide it by S "
             f"(e.g. {example})"
         )
-    divisor = scale if scale is not None else (255.0 if a.dtype == np.uint8 else None)
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise DataError(f"{name}: {bad} non-finite values (nan or inf); the data must be finite")
+    divisor = _divisor(a.dtype, scale)
     # Divide in float64 where float32 would lose the values or the divisor first (int64,
     # float64 beyond float32's range, a scale of 1e39): only the result must fit float32.
     with np.errstate(over="ignore", under="ignore"):
-        small = divisor is None or 0 < np.float32(divisor) < np.inf
+        small = divisor is None or np.finfo(np.float32).tiny <= np.float32(divisor) < np.inf
     narrow = a.dtype.itemsize <= 2 or a.dtype == np.float32
     work = np.float32 if narrow and small else np.float64
     f = a.astype(work)
     if divisor is not None:
-        f /= work(divisor)
-    if not np.isfinite(f).all():
-        bad = int((~np.isfinite(f)).sum())
-        raise DataError(f"{name}: {bad} non-finite values (nan or inf); the data must be finite")
+        with np.errstate(over="ignore"):
+            f /= work(divisor)
     big = float(np.abs(f).max()) if f.size else 0.0
-    if big > float(np.finfo(np.float32).max):
+    if big > float(np.finfo(np.float32).max):  # (inf too: a division that overflowed)
         raise DataError(
             f"{name}: values as large as {big:.3g} overflow float32 (at most 3.4e+38); "
             f"divide them with --data-scale, e.g. --data-scale {_power_of_ten(big):g}"
+        )
+    if 0 < big < float(np.finfo(np.float32).tiny):
+        raise DataError(
+            f"{name}: values at most {big:.3g} underflow float32 (every one would be 0 or "
+            f"denormal); scale them up with --data-scale "
+            f"{10.0 ** math.floor(math.log10(big)):g} (it divides)"
         )
     f = f.astype(np.float32, copy=False)
     if divisor is None:
@@ -323,7 +364,7 @@ def _as_float(
         rule = f"{a.dtype} / {_fmt(divisor)}"
         reading = rule if scale is None else f"{rule} (--data-scale)"
         if warn and a.size and a.dtype != np.bool_ and big < SMALL_RANGE:
-            top = float(np.abs(a).max())
+            top = float(np.abs(a.astype(np.float64)).max())  # (abs of int8 -128 wraps)
             what = (
                 "uint8 is divided by 255"
                 if scale is None
@@ -343,6 +384,11 @@ def _as_float(
     return f, bool(f.size) and float(f.min()) >= 0.0 and float(f.max()) <= 1.0, reading
 
 
+def _divisor(dtype: np.dtype, scale: float | None) -> float | None:
+    """What stored numbers of `dtype` are divided by: --data-scale, else 255 for uint8."""
+    return scale if scale is not None else (255.0 if dtype == np.uint8 else None)
+
+
 def _power_of_ten(v: float) -> float:
     """The power of ten at or above |v|: a divisor that brings v into [-1, 1]."""
     return 10.0 ** math.ceil(math.log10(v)) if v > 0 else 1.0
@@ -357,6 +403,7 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _dataset(
     name: str, where: str, train: np.ndarray, test: np.ndarray | None, scale: float | None
 ) -> Dataset:
+    stored_train = train.dtype
     train, image = _event_layout(where, train)
     train, binary, reading = _as_float(where, train, scale)
     if train.shape[0] < 2:
@@ -373,12 +420,20 @@ def _dataset(
                 f"test split takes {x_test.shape[0]}; need at least 2"
             )
     else:
+        stored = (stored_train, test.dtype)
         test, _ = _event_layout(f"{where} (test)", test)
-        test, test_binary, _ = _as_float(f"{where} (test)", test, scale, warn=False)
-        if test.shape[1:] != train.shape[1:] or test.shape[0] < 1:
+        test, test_binary, test_reading = _as_float(f"{where} (test)", test, scale, warn=False)
+        if _divisor(stored[0], scale) != _divisor(stored[1], scale):
             raise DataError(
-                f"{where}: test rows have shape {test.shape[1:]} (n={test.shape[0]}) "
-                f"but training rows {train.shape[1:]}; they must match"
+                f"{where}: the training rows are read as {reading} but the test rows as "
+                f"{test_reading}, so the two would not be on one scale; store them alike"
+            )
+        if test.shape[0] < 1:
+            raise DataError(f"{where}: the test array has no rows")
+        if test.shape[1:] != train.shape[1:]:
+            raise DataError(
+                f"{where}: test rows have shape {test.shape[1:]} but training rows "
+                f"{train.shape[1:]}; they must match"
             )
         binary = binary and test_binary
         x_train, x_test = x, torch.from_numpy(np.ascontiguousarray(test))
