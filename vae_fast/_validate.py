@@ -281,66 +281,6 @@ def check_reparameterize(
         raise ValueError(f"{fn}: `eps` is on {eps.device} but `mu` is on {mu.device}")
 
 
-# The private backward ops (their fake kernels check what the C++ glue checks).
-
-
-def check_output_mask(fn: str, output_mask: Sequence[bool], count: int) -> None:
-    """A backward op's `output_mask`: one bool per gradient it can compute."""
-    if len(output_mask) != count or not all(isinstance(m, bool) for m in output_mask):
-        raise ValueError(f"{fn}: `output_mask` must be {count} bools, got {list(output_mask)!r}")
-
-
-def check_row_grad(
-    fn: str, grad: torch.Tensor, like_name: str, like: torch.Tensor, event_dims: int
-) -> None:
-    """The incoming gradient of a row-summing op's backward: one value per row."""
-    check_tensors(fn, **{like_name: like, "grad": grad})
-    batch = tuple(like.shape[: like.dim() - event_dims])
-    if tuple(grad.shape) != batch:
-        raise ValueError(
-            f"{fn}: `grad` has shape {tuple(grad.shape)}; expected the batch shape {batch}"
-        )
-
-
-def check_reparameterize_backward(
-    grad_z: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, output_mask: Sequence[bool]
-) -> None:
-    fn = "vae_fast.reparameterize"
-    check_tensors(fn, logvar=logvar, grad_z=grad_z)
-    check_same_shape(fn, "grad_z", grad_z, "eps", eps)
-    if eps.device != logvar.device:
-        raise ValueError(
-            f"{fn}: `eps` is on {eps.device} but `logvar` is on {logvar.device}; all inputs "
-            "of one call must be on the same device"
-        )
-    opmath = opmath_dtype(logvar.dtype)
-    if eps.dtype != opmath:
-        raise TypeError(
-            f"{fn}: `eps` has dtype {eps.dtype}; expected {opmath}, the accumulation dtype "
-            f"of `logvar`'s {logvar.dtype}"
-        )
-    if eps.shape != logvar.shape and eps.shape[1:] != logvar.shape:
-        raise ValueError(
-            f"{fn}: `eps` has shape {tuple(eps.shape)}; expected logvar's shape "
-            f"{tuple(logvar.shape)} or (samples, *{tuple(logvar.shape)})"
-        )
-    check_output_mask(fn, output_mask, 2)
-
-
-def check_overwritable(fn: str, name: str, t: torch.Tensor) -> None:
-    """`t` can be written over in place, as torch's own in-place ops require."""
-    if t.is_neg() or t.is_conj():
-        raise ValueError(
-            f"{fn}: `{name}` is a lazily negated or conjugated view, which cannot be written "
-            "over; pass it materialized (.resolve_neg(), .resolve_conj())"
-        )
-    if t.is_inference() and not torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            f"{fn}: `{name}` is an inference tensor (made under torch.inference_mode()), "
-            "which cannot be written over outside inference mode"
-        )
-
-
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
@@ -378,67 +318,6 @@ def check_beta(beta: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(
         f"{fn}: `beta` must be a number or a 0-d floating tensor, got {_describe(beta)}"
     )
-
-
-_INPLACE_FN = "vae_fast.elbo(inplace_grad=True)"
-
-
-def check_inplace_grad_layout(recon: torch.Tensor, reduction: str) -> None:
-    """elbo(inplace_grad=True): the gradient can be written over recon, once per sample."""
-    if reduction == "none":
-        raise ValueError(
-            f"{_INPLACE_FN}: needs reduction 'mean' or 'sum' (with 'none' the gradient "
-            "depends on grad_output per sample, so it cannot be written in the forward pass)"
-        )
-    if not recon.is_contiguous():
-        raise ValueError(
-            f"{_INPLACE_FN}: writes the gradient over `recon`, which must be contiguous; "
-            f"got shape {tuple(recon.shape)} with strides {recon.stride()}"
-        )
-
-
-def check_inplace_grad_autograd(x: torch.Tensor, recon: torch.Tensor) -> None:
-    """elbo(inplace_grad=True): recon may be overwritten by its gradient."""
-    fn = _INPLACE_FN
-    if recon.is_leaf:
-        raise ValueError(
-            f"{fn}: `recon` is a leaf tensor (a parameter or an input); its gradient "
-            "cannot replace its values. Pass the decoder's output, or inplace_grad=False"
-        )
-    if x.requires_grad:
-        raise ValueError(
-            f"{fn}: `x` requires grad, and d(loss)/d(x) needs recon's values in backward; "
-            "use inplace_grad=False"
-        )
-    saver = saved_by_producer(recon)
-    if saver is not None:
-        raise ValueError(
-            f"{fn}: `recon` was saved by {saver} for its own backward, so it cannot be "
-            "overwritten; produce it with an op that does not save its output (e.g. "
-            "nn.Linear), or use inplace_grad=False"
-        )
-
-
-def saved_by_producer(t: torch.Tensor) -> str | None:
-    """The name of t's grad_fn if that node saved t itself for backward (e.g. sigmoid).
-
-    A saved tensor further up the graph (through views) is caught by autograd's own
-    version check at backward time, because the kernel bumps recon's version.
-    """
-    node = t.grad_fn
-    if node is None:
-        return None
-    storage = t.untyped_storage().data_ptr()
-    for name in dir(node):
-        if not name.startswith("_saved_"):
-            continue
-        try:
-            saved = getattr(node, name)
-        except RuntimeError:  # freed after an earlier backward
-            continue
-        if isinstance(saved, torch.Tensor) and saved.untyped_storage().data_ptr() == storage:
-            return node.name()
-    return None
 
 
 # --------------------------------------------------------------------------- iwae

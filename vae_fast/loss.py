@@ -11,6 +11,7 @@ import torch
 
 from vae_fast import _autograd, reference
 from vae_fast import _validate as V
+from vae_fast import _validate_inplace as VI
 from vae_fast._extension import like_or_empty, ops, public, register_op, wanted
 
 # --------------------------------------------------------------------------- elbo
@@ -84,7 +85,7 @@ def elbo(
     inputs = (x, recon, mu, logvar, obs_logvar, beta)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if inplace_grad and wants_grad and recon.requires_grad and not torch.compiler.is_compiling():
-        V.check_inplace_grad_layout(recon, reduction)  # (the op checks the rest: see below)
+        VI.check_inplace_grad_layout(recon, reduction)  # (the op checks the rest: see below)
         loss, ll, kl, *_ = ops._elbo_into_recon(
             x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, validate
         )
@@ -118,7 +119,7 @@ def _fake_elbo(
 def _fake_elbo_into_recon(
     x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, validate_x=True
 ):
-    V.check_inplace_grad_layout(recon, reduction)
+    VI.check_inplace_grad_layout(recon, reduction)
     outputs = _fake_elbo(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, True)
     loss, ll, kl, _, g_obs, g_mu, g_logvar = outputs
     return loss, ll, kl, g_obs, g_mu, g_logvar
@@ -251,9 +252,9 @@ def _check_elbo_into_recon_call(inputs, recording):
     """Before recon is written over: what torch's in-place ops refuse, and (when autograd
     records the call) what the gradient written over recon cannot serve."""
     x, recon = inputs[:2]
-    V.check_overwritable("vae_fast.elbo(inplace_grad=True)", "recon", recon)
+    VI.check_overwritable("vae_fast.elbo(inplace_grad=True)", "recon", recon)
     if recording:
-        V.check_inplace_grad_autograd(x, recon)
+        VI.check_inplace_grad_autograd(x, recon)
 
 
 def _setup_elbo_into_recon(ctx, inputs, output):

@@ -16,6 +16,7 @@ import torch
 
 from vae_fast import _autograd, reference
 from vae_fast import _validate as V
+from vae_fast import _validate_backward as VB
 from vae_fast._extension import (
     batch_shape,
     like_or_empty,
@@ -60,8 +61,8 @@ def _fake_bernoulli(x, logits, event_dims, validate_x=True):
 
 def _fake_bernoulli_backward(grad, x, logits, event_dims, output_mask):
     V.check_bernoulli_log_prob(x, logits, event_dims)
-    V.check_row_grad("vae_fast.bernoulli_log_prob", grad, "x", x, event_dims)
-    V.check_output_mask("vae_fast.bernoulli_log_prob", output_mask, 2)
+    VB.check_row_grad("vae_fast.bernoulli_log_prob", grad, "x", x, event_dims)
+    VB.check_output_mask("vae_fast.bernoulli_log_prob", output_mask, 2)
     return like_or_empty(output_mask[0], x, x), like_or_empty(output_mask[1], logits, x)
 
 
@@ -125,8 +126,8 @@ def _fake_gaussian(x, mean, logvar, event_dims):
 
 def _fake_gaussian_backward(grad, x, mean, logvar, event_dims, output_mask):
     V.check_gaussian_log_prob(x, mean, logvar, event_dims)
-    V.check_row_grad("vae_fast.gaussian_log_prob", grad, "x", x, event_dims)
-    V.check_output_mask("vae_fast.gaussian_log_prob", output_mask, 3)
+    VB.check_row_grad("vae_fast.gaussian_log_prob", grad, "x", x, event_dims)
+    VB.check_output_mask("vae_fast.gaussian_log_prob", output_mask, 3)
     return tuple(like_or_empty(m, t, x) for m, t in zip(output_mask, (x, mean, logvar)))
 
 
@@ -188,8 +189,8 @@ def _fake_kl(mu, logvar, prior_mu, prior_logvar, event_dims):
 
 def _fake_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, event_dims, output_mask):
     V.check_gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims)
-    V.check_row_grad("vae_fast.gaussian_kl", grad, "mu", mu, event_dims)
-    V.check_output_mask("vae_fast.gaussian_kl", output_mask, 4)
+    VB.check_row_grad("vae_fast.gaussian_kl", grad, "mu", mu, event_dims)
+    VB.check_output_mask("vae_fast.gaussian_kl", output_mask, 4)
     like = (mu, logvar, prior_mu, prior_logvar)
     return tuple(like_or_empty(m, t, mu) for m, t in zip(output_mask, like))
 
@@ -265,7 +266,7 @@ def _fake_reparameterize(mu, logvar, num_samples=None, *, generator=None):
 
 
 def _fake_reparameterize_backward(grad_z, logvar, eps, output_mask):
-    V.check_reparameterize_backward(grad_z, logvar, eps, output_mask)
+    VB.check_reparameterize_backward(grad_z, logvar, eps, output_mask)
     return tuple(like_or_empty(m, logvar, logvar) for m in output_mask)
 
 
