@@ -373,3 +373,62 @@ def test_modules_hold_no_hidden_state():
     assert list(ELBOLoss().state_dict()) == []
     assert [n for n, _ in ELBOLoss("gaussian").named_buffers()] == ["_beta", "obs_logvar"]
     assert isinstance(VAE(4, 1).encoder, nn.Sequential)
+
+
+# --------------------------------------------------------------------------- module arguments
+
+
+def test_setting_beta_keeps_a_built_graph_differentiable():
+    # A loss built at beta=0.2, the ELBO logged at beta=1, beta set back: the first
+    # loss's backward still runs, with its own beta (the setter makes a new tensor).
+    g = _seeded(0)
+    recon = torch.randn(4, 6, generator=g, requires_grad=True)
+    x = torch.rand(4, 6, generator=g).round()
+    mu = torch.randn(4, 2, generator=g, requires_grad=True)
+    logvar = torch.randn(4, 2, generator=g)
+    loss_fn = ELBOLoss(beta=0.2)
+    loss = loss_fn(recon, x, mu, logvar)[0]
+    loss_fn.beta = 1.0
+    with torch.no_grad():
+        loss_fn(recon, x, mu, logvar)
+    loss_fn.beta = 0.2
+    loss.backward()
+    want = torch.autograd.grad(vae_fast.elbo(recon, x, mu, logvar, beta=0.2)[0], mu)[0]
+    torch.testing.assert_close(mu.grad, want)
+
+
+def test_elbo_loss_checks_its_arguments():
+    x = torch.zeros(2, 3, 4)
+    gaussian = ELBOLoss("gaussian", "feature", event_shape=(4,))  # rows are (3, 4)
+    with pytest.raises(ValueError, match=r"rows of shape \(3, 4\).*event_shape \(4,\)"):
+        gaussian(x, x, torch.zeros(2, 1), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="`beta` requires grad"):
+        ELBOLoss(beta=torch.tensor(0.5, requires_grad=True))
+    with pytest.raises(TypeError, match="`beta` must be a number"):
+        ELBOLoss(beta="0.5")
+    with pytest.raises(ValueError, match="`latent_dim` must be a positive int"):
+        VAE(12, 0)
+    with pytest.raises(ValueError, match="`in_features` must be a positive int"):
+        VAE(12.7, 2)
+
+
+F64 = torch.float64
+
+
+def test_float64_losses_keep_float64_constants_and_dtype_under_autocast():
+    # A fixed obs_logvar of 0.1 in a float64 model is 0.1, not float32's 0.10000000149;
+    # under autocast (which leaves float64 alone) a float32 parameter follows the model.
+    g = _seeded(1)
+    x, recon = torch.rand(3, 5, generator=g, dtype=F64), torch.rand(3, 5, generator=g, dtype=F64)
+    mu, logvar = torch.zeros(3, 2, dtype=F64), torch.zeros(3, 2, dtype=F64)
+    fixed = ELBOLoss("gaussian", init_obs_logvar=0.1).double()
+    want = vae_fast.elbo(
+        recon, x, mu, logvar, likelihood="gaussian", obs_logvar=torch.tensor(0.1, dtype=F64)
+    )[0]
+    torch.testing.assert_close(fixed(recon, x, mu, logvar)[0], want, rtol=1e-14, atol=0)
+    learnt = ELBOLoss("gaussian", "scalar", init_obs_logvar=0.1)  # a float32 parameter
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = learnt(recon, x, mu, logvar)[0]
+    assert loss.dtype == F64
+    loss.backward()
+    assert learnt.obs_logvar.grad is not None

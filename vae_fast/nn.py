@@ -146,10 +146,10 @@ class ELBOLoss(nn.Module):
             raise ValueError("obs_logvar='feature' needs the event_shape of one data row")
         self.likelihood = likelihood
         self.obs_logvar_mode = obs_logvar
-        # A 0-d buffer changed in place: a compiled loss sees a new value, not a new
-        # constant, so a KL warm-up does not recompile it.
+        # A 0-d buffer: a compiled loss sees a new value, not a new constant, so a KL
+        # warm-up does not recompile it.
         self.register_buffer(
-            "_beta", torch.tensor(float(beta), dtype=torch.float64), persistent=False
+            "_beta", torch.tensor(_beta_value(beta), dtype=torch.float64), persistent=False
         )
         self.reduction = reduction
         self.inplace_grad = bool(inplace_grad)
@@ -158,17 +158,23 @@ class ELBOLoss(nn.Module):
         if likelihood == "bernoulli":
             self.obs_logvar = None
         elif obs_logvar == "fixed":
-            self.register_buffer("obs_logvar", torch.tensor(float(init_obs_logvar)))
+            # float64, as beta: a float64 model computes with init_obs_logvar itself.
+            self.register_buffer(
+                "obs_logvar", torch.tensor(float(init_obs_logvar), dtype=torch.float64)
+            )
         else:
             shape = () if obs_logvar == "scalar" else self.event_shape
             self.obs_logvar = nn.Parameter(torch.full(shape, float(init_obs_logvar)))
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) casts floating buffers; beta keeps its float64 value (0.3 in
-        # bfloat16 is 0.30078125) and only follows the module's device.
+        # Module.to(dtype) casts floating buffers; beta and a fixed obs_logvar keep their
+        # float64 values (0.3 in bfloat16 is 0.30078125) and only follow the device.
         beta = self._beta
+        fixed = self.obs_logvar if self.obs_logvar_mode == "fixed" else None
         super()._apply(fn, recurse)
         self._beta = beta.to(self._beta.device)
+        if fixed is not None and self.obs_logvar is not None:
+            self.obs_logvar = fixed.to(self.obs_logvar.device)
         return self
 
     @property
@@ -178,8 +184,9 @@ class ELBOLoss(nn.Module):
 
     @beta.setter
     def beta(self, value: float) -> None:
-        with torch.no_grad():
-            self._beta.fill_(float(value))
+        # A new tensor, not the old one changed in place: a graph built with the old
+        # value saved that one for its backward.
+        self._beta = torch.tensor(_beta_value(value), dtype=torch.float64, device=self._beta.device)
 
     def forward(
         self,
@@ -195,6 +202,11 @@ class ELBOLoss(nn.Module):
         # x is taken as it is: integer data is refused by vae_fast.elbo, never scaled
         # here (uint8 pixels of 0..255 are not Bernoulli targets). Under autocast the
         # half decoder output runs in float32 there, as torch's own losses do.
+        if self.event_shape is not None and tuple(x.shape[1:]) != self.event_shape:
+            raise ValueError(
+                f"ELBOLoss: `x` has rows of shape {tuple(x.shape[1:])}, but this loss was "
+                f"built for event_shape {self.event_shape}"
+            )
         obs = self.obs_logvar_for(recon)
         return vae_fast.elbo(
             recon,
@@ -210,14 +222,19 @@ class ELBOLoss(nn.Module):
         )
 
     def obs_logvar_for(self, recon: torch.Tensor) -> torch.Tensor | None:
-        """The observation log-variance as a loss of `recon` takes it: in recon's dtype
-        (a model cast to bfloat16 as a whole), except under autocast, where the loss runs
-        in float32 and this float32 parameter is passed as it is (not rounded to bf16)."""
+        """The observation log-variance in the dtype a loss of `recon` runs in: recon's
+        (a model cast to bfloat16 as a whole, or to float64), except for a half recon
+        under autocast, where the loss runs in float32 and a float32 parameter is passed
+        as it is (not rounded to bf16)."""
         obs = self.obs_logvar
-        autocast = torch.is_autocast_enabled(recon.device.type)
-        if obs is not None and recon.is_floating_point() and not autocast:
-            obs = obs.to(recon.dtype)
-        return obs
+        if obs is None or not recon.is_floating_point():
+            return obs
+        dtype = recon.dtype
+        if dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(
+            recon.device.type
+        ):
+            dtype = torch.float32
+        return obs.to(dtype)
 
     def extra_repr(self) -> str:
         s = f"likelihood={self.likelihood!r}"
@@ -227,6 +244,23 @@ class ELBOLoss(nn.Module):
                 s += f", event_shape={self.event_shape}"
         s += f", beta={self.beta}, reduction={self.reduction!r}"
         return s + (", inplace_grad=True" if self.inplace_grad else "")
+
+
+def _beta_value(value: float) -> float:
+    """ELBOLoss's beta: a number. (A learnable beta is vae_fast.elbo's: a module that
+    holds a warm-up weight would drop its gradient.)"""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise ValueError(
+                "ELBOLoss: `beta` requires grad, but the module keeps beta as a constant "
+                "weight; for a learnable beta call vae_fast.elbo(..., beta=tensor)"
+            )
+        if value.numel() != 1:
+            raise ValueError(f"ELBOLoss: `beta` must be a number, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"ELBOLoss: `beta` must be a number, got {value!r}")
+    return float(value)
 
 
 # --------------------------------------------------------------------------- models
@@ -357,6 +391,11 @@ class VAE(_VAEBase):
         activation: Callable[[], nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__(likelihood)
+        for name, value in (("in_features", in_features), ("latent_dim", latent_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"VAE: `{name}` must be a positive int, got {value!r}")
+        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"VAE: `hidden` must be positive ints, got {tuple(hidden)}")
         self.in_features, self.latent_dim = int(in_features), int(latent_dim)
         self.hidden = tuple(hidden)
         self.event_shape = (self.in_features,)

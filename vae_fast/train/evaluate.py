@@ -49,7 +49,7 @@ def evaluate_log_likelihood(
     """Mean importance-weighted log p(x) over the rows of x (k samples each), in nats."""
     g = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
-    obs = objective.loss.obs_logvar
+    obs = objective.loss.obs_logvar_for(x)
     for start in range(0, x.shape[0], batch):
         xb = x[start : start + batch].to(device)
         ll = objective.model.log_likelihood(xb, k, obs_logvar=obs, generator=g)
