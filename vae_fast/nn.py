@@ -112,9 +112,11 @@ class ELBOLoss(nn.Module):
     Args:
         likelihood: ``"bernoulli"`` (decoder outputs logits) or ``"gaussian"`` (means).
         obs_logvar: ``"fixed"``, ``"scalar"`` or ``"feature"`` (Gaussian only).
-        beta: weight of the KL term; an attribute, so a KL warm-up can change it.
+        beta: weight of the KL term, a number; an attribute, so a KL warm-up can change
+            it (a learnable beta is `vae_fast.elbo`'s, which takes a tensor).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
-        event_shape: the shape of one data row, required for ``obs_logvar="feature"``.
+        event_shape: the shape of one data row, required for ``obs_logvar="feature"``;
+            when given, x's rows are checked against it.
         init_obs_logvar: the initial (or fixed) observation log-variance.
         inplace_grad: write d(loss)/d(recon) over the decoder output instead of a fresh
             tensor (see `vae_fast.elbo`); `recon` holds the gradient after the call.
