@@ -424,12 +424,19 @@ def test_resume_past_stop_after_says_nothing_was_trained(tmp_path, capsys, vae_b
 
 def test_usage_errors_come_from_rank_0_only(capsys, vae_backend, monkeypatch):
     # Under torchrun every rank parses the same options: one message, not one per rank.
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     code, _, err = cli(capsys, vae_backend, "--lr", "-1", *SMALL)
     assert code == 2 and err == ""
     monkeypatch.setenv("RANK", "0")
     code, _, err = cli(capsys, vae_backend, "--lr", "-1", *SMALL)
     assert code == 2 and "--lr" in one_line(err)
+    # A stray RANK without a launch (WORLD_SIZE unset, or RANK empty) is one process.
+    monkeypatch.delenv("WORLD_SIZE")
+    for rank in ("1", ""):
+        monkeypatch.setenv("RANK", rank)
+        code, _, err = cli(capsys, vae_backend, "--lr", "-1", *SMALL)
+        assert code == 2 and "--lr" in one_line(err)
 
 
 # --------------------------------------------------------------------------- 10. pictures

@@ -232,6 +232,33 @@ def test_the_op_bumps_recons_version_when_autograd_does_not_record_it(gen):
 
 
 @pytest.mark.fused_only
+def test_the_op_bumps_recons_version_when_it_raises_after_writing(gen):
+    # Targets outside [0, 1] are found in the pass that writes recon over: the error
+    # comes after the write, and a backward that saved recon must still refuse it.
+    x, weight, hidden, mu, logvar, _ = _inputs("cpu", gen)
+    recon = (hidden @ weight).detach()
+    w = torch.ones_like(recon, requires_grad=True)
+    saved_recon = (w * recon).sum()
+    with pytest.raises(ValueError, match="outside"):
+        _into_recon(x * 3, recon, mu.detach(), logvar.detach())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved_recon.backward()
+
+
+@pytest.mark.fused_only
+def test_the_op_takes_a_plain_recon_and_traced_tensors(gen):
+    # A recon that needs no gradient (only mu and logvar do) may be written over; and a
+    # traced call (meta tensors, as under torch.compile) has no storage to inspect.
+    x, weight, hidden, mu, logvar, _ = _inputs("cpu", gen)
+    loss = _into_recon(x, (hidden @ weight).detach(), mu, logvar)[0]
+    loss.backward()
+    assert mu.grad is not None and logvar.grad is not None
+    meta = hidden.to("meta") @ weight.to("meta")
+    out = _into_recon(x.to("meta"), meta, mu.to("meta"), logvar.to("meta"))
+    assert out[0].device.type == "meta"
+
+
+@pytest.mark.fused_only
 def test_the_op_refuses_what_torchs_in_place_ops_refuse(gen):
     x, weight, hidden, mu, logvar, _ = _inputs("cpu", gen)
     mu, logvar = mu.detach(), logvar.detach()

@@ -325,6 +325,34 @@ def test_data_misread_before_is_refused(tmp_path):
         load_dataset(str(tmp_path / "ok.npy"), scale=1e-39)
 
 
+def test_data_that_loads_as_it_should(tmp_path):
+    rng = np.random.default_rng(0)
+    # bool and uint8 both become probabilities: one scale, whatever the two rules.
+    np.savez(
+        tmp_path / "bool_uint8.npz",
+        x_train=rng.random((8, 4)) < 0.5,
+        x_test=rng.integers(0, 256, (2, 4)).astype(np.uint8),
+    )
+    # float32 values near float32's smallest normal number are kept as they are.
+    np.save(tmp_path / "tiny32.npy", (rng.random((8, 4)) * 1e-38).astype(np.float32))
+    # Labels beside images: "test_labels" is not the images' test set.
+    np.savez(
+        tmp_path / "labels.npz",
+        images=rng.random((8, 4)),
+        labels=np.arange(8),
+        test_labels=np.arange(2),
+    )
+    for name, rows in (("bool_uint8.npz", (8, 2)), ("tiny32.npy", (6, 2)), ("labels.npz", (6, 2))):
+        data = load_dataset(str(tmp_path / name))
+        assert (len(data.train), len(data.test)) == rows, name
+    # A damaged file beside the IDX pair is passed over, not fatal.
+    _write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (30, 4, 4)))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (7, 4, 4)))
+    (tmp_path / "fashion-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\0" * 64)[:20])
+    data = load_dataset(str(tmp_path))
+    assert (len(data.train), len(data.test)) == (30, 7)
+
+
 def test_channels_first_images_stay_channels_first(tmp_path):
     # (N, 2, 5, 3) is 2 channels of 5x3, as the README promises; only a second dim that
     # cannot be a channel count (e.g. (N, 28, 28, 3)) is read as channels-last.
@@ -395,6 +423,7 @@ def test_bad_input_gets_a_one_line_error(tmp_path, capsys):
 
 def test_bad_input_under_torchrun_is_reported_by_rank_0_only(monkeypatch, capsys):
     # Every rank finds the same bad data; one line in all, from rank 0, and status 2 on each.
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, reported in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as exit_info:

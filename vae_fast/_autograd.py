@@ -171,19 +171,26 @@ def register(
         recording = torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
         if check_call is not None:
             check_call(args, recording)
-        if not recording:
-            if fwAD._current_level >= 0 and _has_tangent(args):
-                no_rule()  # a tangent would be dropped
-            output = forward(*args, dispatch)
+        try:
+            if not recording:
+                if fwAD._current_level >= 0 and _has_tangent(args):
+                    no_rule()  # a tangent would be dropped
+                output = forward(*args, dispatch)
+                if overwritten is not None:
+                    torch.autograd.graph.increment_version(args[overwritten])
+                return output
+            if torch._C._are_functorch_transforms_active():
+                return function.apply(*args, dispatch)
+            # Function.apply's own preamble binds the arguments to forward's signature
+            # with inspect (~30 us a call) and checks for torch.func; with every argument
+            # given and no transform active, the C++ apply below it does the same work.
+            return super(torch.autograd.Function, function).apply(*args, dispatch)
+        except Exception:
+            # An error found in the pass (targets outside [0, 1]) comes after the input
+            # was partly written over: a backward that saved it must still refuse it.
             if overwritten is not None:
                 torch.autograd.graph.increment_version(args[overwritten])
-            return output
-        if torch._C._are_functorch_transforms_active():
-            return function.apply(*args, dispatch)
-        # Function.apply's own preamble binds the arguments to forward's signature
-        # with inspect (~30 us a call) and checks for torch.func; with every argument
-        # given and no transform active, the C++ apply below it does the same work.
-        return super(torch.autograd.Function, function).apply(*args, dispatch)
+            raise
 
     _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
     return function

@@ -83,13 +83,18 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             for a, b in _NPZ_PAIRS:
                 if a in z and b in z:
                     return _npz_array(path, z, a), _npz_array(path, z, b)
-            # A test array under another name would be ignored: refuse, do not guess.
-            if not any("test" in k.lower() for k in keys):
-                for k in _NPZ_SINGLE:
-                    if k in z:
-                        return _npz_array(path, z, k), None
-                if len(keys) == 1:
-                    return _npz_array(path, z, keys[0]), None
+            for k in _NPZ_SINGLE:
+                if k in z:
+                    # Its test array under a name of its own would be ignored: refuse.
+                    pair = {f"{k}_test", f"test_{k}", "test", "x_test", "X_test"} & set(keys)
+                    if pair:
+                        raise DataError(
+                            f"{path}: holds arrays {keys}; {k!r} and {sorted(pair)[0]!r} look "
+                            "like a train/test pair: name them 'x_train' and 'x_test'"
+                        )
+                    return _npz_array(path, z, k), None
+            if len(keys) == 1:
+                return _npz_array(path, z, keys[0]), None
     except DataError:
         raise
     except _READ_ERRORS as error:
@@ -129,6 +134,15 @@ def _looks_like_idx(path: Path) -> bool:
     except OSError:  # e.g. a .gz that is not gzip
         return False
     return len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES
+
+
+def _readable_idx(path: Path) -> bool:
+    """A directory's IDX candidate; an unreadable or damaged one is not, so that it does
+    not stop the files beside it from loading."""
+    try:
+        return _looks_like_idx(path)
+    except DataError:
+        return False
 
 
 def _open(path: Path) -> IO[bytes]:
@@ -178,7 +192,7 @@ def _idx_directory(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         names = list(path.iterdir())
     except OSError as error:
         raise DataError(f"{path}: cannot read ({one_line(error)})") from None
-    images = sorted(p for p in names if "images" in p.name and _looks_like_idx(p))
+    images = sorted(p for p in names if "images" in p.name and _readable_idx(p))
     train = [p for p in images if "train" in p.name]
     if not train:
         raise DataError(

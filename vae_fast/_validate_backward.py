@@ -34,7 +34,7 @@ def check_reparameterize_backward(
 ) -> None:
     fn = "vae_fast.reparameterize"
     check_tensors(fn, logvar=logvar, grad_z=grad_z)
-    check_same_shape(fn, "grad_z", grad_z, "eps", eps)
+    check_same_shape(fn, "eps", eps, "grad_z", grad_z)
     if eps.device != logvar.device:
         raise ValueError(
             f"{fn}: `eps` is on {eps.device} but `logvar` is on {logvar.device}; all inputs "

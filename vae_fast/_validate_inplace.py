@@ -25,7 +25,7 @@ def check_inplace_grad_layout(recon: torch.Tensor, reduction: str) -> None:
 def check_inplace_grad_autograd(x: torch.Tensor, recon: torch.Tensor) -> None:
     """elbo(inplace_grad=True): recon may be overwritten by its gradient."""
     fn = _INPLACE_FN
-    if recon.is_leaf:
+    if recon.is_leaf and recon.requires_grad:
         raise ValueError(
             f"{fn}: `recon` is a leaf tensor (a parameter or an input); its gradient "
             "cannot replace its values. Pass the decoder's output, or inplace_grad=False"

@@ -184,7 +184,7 @@ def _as_float(
             f"{name}: values as large as {big:.3g} overflow float32 (at most 3.4e+38); "
             f"divide them with --data-scale, e.g. --data-scale {_power_of_ten(big):g}"
         )
-    if 0 < big < float(np.finfo(np.float32).tiny):
+    if work is np.float64 and 0 < big < float(np.finfo(np.float32).tiny):  # narrowed
         raise DataError(
             f"{name}: values at most {big:.3g} underflow float32 (every one would be 0 or "
             f"denormal); scale them up with --data-scale "
@@ -256,7 +256,10 @@ def _dataset(
         stored = (stored_train, test.dtype)
         test, _ = _event_layout(f"{where} (test)", test)
         test, test_binary, test_reading = _as_float(f"{where} (test)", test, scale, warn=False)
-        if _divisor(stored[0], scale) != _divisor(stored[1], scale):
+        # Different rules (floats as they are, uint8 / 255) put train and test on
+        # different scales, unless both come out as probabilities anyway (bool, uint8).
+        on_one_scale = _divisor(stored[0], scale) == _divisor(stored[1], scale)
+        if not on_one_scale and not (binary and test_binary):
             raise DataError(
                 f"{where}: the training rows are read as {reading} but the test rows as "
                 f"{test_reading}, so the two would not be on one scale; store them alike"

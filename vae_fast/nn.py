@@ -9,6 +9,8 @@ The modules hold configuration and parameters; the maths is in the functions
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -35,6 +37,22 @@ def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------- functions
+
+
+_LOG_LIKELIHOOD_FN = "vae_fast.nn.importance_log_likelihood"
+
+
+def positive_int(fn: str, name: str, value: object) -> int:
+    """`value` as an int >= 1: an int or a numpy integer, not a bool or a float."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{fn}: `{name}` must be a positive int, got {value!r}")
+    return n
 
 
 def importance_log_likelihood(
@@ -74,12 +92,8 @@ def importance_log_likelihood(
         The estimate for each row of x, shape (B,), in x's dtype (nats).
     """
     _check_choice("likelihood", likelihood, LIKELIHOODS)
-    for name, value in (("num_samples", num_samples), ("max_rows", max_rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"vae_fast.nn.importance_log_likelihood: `{name}` must be a positive int, "
-                f"got {value!r}"
-            )
+    num_samples = positive_int(_LOG_LIKELIHOOD_FN, "num_samples", num_samples)
+    max_rows = positive_int(_LOG_LIKELIHOOD_FN, "max_rows", max_rows)
     batch = x.shape[0]
     chunk = max(1, min(num_samples, max_rows // max(batch, 1)))
     # Streaming over chunks of samples: each chunk's log weights come from the fused
@@ -160,23 +174,17 @@ class ELBOLoss(nn.Module):
         if likelihood == "bernoulli":
             self.obs_logvar = None
         elif obs_logvar == "fixed":
-            # float64, as beta: a float64 model computes with init_obs_logvar itself.
-            self.register_buffer(
-                "obs_logvar", torch.tensor(float(init_obs_logvar), dtype=torch.float64)
-            )
+            self.register_buffer("obs_logvar", torch.tensor(float(init_obs_logvar)))
         else:
             shape = () if obs_logvar == "scalar" else self.event_shape
             self.obs_logvar = nn.Parameter(torch.full(shape, float(init_obs_logvar)))
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) casts floating buffers; beta and a fixed obs_logvar keep their
-        # float64 values (0.3 in bfloat16 is 0.30078125) and only follow the device.
+        # Module.to(dtype) casts floating buffers; beta keeps its float64 value (0.3 in
+        # bfloat16 is 0.30078125) and only follows the module's device.
         beta = self._beta
-        fixed = self.obs_logvar if self.obs_logvar_mode == "fixed" else None
         super()._apply(fn, recurse)
         self._beta = beta.to(self._beta.device)
-        if fixed is not None and self.obs_logvar is not None:
-            self.obs_logvar = fixed.to(self.obs_logvar.device)
         return self
 
     @property
@@ -260,7 +268,7 @@ def _beta_value(value: float) -> float:
         if value.numel() != 1:
             raise ValueError(f"ELBOLoss: `beta` must be a number, got shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's too)
         raise TypeError(f"ELBOLoss: `beta` must be a number, got {value!r}")
     return float(value)
 
@@ -393,13 +401,9 @@ class VAE(_VAEBase):
         activation: Callable[[], nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__(likelihood)
-        for name, value in (("in_features", in_features), ("latent_dim", latent_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"VAE: `{name}` must be a positive int, got {value!r}")
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"VAE: `hidden` must be positive ints, got {tuple(hidden)}")
-        self.in_features, self.latent_dim = int(in_features), int(latent_dim)
-        self.hidden = tuple(hidden)
+        self.in_features = positive_int("VAE", "in_features", in_features)
+        self.latent_dim = positive_int("VAE", "latent_dim", latent_dim)
+        self.hidden = tuple(positive_int("VAE", "hidden", h) for h in hidden)
         self.event_shape = (self.in_features,)
         self.encoder = _mlp((self.in_features, *self.hidden, 2 * self.latent_dim), activation)
         self.decoder = _mlp((self.latent_dim, *reversed(self.hidden), self.in_features), activation)

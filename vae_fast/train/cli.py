@@ -394,8 +394,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 def _launched_as_rank_0() -> bool:
-    """Rank 0 of a torchrun launch, or a single process (before the process group exists)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 of a torchrun launch, or a single process (before the process group exists):
+    as start_runtime decides, by WORLD_SIZE (a stray RANK alone is not a launch)."""
+
+    def number(name: str, default: int) -> int:
+        text = os.environ.get(name, "")
+        return int(text) if text.strip().isdigit() else default
+
+    return number("WORLD_SIZE", 1) <= 1 or number("RANK", 0) == 0
 
 
 def _refuse(parser: argparse.ArgumentParser, error: Exception, main: bool) -> NoReturn:
