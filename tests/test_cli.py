@@ -413,6 +413,31 @@ def test_an_out_that_holds_a_run_needs_resume_or_overwrite(tmp_path, capsys, vae
     assert code == 2 and "pick one" in one_line(err)
 
 
+def test_overwrite_leaves_nothing_of_the_old_run(tmp_path, capsys, vae_backend, monkeypatch):
+    # A new run that diverges before its first checkpoint must not leave the old run's
+    # checkpoint behind, to be resumed or refused as if it were this run's.
+    argv = ["--out", str(tmp_path), "--steps", "2", *SMALL]
+    assert cli(capsys, vae_backend, *argv)[0] == 0
+    assert (tmp_path / "checkpoint.pt").exists()
+    _step_that_diverges(monkeypatch, at_step=0)
+    code, _, err = cli(capsys, vae_backend, *argv, "--overwrite")
+    assert code == 1 and "wrote no checkpoint" in one_line(err)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_resume_refuses_what_changes_the_arithmetic(tmp_path, capsys, vae_backend):
+    # Mixed precision and the shards of a step (processes x --accumulate) change the
+    # numbers: a resumed run would match no straight run.
+    argv = ["--out", str(tmp_path), "--epochs", "2", "--stop-after", "1", *SMALL]
+    assert cli(capsys, vae_backend, *argv)[0] == 0
+    code, _, err = cli(capsys, vae_backend, *argv, "--resume", "--amp", "bf16")
+    assert code == 2 and "written with --amp none, this run has bf16" in one_line(err)
+    code, _, err = cli(capsys, vae_backend, *argv, "--resume", "--accumulate", "2")
+    assert code == 2 and "1 shards per step (processes x --accumulate), this run has 2" in (
+        one_line(err)
+    )
+
+
 def test_resume_past_stop_after_says_nothing_was_trained(tmp_path, capsys, vae_backend):
     argv = ["--out", str(tmp_path), "--epochs", "3", *SMALL]
     assert cli(capsys, vae_backend, *argv, "--stop-after", "2")[0] == 0

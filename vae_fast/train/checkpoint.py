@@ -22,6 +22,7 @@ from vae_fast.train.config import Config, ConfigError, Runtime
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+PICTURES = ("samples.png", "reconstructions.png")
 # Options that define the run: --resume refuses a checkpoint written with other values.
 IDENTITY = (
     "data",
@@ -47,10 +48,20 @@ IDENTITY = (
     "estimator",
     "weight_decay",
     "seed",
+    "amp",
+    "backend",
+    "accumulate",  # compared as shards per step: processes x --accumulate
 )
 # Identity options added after format 1 was first written: a checkpoint without them
 # was written with these values.
-_IDENTITY_DEFAULTS = {"bound": "elbo", "num_samples": 1, "estimator": None}
+_IDENTITY_DEFAULTS = {
+    "bound": "elbo",
+    "num_samples": 1,
+    "estimator": None,
+    "amp": "none",
+    "backend": "fused",
+    "accumulate": 1,
+}
 # What a checkpoint of format 1 holds (see save_checkpoint), with each entry's type.
 _CHECKPOINT_ENTRIES = {
     "config": dict,
@@ -194,6 +205,9 @@ def start(
                 "start over with --overwrite"
             )
         if rt.main:
+            # Starting over: nothing of the old run stays to be mistaken for this one's.
+            for name in (CHECKPOINT, *PICTURES):
+                (cfg.out / name).unlink(missing_ok=True)
             write_metrics(cfg.out / METRICS, [])
         return 0, []
     ckpt = load_checkpoint(cfg, rt)
@@ -277,12 +291,20 @@ def load_checkpoint(cfg: Config, rt: Runtime) -> dict:
         if ckpt is not None:
             want, have = identity(cfg), ckpt["config"]
             have = {**_IDENTITY_DEFAULTS, **have}
-            diff = [k for k in IDENTITY if want.get(k) != have.get(k)]
+            diff = [k for k in IDENTITY if k != "accumulate" and want.get(k) != have.get(k)]
+            # Each step's batch is cut into one shard per process and accumulation step,
+            # each with its own noise: 2 processes resume exactly as 1 with --accumulate 2.
+            shards = (len(ckpt["rng"]) * have["accumulate"], rt.world * cfg.accumulate)
             if diff:
                 k = diff[0]
                 box[0] = ConfigError(
                     f"--resume: {path} was written with --{k.replace('_', '-')} {have.get(k)}, "
                     f"this run has {want.get(k)}; use the same options"
+                )
+            elif shards[0] != shards[1]:
+                box[0] = ConfigError(
+                    f"--resume: {path} was written with {shards[0]} shards per step (processes "
+                    f"x --accumulate), this run has {shards[1]}; use the same product"
                 )
             else:
                 box[0] = ckpt

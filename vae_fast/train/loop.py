@@ -155,12 +155,15 @@ def train(cfg: Config, data: Dataset, prep: Prepared, rt: Runtime) -> dict:
         for epoch in range(s.start_epoch, cfg.stop_epoch):
             _record(cfg, prep, rt, s, epoch, _epoch(cfg, prep, rt, s, epoch))
         if s.bar is not None:
-            s.bar.close()
+            s.bar.close()  # before the summary's lines
+            s.bar = None
         result = s.history[-1] if s.history else {}
         if rt.main and cfg.stop_epoch == cfg.total_epochs:
             s.objective.eval()
             samples, recons = pictures(s.objective, prep, data, cfg.out, cfg.seed, rt.device)
             _summary(cfg, result, samples, recons)
+        elif rt.main and s.start_epoch >= cfg.total_epochs:
+            print(f"the run in {cfg.out} is finished (epoch {s.start_epoch} of {cfg.total_epochs})")
         elif rt.main and s.start_epoch >= cfg.stop_epoch:
             print(
                 f"the checkpoint is already at epoch {s.start_epoch} of {cfg.total_epochs}, "
