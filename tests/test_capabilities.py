@@ -27,6 +27,7 @@ OP_TESTS = [
     "test_elbo.py",
     "test_targets.py",
     "test_reparameterize.py",
+    "test_accuracy.py",
 ]
 CAPABILITIES = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
 
