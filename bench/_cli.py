@@ -1,12 +1,14 @@
 """The command-line conventions of the bench scripts: defaults that depend on --quick or
---device, --help that shows every default as it is typed, and the options that
-bench/ops.py and bench/train.py both take.
+--device, --help that shows every default as it is typed, the options that
+bench/ops.py and bench/train.py both take, and the --threads of the smaller scripts.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,16 @@ def add_run_options(
     p.add_argument("--append", action="store_true", help="add this run to the --json file")
     p.add_argument("--markdown", help="write the tables here (they are printed anyway)")
     p.add_argument("--quick", action="store_true", help=quick)
+
+
+def parse_with_threads(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line with a --threads option added, and apply it (the smaller
+    scripts keep torch's thread count by default)."""
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:

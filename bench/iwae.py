@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 import _common as C  # noqa: E402  (after the path set-up, so `python bench/iwae.py` works)
 
 import vae_fast  # noqa: E402
@@ -201,12 +202,9 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds per provider")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="B x D = 64 x 100, short timing")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = _cli.parse_with_threads(parser)
     if args.quick:
         args.batch, args.features, args.min_time, args.rounds = 64, 100, 0.2, 2
     rows = run(args)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 import _common as C  # noqa: E402  (after the path set-up, so `python bench/overhead.py` works)
 
 import vae_fast  # noqa: E402
@@ -94,10 +95,7 @@ def main() -> None:
     parser.add_argument("--size", default="128x784x32", help="BxDxZ (default: 128x784x32)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--min-time", type=float, default=3.0, help="seconds per stage")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = _cli.parse_with_threads(parser)
     batch, features, latent = (int(v) for v in args.size.split("x"))
     times = C.measure_interleaved(
         stages(batch, features, latent),

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import vae_fast
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (after the path set-up, so `python bench/validation.py` works)
+
+import vae_fast  # noqa: E402
 
 
 def _step(recon, x, mu, logvar, validate: bool) -> None:
@@ -42,10 +47,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["128x784x32", "8192x784x32"])
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per variant and round")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = _cli.parse_with_threads(parser)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"capability {vae_fast._C.cpu_capability()}"
