@@ -11,7 +11,10 @@ TORCH  ?= torch==2.13.0
 
 DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.vae-fast-built
-SOURCES := $(shell find csrc vae_fast -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) CMakeLists.txt pyproject.toml
+# The editable install maps each Python file it saw: a file or package added or removed
+# under vae_fast/ (a directory's time changes) re-installs it too (seconds).
+SOURCES := $(shell find csrc vae_fast -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) \
+	$(shell find vae_fast -type d -not -name __pycache__) CMakeLists.txt pyproject.toml
 
 .PHONY: test demo bench build lint clean gpu-check
 

@@ -417,6 +417,30 @@ def test_elbo_loss_checks_its_arguments():
     assert ELBOLoss(beta=np.float32(0.5)).beta == 0.5
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # A float size would be truncated by int() into another model without a word.
+        (dict(latent_dim=2.5), "ConvVAE: `latent_dim` must be a positive int"),
+        (dict(hidden=0), "ConvVAE: `hidden` must be a positive int"),
+        (dict(channels=(8, 0)), "ConvVAE: `channels` must be a positive int"),
+        (dict(channels=()), "ConvVAE: `channels` must give at least one conv width"),
+        (dict(in_shape=(8, 8)), r"ConvVAE: `in_shape` must be \(C, H, W\)"),
+        (dict(in_shape=(1, 0, 8)), "ConvVAE: `in_shape` must be a positive int"),
+        (dict(likelihood="poisson"), "ConvVAE: unknown likelihood 'poisson'"),
+    ],
+)
+def test_conv_vae_checks_its_arguments(kwargs, message):
+    args = dict(in_shape=(1, 8, 8), latent_dim=2) | kwargs
+    with pytest.raises(ValueError, match=message):
+        ConvVAE(**args)
+
+
+def test_conv_vae_takes_numpy_sizes_and_iterables():
+    model = ConvVAE(np.array([1, 8, 8]), np.int64(2), channels=map(int, "4,8".split(",")))
+    assert (model.in_shape, model.latent_dim, model.channels) == ((1, 8, 8), 2, (4, 8))
+
+
 F64 = torch.float64
 
 

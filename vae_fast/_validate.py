@@ -8,6 +8,7 @@ a kernel (or, worse, as a silent broadcast).
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -144,6 +145,19 @@ def check_option(fn: str, name: str, value: str, valid: Sequence[str]) -> None:
         raise ValueError(
             f"{fn}: unknown {name} {value!r}; expected one of {', '.join(map(repr, valid))}"
         )
+
+
+def positive_int(fn: str, name: str, value: object) -> int:
+    """`value` as an int >= 1: an int or a numpy integer, not a bool or a float."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{fn}: `{name}` must be a positive int, got {value!r}")
+    return n
 
 
 def check_num_samples(fn: str, num_samples: int | None) -> None:
