@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,7 +23,14 @@ import vae_fast
 from vae_fast._backend import BACKENDS
 from vae_fast._validate import ESTIMATORS
 from vae_fast.data import DataError, Dataset, DataWarning, load_dataset, prepare
-from vae_fast.train.config import ACTIVATIONS, BOUNDS, ConfigError, resolve, start_runtime
+from vae_fast.train.config import (
+    ACTIVATIONS,
+    BOUNDS,
+    ConfigError,
+    launched_as_rank_0,
+    resolve,
+    start_runtime,
+)
 from vae_fast.train.loop import Diverged, Interrupted, train
 
 # Exit statuses (also in --help): 2 is argparse's own for a usage error.
@@ -44,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # Under torchrun every rank parses the same options: one of them says so.
         text = f"{self.prog}: error: {' '.join(message.split())}\n"
-        self.exit(EXIT_USAGE, text if _launched_as_rank_0() else None)
+        self.exit(EXIT_USAGE, text if launched_as_rank_0() else None)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -369,7 +375,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         prep = prepare(data, args.likelihood, args.data)
         rt = start_runtime(args.device)
     except (DataError, ConfigError) as error:
-        _refuse(parser, error, _launched_as_rank_0())
+        _refuse(parser, error, launched_as_rank_0())
     except KeyboardInterrupt:
         parser.exit(EXIT_INTERRUPTED, f"{parser.prog}: interrupted\n")
     threads = torch.get_num_threads()
@@ -393,17 +399,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
             dist.destroy_process_group()
 
 
-def _launched_as_rank_0() -> bool:
-    """Rank 0 of a torchrun launch, or a single process (before the process group exists):
-    as start_runtime decides, by WORLD_SIZE (a stray RANK alone is not a launch)."""
-
-    def number(name: str, default: int) -> int:
-        text = os.environ.get(name, "")
-        return int(text) if text.strip().isdigit() else default
-
-    return number("WORLD_SIZE", 1) <= 1 or number("RANK", 0) == 0
-
-
 def _refuse(parser: argparse.ArgumentParser, error: Exception, main: bool) -> NoReturn:
     """Bad options or data: status 2, with the one-line error from the main process only
     (under torchrun every rank finds the same error)."""
@@ -420,7 +415,7 @@ def _load_data(spec: str, scale: float | None, prog: str) -> Dataset:
     for w in caught:
         if not issubclass(w.category, DataWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        elif _launched_as_rank_0():
+        elif launched_as_rank_0():
             print(f"{prog}: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     return data
 

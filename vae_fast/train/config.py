@@ -44,10 +44,22 @@ class Runtime:
         return self.world > 1
 
 
+def _launch_number(name: str, default: int) -> int:
+    """A number torchrun sets in the environment; unset or unreadable: `default`."""
+    text = os.environ.get(name, "")
+    return int(text) if text.strip().isdigit() else default
+
+
+def launched_as_rank_0() -> bool:
+    """Rank 0 of a torchrun launch, or a single process, known before the process group
+    exists: by WORLD_SIZE, as start_runtime decides (a stray RANK alone is no launch)."""
+    return _launch_number("WORLD_SIZE", 1) <= 1 or _launch_number("RANK", 0) == 0
+
+
 def start_runtime(device_name: str) -> Runtime:
     """This process's place in the run (torchrun's environment), its process group joined."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = _launch_number("WORLD_SIZE", 1)
+    local_rank = _launch_number("LOCAL_RANK", 0)
     if device_name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available (use --device cpu)")
     if device_name == "auto":
