@@ -19,10 +19,10 @@ from torch import nn
 
 import vae_fast
 from vae_fast.train.config import Config, ConfigError, Runtime
+from vae_fast.train.evaluate import PICTURES
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-PICTURES = ("samples.png", "reconstructions.png")
 # Options that define the run: --resume refuses a checkpoint written with other values.
 IDENTITY = (
     "data",

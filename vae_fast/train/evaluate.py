@@ -15,6 +15,11 @@ from torch import nn
 from vae_fast import _plots
 from vae_fast.data import Dataset, Prepared
 
+# The pictures a run writes into --out (a run started over deletes the old ones).
+SAMPLES = "samples.png"
+RECONSTRUCTIONS = "reconstructions.png"
+PICTURES = (SAMPLES, RECONSTRUCTIONS)
+
 
 @torch.no_grad()
 def evaluate(
@@ -86,7 +91,7 @@ def pictures(
     samples = to_data(model.sample(ncol * ncol, generator=g))
     s = _plots.save_grid(
         samples,
-        out / "samples.png",
+        out / SAMPLES,
         f"{data.name}: {ncol * ncol} samples (mean of p(x|z), z ~ N(0, I))",
         ncol=ncol,
         vmin=lo,
@@ -104,7 +109,7 @@ def pictures(
         pairs += [shown[r : r + ncol_pairs].reshape(-1, *image), recon[r : r + ncol_pairs]]
     r = _plots.save_grid(
         torch.cat(pairs),
-        out / "reconstructions.png",
+        out / RECONSTRUCTIONS,
         f"{data.name}: test images{' (binarized)' if prep.likelihood == 'bernoulli' else ''} "
         "(odd rows) and reconstructions (even rows)",
         ncol=ncol_pairs,
