@@ -1,5 +1,5 @@
 """The training command, one job per module (imports run cli -> loop -> objective,
-checkpoint, evaluate -> config, vae_fast.data):
+checkpoint -> evaluate -> config, vae_fast.data; no circle):
 
 - cli: the options, `main` and `run` (exit statuses, one-line errors);
 - config: the options and the data resolved into a frozen Config, and the run checks;
