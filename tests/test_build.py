@@ -160,7 +160,9 @@ static VectorMode mode_for(int vec, int misalign, int64_t cols, bool per_column)
   return {vec, vec > 1 ? misalign : 0};
 }
 
-static void check(int64_t rows, int64_t cols, VectorMode mode, bool per_column, int64_t resident) {
+// x_rows > 0: x shared by the samples, read at row % x_rows (the multi-sample elbo).
+static void check(int64_t rows, int64_t cols, VectorMode mode, bool per_column, int64_t resident,
+                  int64_t x_rows = 0) {
   const RowGrid g = plan_rows(rows, cols, mode, per_column, resident);
   EXPECT(g.tx >= 1 && (g.tx & (g.tx - 1)) == 0 && g.tx * g.ty == kBlockThreads,
          "team shape %d x %d", g.tx, g.ty);
@@ -194,6 +196,7 @@ static void check(int64_t rows, int64_t cols, VectorMode mode, bool per_column, 
               s, g.vec, lane, g.tx,
               [&](int64_t col) {
                 bad |= (g.misalign + row * cols + col) % g.vec != 0;
+                if (x_rows > 0) bad |= (g.misalign + row % x_rows * cols + col) % g.vec != 0;
                 bad |= col < s.body_begin || col + g.vec > s.body_end;
                 if (per_column) bad |= col != s.begin + int64_t(lane) * g.vec;
                 if (col >= 0 && col + g.vec <= cols) {
@@ -253,6 +256,20 @@ int main() {
     check(rows, cols, mode_for(vec, m, cols, per_column), per_column, resident);
     ++shapes;
   }
+  // x shared by K samples: B x cols of x under K * B rows, each mode made safe for it
+  // (with_shared_x), B * cols both a multiple of the vector width and not.
+  for (int i = 0; i < 500; ++i) {
+    const int64_t batch = 1 + int64_t(rng() % 64);
+    const int64_t samples = 2 + int64_t(rng() % 3);
+    const int64_t cols = 1 + int64_t(rng() % 2100);
+    const int vec = vecs[rng() % 4];
+    const int m = int(rng() % vec);
+    const bool per_column = rng() % 3 == 0;
+    const int64_t rows = samples * batch;
+    const VectorMode mode = with_shared_x(mode_for(vec, m, cols, per_column), cols, batch);
+    check(rows, cols, mode, per_column, residents[rng() % 6], batch);
+    ++shapes;
+  }
   std::printf("%lld shapes, %d failures\n", (long long)shapes, failures);
   return failures == 0 ? 0 : 1;
 }
@@ -279,7 +296,7 @@ def test_row_plan_visits_every_element_once(tmp_path: Path) -> None:
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "3015 shapes, 0 failures" in run.stdout
+    assert "3515 shapes, 0 failures" in run.stdout
 
 
 # --------------------------------------------------------------------------- CUDA architectures

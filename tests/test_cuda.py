@@ -14,7 +14,8 @@ csrc/cuda/row_plan.h) at the sizes that select it:
   counts, or inputs that all start off alignment), and element-by-element access
   where pointers are misaligned differently;
 - the fused elbo's loss reduced in the same launch, over many blocks, with beta on
-  the host or on the device.
+  the host or on the device;
+- the multi-sample elbo's x, shared by the K samples' rows.
 
 The index mapping itself is checked on the host (tests/test_build.py).
 """
@@ -155,6 +156,31 @@ def test_cuda_elbo_grid_paths_match_cpu(case: str, dtype: torch.dtype, beta_on: 
             pairs = zip(ELBO_NAMES, got, want)
         for name, g, w in pairs:
             _compare(g, w, dtype, f"{case} {reduction} {name}")
+
+
+@pytest.mark.parametrize("likelihood, obs_kind", [("bernoulli", None), ("gaussian", "feature")])
+@pytest.mark.parametrize(
+    "x_shape",
+    [
+        (3, 5),  # B * D = 15: x's rows for samples k >= 1 start off the others' alignment
+        (4, 5),  # B * D = 20: odd rows, yet every sample's x rows keep the alignment
+        (64, 784),  # the common image size: vectors throughout
+    ],
+)
+def test_cuda_multi_sample_elbo_reads_shared_x_aligned(x_shape, likelihood, obs_kind) -> None:
+    """elbo(num_samples=K): K * B rows of recon read B rows of x (row r reads r % B)."""
+    gen = torch.Generator().manual_seed(3)
+    x, _, mu, logvar, obs = _grid_inputs(
+        likelihood, x_shape, obs_kind, (x_shape[0], 8), torch.float32, gen
+    )
+    recon = torch.randn(3, *x_shape, generator=gen)
+    cpu = (x, recon, mu, logvar, obs)
+    cuda = [t if t is None else t.cuda() for t in cpu]
+    want = OPS.elbo(*cpu[:4], cpu[4], likelihood, _beta("host"), "mean", True)
+    got = OPS.elbo(*cuda[:4], cuda[4], likelihood, _beta("device"), "mean", True)
+    torch.cuda.synchronize()  # a misaligned access would surface here
+    for name, g, w in zip(ELBO_NAMES, got, want):
+        _compare(g, w, torch.float32, f"{x_shape} {likelihood} {name}")
 
 
 @pytest.mark.parametrize(

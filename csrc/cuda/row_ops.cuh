@@ -204,15 +204,17 @@ struct KLRows {
 }  // namespace
 
 // A task for launch_rows: `op` over rows x cols, its vector mode decided by the
-// rows x cols matrices it reads and writes (`ptrs`).
+// rows x cols matrices it reads and writes (`ptrs`) and by x's sharing across
+// samples (`x_rows`, see with_shared_x).
 template <class Op>
-TaskSpec<Op> task(Op op, int64_t rows, int64_t cols, std::initializer_list<const void*> ptrs) {
+TaskSpec<Op> task(Op op, int64_t rows, int64_t cols, std::initializer_list<const void*> ptrs,
+                  int64_t x_rows = 0) {
   op.cols = cols;
   TaskSpec<Op> spec;
   spec.op = op;
   spec.rows = rows;
   spec.cols = cols;
-  spec.mode = vector_mode<typename Op::scalar>(cols, ptrs, Op::kFeatSums > 0);
+  spec.mode = with_shared_x(vector_mode<typename Op::scalar>(cols, ptrs, Op::kFeatSums > 0), cols, x_rows);
   return spec;
 }
 
@@ -261,7 +263,7 @@ TaskSpec<BernoulliRows<scalar_t, kLogProb>> bernoulli_task(const BernoulliArgs& 
   op.grad_x = mutable_ptr_or_null<scalar_t>(a.grad_x);
   op.grad_logits = mutable_ptr_or_null<scalar_t>(a.grad_logits);
   op.log_prob = mutable_ptr_or_null<acc_t<scalar_t>>(a.log_prob);
-  return task(op, rows, a.logits.size(1), {op.x, op.logits, op.grad_x, op.grad_logits});
+  return task(op, rows, a.logits.size(1), {op.x, op.logits, op.grad_x, op.grad_logits}, a.x_rows);
 }
 
 // A scalar or per-feature logvar's gradient is summed per column by the driver
@@ -286,7 +288,7 @@ TaskSpec<GaussianRows<scalar_t, kLogProb, kPerColumn>> gaussian_task(const Gauss
   }
   op.log_prob = mutable_ptr_or_null<acc_t<scalar_t>>(a.log_prob);
   return task(op, rows, a.mean.size(1),
-              {op.x, op.mean, matrix_ptr(op.logvar), op.grad_x, op.grad_mean, op.grad_logvar});
+              {op.x, op.mean, matrix_ptr(op.logvar), op.grad_x, op.grad_mean, op.grad_logvar}, a.x_rows);
 }
 
 // The gradient of a scalar or per-feature prior is summed per column (slot 0:

@@ -41,6 +41,15 @@ struct VectorMode {
   int misalign = 0;
 };
 
+// `mode` for a task whose x is shared by the samples (`x_rows` > 0: row r reads x's
+// row r % x_rows, which starts x_rows * cols elements before the others' row r once
+// r >= x_rows): the rows keep one vector alignment only when x_rows rows span whole
+// vectors; otherwise element by element.
+inline VectorMode with_shared_x(VectorMode mode, int64_t cols, int64_t x_rows) {
+  if (x_rows > 0 && (x_rows * cols) % mode.vec != 0) return VectorMode{1, 0};
+  return mode;
+}
+
 struct RowGrid {
   int64_t rows = 0, cols = 0;
   int64_t split_cols = 0;  // columns per split, a multiple of vec

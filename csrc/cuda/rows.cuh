@@ -217,9 +217,12 @@ __device__ __forceinline__ void run_task(const RowTask<Op>& t, int64_t block, ty
 template <typename acc>
 __device__ __forceinline__ void run_task(const NoTask&, int64_t, acc&) {}
 
-// In the last block: adds each split row's partial sums in split order, a warp per
-// row (each lane a fixed stride of the splits, then the warp's fixed shuffle tree),
-// and finishes the row; adds the loss of those rows to `loss`.
+// In the last block: adds each split row's partial sums in split order and finishes
+// the row; adds the loss of those rows to `loss`. Few splits (per-column sums split
+// every row of a wide input, for any number of rows): a thread per row, adding its
+// splits one after another, so that 256 rows are in flight at once, not 8. Many
+// splits (a few very long rows): a warp per row, each lane a fixed stride of the
+// splits, then the warp's fixed shuffle tree. Either order is fixed by the shape.
 template <class Op>
 __device__ __forceinline__ void finish_split_rows(const RowTask<Op>& t, typename Op::acc& loss) {
   using acc = typename Op::acc;
@@ -228,13 +231,27 @@ __device__ __forceinline__ void finish_split_rows(const RowTask<Op>& t, typename
     const RowGrid& g = t.g;
     if (g.splits == 1) return;
     const acc loss_coef = t.adds_loss ? t.coefficient() : acc(0);
+    // Written by other blocks of this launch: read from L2 (__ldcg), never a stale L1 line.
+    if (g.splits <= kWarp) {
+      for (int64_t row = threadIdx.x; row < g.rows; row += kBlockThreads) {
+        acc sums[NR];
+#pragma unroll
+        for (int j = 0; j < NR; ++j) {
+          acc s = acc(0);
+          for (int32_t k = 0; k < g.splits; ++k) s += __ldcg(t.row_ws + g.partial_index(j, row, k));
+          sums[j] = s;
+        }
+        const acc value = t.op.finish_row(row, sums);
+        if (t.adds_loss) loss += loss_coef * value;
+      }
+      return;
+    }
     const int lane = static_cast<int>(threadIdx.x) % kWarp, warp = static_cast<int>(threadIdx.x) / kWarp;
     for (int64_t row = warp; row < g.rows; row += kBlockThreads / kWarp) {
       acc sums[NR];
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
         acc s = acc(0);
-        // Written by other blocks of this launch: read from L2 (__ldcg), never a stale L1 line.
         for (int32_t k = lane; k < g.splits; k += kWarp) s += __ldcg(t.row_ws + g.partial_index(j, row, k));
         sums[j] = warp_sum(s);
       }
