@@ -354,6 +354,63 @@ def test_vmap_randomness_modes_of_reparameterize():
     assert same.shape == different.shape == (4, 3)
 
 
+def test_direct_random_op_under_vmap_raises_naming_the_public_function():
+    # torch's fallback would loop over the rows drawing anew, whatever the mode says.
+    mu, logvar = torch.zeros(4, 3, dtype=F64), torch.zeros(4, 3, dtype=F64)
+    op = lambda m, lv: torch.ops.vae_fast.reparameterize(m, lv)[0]  # noqa: E731
+    for randomness in ("error", "same", "different"):
+        with pytest.raises(RuntimeError, match=r"vae_fast: .*call vae_fast\.reparameterize"):
+            vmap(op, randomness=randomness)(mu, logvar)
+
+
+# torch.compile traces torch.func transforms and forward AD as well: inside them the
+# public functions must still take the reference (the fused ops have no batching rule
+# or forward derivative), eager and compiled alike.
+@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap", "forward_ad"])
+def test_compiled_transforms_run_the_reference(transform):
+    x, recon, mu, logvar, _ = _elbo_inputs("bernoulli", requires_grad=False)
+    loss = lambda r, m, lv: vae_fast.elbo(r, x, m, lv, beta=0.7)[0]  # noqa: E731
+    ones = tuple(torch.ones_like(t) for t in (recon, mu, logvar))
+
+    def forward_ad(r, m, lv):
+        with fwAD.dual_level():
+            out = loss(fwAD.make_dual(r, ones[0]), m, lv)
+            return fwAD.unpack_dual(out).tangent
+
+    fn = {
+        "grad": lambda r, m, lv: grad(loss, argnums=(0, 1, 2))(r, m, lv),
+        "jvp": lambda r, m, lv: jvp(loss, (r, m, lv), ones),
+        "vmap": lambda r, m, lv: vmap(vae_fast.gaussian_kl)(m, lv),
+        "forward_ad": forward_ad,
+    }[transform]
+    with vae_fast.backend("reference"):
+        want = fn(recon, mu, logvar)
+    torch._dynamo.reset()
+    _assert_same(torch.compile(fn, fullgraph=True, backend="aot_eager")(recon, mu, logvar), want)
+
+
+def test_compiled_vmap_follows_the_randomness_mode():
+    mu, logvar = torch.zeros(4, 3, dtype=F64), torch.zeros(4, 3, dtype=F64)
+    torch._dynamo.reset()
+    same = torch.compile(
+        vmap(vae_fast.reparameterize, randomness="same"), fullgraph=True, backend="aot_eager"
+    )(mu, logvar)
+    assert torch.equal(same, same[:1].expand_as(same))
+
+
+def test_compiled_reference_checks_targets_in_the_graph():
+    # The reference's target check cannot steer Python under torch.compile: it is an
+    # assertion in the graph, which raises when it runs (and passes good data).
+    x, recon, mu, logvar, _ = _elbo_inputs("bernoulli", requires_grad=False)
+    fn = lambda xs: vae_fast.elbo(recon, xs, mu, logvar)[0]  # noqa: E731
+    torch._dynamo.reset()
+    with vae_fast.backend("reference"):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        _assert_same(compiled(x), fn(x))
+        with pytest.raises(RuntimeError, match="`x` holds Bernoulli targets outside"):
+            compiled(x * 255)
+
+
 # --------------------------------------------------------------------------- 4. beta
 
 

@@ -12,8 +12,10 @@ one Function serves them all:
   vector-Jacobian product of the operator's plain-torch reference instead, which
   torch differentiates again to any order;
 - forward-mode AD and the torch.func transforms (vmap, jvp, jacfwd, ...) reach the
-  public functions, which run the reference there (`runs_reference`); a direct
-  ``torch.ops.vae_fast`` call under them raises a vae_fast error.
+  public functions, which run the reference there (`runs_reference`), eager or
+  compiled; a direct ``torch.ops.vae_fast`` call under them raises a vae_fast error
+  where it would record a graph or carry a tangent, and for the random op
+  (reparameterize) under vmap; otherwise vmap runs it row by row (torch's fallback).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ def runs_reference(*tensors: Any) -> bool:
     no forward derivative; the reference is plain torch, which has both."""
     if current_backend() == "reference":
         return True
-    if torch.compiler.is_compiling():
-        return False
+    # torch.compile traces torch.func transforms and forward AD too, and reads both
+    # as they are at trace time.
     if torch._C._are_functorch_transforms_active():
         return True
     # No dual level is open (the common case): no input can carry a tangent.
@@ -194,6 +196,21 @@ def register(
 
     _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
     return function
+
+
+def refuse_vmap(name: str) -> None:
+    """A random op under vmap, called directly: torch's fallback would loop over the
+    batch drawing anew each time, whatever vmap's randomness mode says ("error" should
+    raise, "same" share one draw); refuse instead. The public function follows them."""
+
+    def rule(info: Any, in_dims: Any, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"vae_fast: torch.ops.vae_fast.{name} draws random numbers and has no vmap rule "
+            f"(randomness={info.randomness!r}); call vae_fast.{name.strip('_')}, which follows "
+            "vmap's randomness modes as torch.randn does"
+        )
+
+    torch.library.register_vmap(f"vae_fast::{name}", rule)
 
 
 def register_first_order_only(name: str) -> None:

@@ -76,12 +76,14 @@ def register_op(
     autocast: bool = False,
     overwritten: int | None = None,
     check_call: Callable[[tuple[Any, ...], bool], None] | None = None,
+    random: bool = False,
 ) -> None:
     """Registers torch.ops.vae_fast.<name>'s fake kernel and its autograd: `setup_context`
     and `backward` as its one autograd route, or (a private backward op, given neither)
     first-order only. `autocast`: direct torch.ops calls under autocast run half inputs
     in float32 (float64 is kept). `overwritten` and `check_call`: see
-    `_autograd.register`. Nothing to register when the library is not built."""
+    `_autograd.register`. `random`: the op draws random numbers (`_autograd.refuse_vmap`).
+    Nothing to register when the library is not built."""
     if LOAD_ERROR is not None:
         return
     torch.library.register_fake(f"vae_fast::{name}", _one_device(name, fake))
@@ -91,6 +93,8 @@ def register_op(
         )
     else:
         _autograd.register_first_order_only(name)
+    if random:
+        _autograd.refuse_vmap(name)
     if autocast:
         for device in ("cpu", "cuda"):
             torch.library.register_autocast(f"vae_fast::{name}", device, torch.float32)

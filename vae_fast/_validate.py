@@ -50,15 +50,23 @@ def resolve_validate_args(value: bool | None) -> bool:
 
 def check_targets_in_unit_interval(fn: str, x: torch.Tensor) -> None:
     """The reference's check of Bernoulli targets (the fused ops make it in their pass
-    over x). Skipped inside torch.func transforms, where a value cannot steer Python."""
+    over x). Skipped inside torch.func transforms, where a value cannot steer Python;
+    under torch.compile an assertion in the graph (a RuntimeError when it runs)."""
     if torch._C._are_functorch_transforms_active() or x.device.type == "meta" or x.numel() == 0:
         return
-    if bool(((x < 0) | (x > 1)).any()):
+    outside = ((x < 0) | (x > 1)).any()
+    advice = (
+        "expected probabilities (scale 0..255 pixels to [0, 1]; the argument order is "
+        "elbo(recon, x, mu, logvar)). validate_args=False skips this check"
+    )
+    if torch.compiler.is_compiling():
+        torch._assert_async(~outside, f"{fn}: `x` holds Bernoulli targets outside [0, 1]; {advice}")
+        return
+    if bool(outside):
         lo, hi = torch.aminmax(x.double())
         raise ValueError(
             f"{fn}: `x` holds Bernoulli targets outside [0, 1] (min {lo.item():g}, max "
-            f"{hi.item():g}); expected probabilities (scale 0..255 pixels to [0, 1]; the "
-            "argument order is elbo(recon, x, mu, logvar)). validate_args=False skips this check"
+            f"{hi.item():g}); {advice}"
         )
 
 

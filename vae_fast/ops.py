@@ -301,5 +301,11 @@ def _backward_reparameterize(ctx, grad_z, grad_eps):
     return (*wanted((gm, glv), needs), None)
 
 
-register_op("reparameterize", _fake_reparameterize, _setup_reparameterize, _backward_reparameterize)
+register_op(
+    "reparameterize",
+    _fake_reparameterize,
+    _setup_reparameterize,
+    _backward_reparameterize,
+    random=True,
+)
 register_op("_reparameterize_backward", _fake_reparameterize_backward)
