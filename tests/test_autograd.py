@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -444,6 +445,26 @@ def test_bad_beta_raises_naming_it(beta, error):
     x, recon, mu, logvar, _ = _elbo_inputs("bernoulli")
     with pytest.raises(error, match="`beta`"):
         vae_fast.elbo(recon, x, mu, logvar, beta=beta)
+
+
+def test_numpy_numbers_are_numbers():
+    # A schedule computed with numpy (np.linspace for a KL warm-up, np.int64 counts):
+    # the same result as the Python number, not a "must be a number" refusal.
+    x, recon, mu, logvar, _ = _elbo_inputs("bernoulli", requires_grad=False)
+    want = vae_fast.elbo(recon, x, mu, logvar, beta=0.5)[0]
+    for beta in (np.float32(0.5), np.float64(0.5)):
+        assert torch.equal(vae_fast.elbo(recon, x, mu, logvar, beta=beta)[0], want)
+    assert torch.equal(vae_fast.elbo(recon, x, mu, logvar, beta=np.int64(1))[0],
+                       vae_fast.elbo(recon, x, mu, logvar, beta=1)[0])  # fmt: skip
+    two = torch.stack([recon, recon])
+    assert torch.equal(
+        vae_fast.elbo(two, x, mu, logvar, num_samples=np.int64(2))[0],
+        vae_fast.elbo(two, x, mu, logvar, num_samples=2)[0],
+    )
+    assert vae_fast.reparameterize(mu, logvar, num_samples=np.int32(3)).shape == (3, B, Z)
+    assert vae_fast.iwae_sample(mu, logvar, np.int64(3)).shape == (3, B, Z)
+    assert torch.equal(vae_fast.bernoulli_log_prob(x, recon, event_dims=np.int64(1)),
+                       vae_fast.bernoulli_log_prob(x, recon, event_dims=1))  # fmt: skip
 
 
 @pytest.mark.slow

@@ -366,7 +366,9 @@ def test_nan_recon_gives_a_nan_loss(device):
 def test_empty_batch(device, dtype, reduction, likelihood, gen):
     obs = (5,) if likelihood == "gaussian" else None
     ins = inputs((0, 5), (0, 3), dtype, device, gen, likelihood=likelihood, obs_shape=obs)
-    loss, ll, kl = call(op, ins, likelihood=likelihood, reduction=reduction)
+    # A learnable beta too: d(loss)/d(beta) over no rows is 0, even where the mean is nan.
+    beta = torch.tensor(0.5, device=device, requires_grad=True)
+    loss, ll, kl = call(op, ins, likelihood=likelihood, reduction=reduction, beta=beta)
     assert ll.shape == (0,) and kl.shape == (0,)
     if reduction == "none":
         assert loss.shape == (0,)
@@ -374,7 +376,7 @@ def test_empty_batch(device, dtype, reduction, likelihood, gen):
         assert loss.shape == () and loss.item() == 0
     else:  # the mean of nothing, as torch's own losses give it
         assert loss.shape == () and torch.isnan(loss)
-    leaves = [ins[n] for n in NAMES if ins[n] is not None and ins[n].requires_grad]
+    leaves = [ins[n] for n in NAMES if ins[n] is not None and ins[n].requires_grad] + [beta]
     grads = torch.autograd.grad(loss.sum(), leaves)
     for g, t in zip(grads, leaves):
         assert g.shape == t.shape and torch.equal(g, torch.zeros_like(t))

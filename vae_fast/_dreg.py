@@ -148,8 +148,7 @@ def iwae_sample(
     """
     V.check_tensors(_SAMPLE_FN, mu=mu, logvar=logvar)
     V.check_same_shape(_SAMPLE_FN, "mu", mu, "logvar", logvar)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"{_SAMPLE_FN}: `num_samples` must be a positive int, got {num_samples!r}")
+    num_samples = V.positive_int(_SAMPLE_FN, "num_samples", num_samples)
     if mu.dim() < 1:
         raise ValueError(
             f"{_SAMPLE_FN}: `mu` needs a leading batch dim, got shape {tuple(mu.shape)}"

@@ -8,6 +8,7 @@ a kernel (or, worse, as a silent broadcast).
 from __future__ import annotations
 
 import functools
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -138,8 +139,9 @@ def resolve_event_dims(fn: str, x: torch.Tensor, event_dims: int | None) -> int:
     """None means every dim but the first (a batch of samples); k means the last k dims."""
     if event_dims is None:
         return max(x.dim() - 1, 0)
-    if isinstance(event_dims, bool) or not isinstance(event_dims, int):
-        raise TypeError(f"{fn}: `event_dims` must be an int or None, got {event_dims!r}")
+    given, event_dims = event_dims, _as_int(event_dims)
+    if event_dims is None:
+        raise TypeError(f"{fn}: `event_dims` must be an int or None, got {given!r}")
     if not 0 <= event_dims <= x.dim():
         raise ValueError(
             f"{fn}: `event_dims`={event_dims} is out of range for an input with "
@@ -155,24 +157,32 @@ def check_option(fn: str, name: str, value: str, valid: Sequence[str]) -> None:
         )
 
 
+def _as_int(value: object) -> int | None:
+    """An int or a numpy integer as an int; None for anything else (a bool, a float)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def positive_int(fn: str, name: str, value: object) -> int:
     """`value` as an int >= 1: an int or a numpy integer, not a bool or a float."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = operator.index(value)
-    except TypeError:
-        n = 0
-    if n < 1:
+    n = _as_int(value)
+    if n is None or n < 1:
         raise ValueError(f"{fn}: `{name}` must be a positive int, got {value!r}")
     return n
 
 
-def check_num_samples(fn: str, num_samples: int | None) -> None:
+def check_num_samples(fn: str, num_samples: int | None) -> int | None:
+    """None, or num_samples as an int >= 1 (an int or a numpy integer)."""
     if num_samples is None:
-        return
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        return None
+    n = _as_int(num_samples)
+    if n is None or n < 1:
         raise ValueError(f"{fn}: `num_samples` must be a positive int or None, got {num_samples!r}")
+    return n
 
 
 def check_elbo(
@@ -209,8 +219,7 @@ def check_elbo_samples(x: torch.Tensor, recon: torch.Tensor, num_samples: int | 
                 f"{tuple(x.shape)}; for K samples of the decoder's output pass num_samples=K"
             )
         return
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"{fn}: `num_samples` must be a positive int, got {num_samples!r}")
+    num_samples = positive_int(fn, "num_samples", num_samples)
     if recon.dim() != x.dim() + 1 or recon.shape[0] != num_samples:
         raise ValueError(
             f"{fn}: with num_samples={num_samples}, `recon` must have shape "
@@ -284,13 +293,14 @@ def check_reparameterize(
     logvar: torch.Tensor,
     num_samples: int | None,
     eps: torch.Tensor | None = None,
-) -> None:
+) -> int | None:
+    """Checks the arguments; returns num_samples as an int (or None)."""
     fn = "vae_fast.reparameterize"
     check_tensors(fn, mu=mu, logvar=logvar)
     check_same_shape(fn, "mu", mu, "logvar", logvar)
-    check_num_samples(fn, num_samples)
+    num_samples = check_num_samples(fn, num_samples)
     if eps is None:
-        return
+        return num_samples
     if not isinstance(eps, torch.Tensor) or eps.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: `eps` must be a floating torch.Tensor, got {_describe(eps)}")
     shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
@@ -301,6 +311,7 @@ def check_reparameterize(
         )
     if eps.device != mu.device:
         raise ValueError(f"{fn}: `eps` is on {eps.device} but `mu` is on {mu.device}")
+    return num_samples
 
 
 def _describe(value: object) -> str:
@@ -331,7 +342,9 @@ def check_beta(beta: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
                 f"{fn}: `beta` is on {beta.device}; expected the CPU or x's device {x.device}"
             )
         return beta
-    if isinstance(beta, (float, int, torch.SymFloat, torch.SymInt)) and not isinstance(beta, bool):
+    if isinstance(beta, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(
+        beta, bool
+    ):
         if torch.compiler.is_compiling():
             # A product, not torch.tensor(beta): dynamo keeps a Python float that
             # changes between calls symbolic here instead of specializing on it.

@@ -188,7 +188,9 @@ def _beta_gradient(ctx, kl, beta, grad_loss):
         return None
     opmath = V.opmath_dtype(kl.dtype)
     weighted = kl.to(opmath) * grad_loss.to(opmath)
-    g = weighted.mean() if ctx.reduction == "mean" else weighted.sum()
+    g = weighted.sum()
+    if ctx.reduction == "mean":
+        g = g / max(kl.shape[0], 1)  # (over no rows: 0, as the mean's backward gives; not nan)
     return g.to(device=beta.device, dtype=beta.dtype)
 
 

@@ -252,7 +252,7 @@ def reparameterize(
     Returns:
         z, of shape mu.shape or (num_samples, *mu.shape), in mu's dtype.
     """
-    V.check_reparameterize(mu, logvar, num_samples, eps)
+    num_samples = V.check_reparameterize(mu, logvar, num_samples, eps)
     if eps is not None:  # nothing to draw: the same three elementwise ops in torch
         return reference.reparameterize(mu, logvar, eps=eps, num_samples=num_samples)
     z, _ = ops.reparameterize(mu, logvar, num_samples, generator=generator)

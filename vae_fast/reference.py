@@ -118,7 +118,7 @@ def reparameterize(
     (never the fused op's: the reference does not depend on the code it checks), so
     compare the backends with a given eps.
     """
-    V.check_reparameterize(mu, logvar, num_samples, eps)
+    num_samples = V.check_reparameterize(mu, logvar, num_samples, eps)
     muf, lvf = _opmath(mu, logvar)
     if eps is None:
         eps = _random.standard_normal(mu, num_samples, generator)
