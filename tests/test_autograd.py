@@ -561,14 +561,15 @@ def test_cuda_training_step_has_no_host_sync():
 
 
 INF = math.inf
-# (x, logit, log p, d/dlogit): every case where the maths has a value.
+# (x, logit, log p, d/dlogit, d/dx): every case where the maths has a value. d/dx is
+# the logit, but 0 where log p is its limit 0 (the reference's where() makes it so).
 INFINITE_LOGITS = [
-    (0.0, INF, -INF, -1.0),
-    (1.0, INF, 0.0, 0.0),
-    (0.5, INF, -INF, -0.5),
-    (0.0, -INF, 0.0, 0.0),
-    (1.0, -INF, -INF, 1.0),
-    (0.5, -INF, -INF, 0.5),
+    (0.0, INF, -INF, -1.0, INF),
+    (1.0, INF, 0.0, 0.0, 0.0),
+    (0.5, INF, -INF, -0.5, INF),
+    (0.0, -INF, 0.0, 0.0, 0.0),
+    (1.0, -INF, -INF, 1.0, -INF),
+    (0.5, -INF, -INF, 0.5, -INF),
 ]
 
 
@@ -579,13 +580,16 @@ def test_infinite_logits(device, dtype):
     logits = torch.tensor([[c[1]] for c in INFINITE_LOGITS], dtype=dtype, device=device)
     want = torch.tensor([c[2] for c in INFINITE_LOGITS], dtype=dtype, device=device)
     want_grad = torch.tensor([[c[3]] for c in INFINITE_LOGITS], dtype=dtype, device=device)
+    want_grad_x = torch.tensor([[c[4]] for c in INFINITE_LOGITS], dtype=dtype, device=device)
     logits.requires_grad_(True)
-    got = vae_fast.bernoulli_log_prob(x, logits)
-    (g,) = torch.autograd.grad(got.sum(), logits)
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(g, want_grad)
-    with vae_fast.backend("reference"):
-        torch.testing.assert_close(vae_fast.bernoulli_log_prob(x, logits.detach()), want)
+    for backend in ("fused", "reference"):
+        with vae_fast.backend(backend):
+            x_leaf = x.clone().requires_grad_(True)
+            got = vae_fast.bernoulli_log_prob(x_leaf, logits)
+            g, g_x = torch.autograd.grad(got.sum(), (logits, x_leaf))
+        torch.testing.assert_close(got, want, msg=backend)
+        torch.testing.assert_close(g, want_grad, msg=backend)
+        torch.testing.assert_close(g_x, want_grad_x, msg=backend)
     mu = torch.zeros(len(INFINITE_LOGITS), 2, dtype=dtype, device=device)
     _, ll, _ = vae_fast.elbo(logits, x, mu, mu, reduction="none")
     torch.testing.assert_close(ll, want)

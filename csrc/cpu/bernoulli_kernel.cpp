@@ -1,8 +1,11 @@
 // Bernoulli log-likelihood rows: one pass over (x, logits) writes the row sums of
 // x*l - softplus(l) and, in the same pass, the gradients d/dl = x - sigmoid(l) and
-// d/dx = l, scaled by the per-row weight. Compiled once per CPU capability.
+// d/dx = l (0 at the limits), scaled by the per-row weight. Compiled once per CPU
+// capability.
 
 #include <ATen/Dispatch.h>
+
+#include <limits>
 
 #include "cpu/kernels.h"
 #include "cpu/vec_math.h"
@@ -13,7 +16,7 @@ namespace {
 
 // Columns [j, j + n) of one row (n is the vector width but at the row's tail): adds
 // x*l - softplus(l) to `sum` and writes the gradients d/dl = x - sigmoid(l) and
-// d/dx = l, times `weight`. The outputs wanted are template flags, so the hot loop
+// d/dx = l (0 at the limits), times `weight`. The outputs wanted are template flags, so the hot loop
 // carries no dead work; the pointers are parameters, not captures, so that the
 // compiler keeps them in registers across the (may-alias) vector stores.
 template <typename scalar_t, bool kLogProb, bool kGradLogits, bool kGradX>
@@ -30,7 +33,11 @@ inline void columns(const scalar_t* x, const scalar_t* logits, scalar_t* grad_x,
     if constexpr (kGradLogits) store_out(grad_logits + j, residual * weight, n, stream);
   }
   if constexpr (kGradX) {
-    store_out(grad_x + j, l * weight, n, stream);
+    // d/dx = l, but 0 where the term is its limit 0 (x = 1 at l = +inf, x = 0 at
+    // l = -inf), as the reference differentiates it.
+    constexpr auto inf = std::numeric_limits<typename Vec::value_type>::infinity();
+    const Vec at_limit = ((l == Vec(inf)) & (xv == Vec(1))) | ((l == Vec(-inf)) & (xv == Vec(0)));
+    store_out(grad_x + j, Vec::blendv(l, Vec(0), at_limit) * weight, n, stream);
   }
 }
 
