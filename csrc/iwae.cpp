@@ -10,7 +10,7 @@
 //   fixed z; "stl" and "dreg" drop them);
 //   obs_logvar: when given.
 // The DReG reweighting of the path through z is not done here: iwae_sample's
-// backward applies it (see vae_fast/iwae.py), so the op's gradients for "dreg" are
+// backward applies it (see vae_fast/_dreg.py), so the op's gradients for "dreg" are
 // those of "stl".
 
 #include <ATen/OpMathType.h>

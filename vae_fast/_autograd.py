@@ -120,10 +120,10 @@ def register(
     *,
     overwritten: int | None = None,
     check_call: Callable[[tuple[Any, ...], bool], None] | None = None,
-) -> type[torch.autograd.Function]:
+) -> None:
     """Registers the autograd of torch.ops.vae_fast.<name>: `setup_context(ctx, inputs,
     output)` saves what `backward(ctx, *grads)` needs; backward returns one gradient
-    (or None) per positional input. Returns the Function (for tests).
+    (or None) per positional input.
 
     For an op that writes over an input (its schema's ``Tensor(a!)``): `overwritten` is
     that input's position, whose version a call that autograd does not record bumps
@@ -195,7 +195,6 @@ def register(
             raise
 
     _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
-    return function
 
 
 def refuse_vmap(name: str) -> None:

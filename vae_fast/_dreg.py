@@ -18,7 +18,6 @@ from vae_fast import _validate as V
 from vae_fast._extension import LOAD_ERROR, ops
 from vae_fast.ops import reparameterize
 
-IWAE_FN = "vae_fast.iwae"
 _SAMPLE_FN = "vae_fast.iwae_sample"
 # The attribute by which a z drawn by `iwae_sample` names the slot its backward reads.
 _SLOT = "_vae_fast_iwae_slot"
@@ -164,7 +163,7 @@ def iwae_sample(
 
 def dreg_slot(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> DRegSlot:
     """The slot of a z drawn by `iwae_sample` from these (mu, logvar); raises otherwise."""
-    fn = f"{IWAE_FN}(estimator='dreg')"
+    fn = f"{V.IWAE_FN}(estimator='dreg')"
     if torch.compiler.is_compiling():
         raise RuntimeError(
             f"{fn} cannot run inside torch.compile: the normalized weights are handed to "

@@ -41,11 +41,11 @@ def check_flag(fn: str, name: str, value: bool) -> None:
         raise TypeError(f"{fn}: `{name}` must be a bool, got {value!r}")
 
 
-def resolve_validate_args(value: bool | None) -> bool:
+def resolve_validate_args(fn: str, value: bool | None) -> bool:
     if value is None:
         return _validate_args_default
     if not isinstance(value, bool):
-        raise TypeError(f"`validate_args` must be a bool or None, got {value!r}")
+        raise TypeError(f"{fn}: `validate_args` must be a bool or None, got {value!r}")
     return value
 
 
@@ -167,22 +167,19 @@ def _as_int(value: object) -> int | None:
         return None
 
 
-def positive_int(fn: str, name: str, value: object) -> int:
-    """`value` as an int >= 1: an int or a numpy integer, not a bool or a float."""
+def positive_int(fn: str, name: str, value: object, alternative: str = "") -> int:
+    """`value` as an int >= 1: an int or a numpy integer, not a bool or a float.
+    `alternative`: what else the caller accepts, for the message ("or None")."""
     n = _as_int(value)
     if n is None or n < 1:
-        raise ValueError(f"{fn}: `{name}` must be a positive int, got {value!r}")
+        expected = f"a positive int {alternative}".strip()
+        raise ValueError(f"{fn}: `{name}` must be {expected}, got {value!r}")
     return n
 
 
 def check_num_samples(fn: str, num_samples: int | None) -> int | None:
     """None, or num_samples as an int >= 1 (an int or a numpy integer)."""
-    if num_samples is None:
-        return None
-    n = _as_int(num_samples)
-    if n is None or n < 1:
-        raise ValueError(f"{fn}: `num_samples` must be a positive int or None, got {num_samples!r}")
-    return n
+    return None if num_samples is None else positive_int(fn, "num_samples", num_samples, "or None")
 
 
 def check_elbo(
@@ -358,7 +355,7 @@ def check_beta(beta: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- iwae
 
 ESTIMATORS = ("iwae", "stl", "dreg")
-_IWAE_FN = "vae_fast.iwae"
+IWAE_FN = "vae_fast.iwae"
 
 
 def check_iwae(
@@ -373,27 +370,27 @@ def check_iwae(
     reduction: str,
 ) -> None:
     """The checks of csrc/common/iwae_checks.h, with the same messages."""
-    check_option(_IWAE_FN, "likelihood", likelihood, LIKELIHOODS)
-    check_option(_IWAE_FN, "estimator", estimator, ESTIMATORS)
-    check_option(_IWAE_FN, "reduction", reduction, REDUCTIONS)
-    check_tensors(_IWAE_FN, x=x, recon=recon, z=z, mu=mu, logvar=logvar, obs_logvar=obs_logvar)
-    check_same_batch(_IWAE_FN, x, mu)
+    check_option(IWAE_FN, "likelihood", likelihood, LIKELIHOODS)
+    check_option(IWAE_FN, "estimator", estimator, ESTIMATORS)
+    check_option(IWAE_FN, "reduction", reduction, REDUCTIONS)
+    check_tensors(IWAE_FN, x=x, recon=recon, z=z, mu=mu, logvar=logvar, obs_logvar=obs_logvar)
+    check_same_batch(IWAE_FN, x, mu)
     if recon.dim() != x.dim() + 1 or recon.shape[1:] != x.shape:
         raise ValueError(
-            f"{_IWAE_FN}: `recon` has shape {tuple(recon.shape)}; expected (K, *x.shape) for x of "
+            f"{IWAE_FN}: `recon` has shape {tuple(recon.shape)}; expected (K, *x.shape) for x of "
             f"shape {tuple(x.shape)} (K samples of the decoder's output)"
         )
-    check_same_shape(_IWAE_FN, "mu", mu, "logvar", logvar)
+    check_same_shape(IWAE_FN, "mu", mu, "logvar", logvar)
     if z.dim() != mu.dim() + 1 or z.shape[1:] != mu.shape:
         raise ValueError(
-            f"{_IWAE_FN}: `z` has shape {tuple(z.shape)}; expected (K, *mu.shape) for mu of shape "
+            f"{IWAE_FN}: `z` has shape {tuple(z.shape)}; expected (K, *mu.shape) for mu of shape "
             f"{tuple(mu.shape)}"
         )
     if z.shape[0] != recon.shape[0]:
         raise ValueError(
-            f"{_IWAE_FN}: `z` has {z.shape[0]} samples but `recon` has {recon.shape[0]}; "
+            f"{IWAE_FN}: `z` has {z.shape[0]} samples but `recon` has {recon.shape[0]}; "
             "the first dims must match"
         )
     if recon.shape[0] < 1:
-        raise ValueError(f"{_IWAE_FN}: needs at least one sample (K >= 1)")
-    check_obs_logvar(_IWAE_FN, obs_logvar, likelihood, "recon", recon.shape)
+        raise ValueError(f"{IWAE_FN}: needs at least one sample (K >= 1)")
+    check_obs_logvar(IWAE_FN, obs_logvar, likelihood, "recon", recon.shape)

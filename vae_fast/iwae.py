@@ -7,9 +7,9 @@
 outputs gives the bound and, with the normalized weights, the gradient of the loss
 w.r.t. every input, which backward then only scales (as `vae_fast.elbo` does). x, mu
 and logvar carry no sample dim and are read by every sample inside the kernel, never
-repeated in memory. `reference_iwae` is the same function in plain torch (with
-torch.logsumexp), used by `vae_fast.backend("reference")`, by recorded backwards
-(create_graph, torch.func) and by the tests.
+repeated in memory. `vae_fast.reference.iwae` (here also `reference_iwae`) is the same
+function in plain torch (with torch.logsumexp): `vae_fast.backend("reference")` and
+recorded backwards (create_graph, torch.func) run it.
 
 The three estimators differ only in their gradients (the loss is the same):
 
@@ -35,11 +35,9 @@ from vae_fast import _validate as V
 from vae_fast._dreg import dreg_slot, iwae_sample
 from vae_fast._extension import ops, public, register_op
 
-_FN = "vae_fast.iwae"
 # An alias of vae_fast.reference.iwae, the plain-torch iwae.
 reference_iwae = reference.iwae
-ESTIMATORS = V.ESTIMATORS
-__all__ = ["iwae", "iwae_sample", "reference_iwae", "ESTIMATORS"]
+__all__ = ["iwae", "iwae_sample", "reference_iwae"]
 
 
 # --------------------------------------------------------------------------- public function
@@ -95,7 +93,7 @@ def iwae(
         inputs: its differences are exponentiated). Both are differentiable; a
         backward with create_graph=True (or torch.func) differentiates the reference.
     """
-    V.check_option(_FN, "estimator", estimator, V.ESTIMATORS)
+    V.check_option(V.IWAE_FN, "estimator", estimator, V.ESTIMATORS)
     # Looked up before autocast may replace z by a float32 copy.
     slot = dreg_slot(z, mu, logvar) if estimator == "dreg" else None
     loss, log_weights = _iwae(
@@ -130,7 +128,7 @@ def _iwae(
     validate_args: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     V.check_iwae(recon, x, z, mu, logvar, likelihood, obs_logvar, estimator, reduction)
-    validate = V.resolve_validate_args(validate_args)
+    validate = V.resolve_validate_args(V.IWAE_FN, validate_args)
     inputs = (x, recon, z, mu, logvar, obs_logvar)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     loss, log_weights, *_ = ops.iwae(

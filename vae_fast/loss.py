@@ -82,7 +82,7 @@ def elbo(
     V.check_elbo_samples(x, recon, num_samples)
     V.check_flag("vae_fast.elbo", "inplace_grad", inplace_grad)
     beta = V.check_beta(beta, x)
-    validate = V.resolve_validate_args(validate_args)
+    validate = V.resolve_validate_args("vae_fast.elbo", validate_args)
     inputs = (x, recon, mu, logvar, obs_logvar, beta)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if inplace_grad and wants_grad and recon.requires_grad and not torch.compiler.is_compiling():

@@ -51,7 +51,9 @@ def bernoulli_log_prob(
         The batch-shaped sum of ``x*logits - softplus(logits)``, in x's dtype.
     """
     k = V.check_bernoulli_log_prob(x, logits, event_dims)
-    return ops.bernoulli_log_prob(x, logits, k, V.resolve_validate_args(validate_args))
+    return ops.bernoulli_log_prob(
+        x, logits, k, V.resolve_validate_args("vae_fast.bernoulli_log_prob", validate_args)
+    )
 
 
 def _fake_bernoulli(x, logits, event_dims, validate_x=True):

@@ -36,7 +36,7 @@ def bernoulli_log_prob(
 ) -> torch.Tensor:
     """Sum over the event dims of x*logits - softplus(logits)."""
     k = V.check_bernoulli_log_prob(x, logits, event_dims)
-    if V.resolve_validate_args(validate_args):
+    if V.resolve_validate_args("vae_fast.bernoulli_log_prob", validate_args):
         V.check_targets_in_unit_interval("vae_fast.bernoulli_log_prob", x)
     xf, lf = _opmath(x, logits)
     # x*l - softplus(l) = (x - [l >= 0])*l - log1p(exp(-|l|)): exp never sees a positive
@@ -151,30 +151,37 @@ def elbo(
     V.check_elbo_samples(x, recon, num_samples)
     V.check_flag("vae_fast.elbo", "inplace_grad", inplace_grad)
     beta = V.check_beta(beta, x)
-    if likelihood == "bernoulli" and V.resolve_validate_args(validate_args):
+    validate = V.resolve_validate_args("vae_fast.elbo", validate_args)
+    if likelihood == "bernoulli" and validate:
         V.check_targets_in_unit_interval("vae_fast.elbo", x)
-    event_dims = x.dim() - 1
     # Every term in the accumulation dtype until the loss is formed: beta*kl - ll from
     # half-precision rows would lose a loss where the two nearly cancel.
     xf, rf, muf, lvf, obsf = _opmath(x, recon, mu, logvar, obs_logvar)
-    # x broadcast over the samples: a view, as the op reads it.
-    x_k = xf.expand(rf.shape)
-    if likelihood == "bernoulli":
-        ll = bernoulli_log_prob(x_k, rf, event_dims=event_dims, validate_args=False)
-    else:
-        obs = obsf if obsf is not None else xf.new_zeros(())
-        ll = gaussian_log_prob(x_k, rf, obs, event_dims=event_dims)
+    ll = _sample_log_likelihood(xf, rf, likelihood, obsf)
     if num_samples is not None:  # the mean over the samples
         ll = ll.mean(0)
     kl = gaussian_kl(muf, lvf)
-    per_sample = beta * kl - ll
-    if reduction == "mean":
-        loss = per_sample.mean()
-    elif reduction == "sum":
-        loss = per_sample.sum()
-    else:
-        loss = per_sample
+    loss = _reduce(beta * kl - ll, reduction)
     return loss.to(x.dtype), ll.to(x.dtype), kl.to(x.dtype)
+
+
+def _sample_log_likelihood(
+    x: torch.Tensor, recon: torch.Tensor, likelihood: str, obs_logvar: torch.Tensor | None
+) -> torch.Tensor:
+    """log p(x | recon) per row of recon, which is x's shape or (K, *x.shape): x is
+    broadcast over the samples as a view, as the ops read it."""
+    event_dims = x.dim() - 1
+    x_k = x.expand(recon.shape)
+    if likelihood == "bernoulli":
+        return bernoulli_log_prob(x_k, recon, event_dims=event_dims, validate_args=False)
+    obs = obs_logvar if obs_logvar is not None else x.new_zeros(())
+    return gaussian_log_prob(x_k, recon, obs, event_dims=event_dims)
+
+
+def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    return per_row.sum() if reduction == "sum" else per_row
 
 
 def iwae(
@@ -198,18 +205,11 @@ def iwae(
     `iwae` records it for `iwae_sample`'s backward, on either backend.
     """
     V.check_iwae(recon, x, z, mu, logvar, likelihood, obs_logvar, estimator, reduction)
-    if likelihood == "bernoulli" and V.resolve_validate_args(validate_args):
-        V.check_targets_in_unit_interval("vae_fast.iwae", x)
-    opmath = V.opmath_dtype(x.dtype)
-    xf, rf, zf, muf, lvf = (t.to(opmath) for t in (x, recon, z, mu, logvar))
-    event_dims = x.dim() - 1
-    # x broadcast over the samples: a view, as the op reads it.
-    x_k = xf.expand(rf.shape)
-    if likelihood == "bernoulli":
-        ll = bernoulli_log_prob(x_k, rf, event_dims=event_dims, validate_args=False)
-    else:
-        obs = obs_logvar.to(opmath) if obs_logvar is not None else xf.new_zeros(())
-        ll = gaussian_log_prob(x_k, rf, obs, event_dims=event_dims)
+    validate = V.resolve_validate_args(V.IWAE_FN, validate_args)
+    if likelihood == "bernoulli" and validate:
+        V.check_targets_in_unit_interval(V.IWAE_FN, x)
+    xf, rf, zf, muf, lvf, obsf = _opmath(x, recon, z, mu, logvar, obs_logvar)
+    ll = _sample_log_likelihood(xf, rf, likelihood, obsf)
     if estimator != "iwae":  # STL / DReG: no score term
         muf, lvf = muf.detach(), lvf.detach()
     # log N(z; 0, I) - log N(z; mu, exp(logvar)); log 2pi cancels.
@@ -222,11 +222,4 @@ def iwae(
     peak = log_weights.detach().amax(dim=0)
     peak = torch.where(peak.isfinite(), peak, torch.zeros_like(peak))  # all -inf, or +inf
     bound = torch.logsumexp(log_weights - peak, dim=0) + peak - math.log(recon.shape[0])
-    per_row = -bound
-    if reduction == "mean":
-        loss = per_row.mean()
-    elif reduction == "sum":
-        loss = per_row.sum()
-    else:
-        loss = per_row
-    return loss.to(x.dtype), log_weights
+    return _reduce(-bound, reduction).to(x.dtype), log_weights

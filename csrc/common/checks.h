@@ -54,7 +54,7 @@ inline void check_event_dims(const char* fn, const at::Tensor& x, int64_t event_
                     " dims; expected 0 <= event_dims <= ", x.dim());
 }
 
-inline void check_mask_tensor(const char* fn, const char* name, const at::Tensor& grad,
+inline void check_batch_shape(const char* fn, const char* name, const at::Tensor& grad,
                               at::IntArrayRef batch_shape) {
   TORCH_CHECK_VALUE(grad.sizes() == batch_shape, fn, ": `", name, "` has shape ", grad.sizes(),
                     "; expected the batch shape ", batch_shape);

@@ -1,7 +1,7 @@
 #pragma once
 // vae_fast::iwae's argument checks and the layout of its observation log-variance,
-// used by its glue (csrc/iwae.cpp) for every device (same calls accepted, same
-// messages as vae_fast/iwae.py).
+// used by its glue (csrc/iwae.cpp) for every device (the calls that
+// vae_fast/_validate.py's check_iwae accepts, with its messages).
 
 #include <ATen/core/Tensor.h>
 

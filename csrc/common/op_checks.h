@@ -77,7 +77,7 @@ inline RowLayout check_gaussian_kl(const at::Tensor& mu, const at::Tensor& logva
 inline void check_row_grad(const char* fn, const at::Tensor& grad, const char* like_name,
                            const at::Tensor& like, const RowLayout& layout) {
   check_like(fn, "grad", grad, like_name, like);
-  check_mask_tensor(fn, "grad", grad, layout.batch_shape);
+  check_batch_shape(fn, "grad", grad, layout.batch_shape);
 }
 
 inline void check_reparameterize(const at::Tensor& mu, const at::Tensor& logvar,

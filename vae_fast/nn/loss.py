@@ -57,9 +57,9 @@ class ELBOLoss(nn.Module):
         V.check_option("ELBOLoss", "obs_logvar", obs_logvar, OBS_LOGVARS)
         V.check_option("ELBOLoss", "reduction", reduction, V.REDUCTIONS)
         if likelihood == "bernoulli" and (obs_logvar != "fixed" or init_obs_logvar != 0.0):
-            raise ValueError("obs_logvar applies to likelihood='gaussian' only")
+            raise ValueError("ELBOLoss: `obs_logvar` applies to likelihood='gaussian' only")
         if obs_logvar == "feature" and event_shape is None:
-            raise ValueError("obs_logvar='feature' needs the event_shape of one data row")
+            raise ValueError("ELBOLoss: obs_logvar='feature' needs the event_shape of one data row")
         self.likelihood = likelihood
         self.obs_logvar_mode = obs_logvar
         # A 0-d buffer: a compiled loss sees a new value, not a new constant, so a KL

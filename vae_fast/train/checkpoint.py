@@ -1,5 +1,6 @@
 """What a run leaves on disk and --resume reads back: checkpoint.pt (the run's identity,
-weights, optimizer and RNG state) and metrics.jsonl, each written atomically."""
+weights, optimizer and RNG state), replaced atomically, and metrics.jsonl, rewritten
+atomically when a run starts or resumes and then appended one line per epoch."""
 
 from __future__ import annotations
 
