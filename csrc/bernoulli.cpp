@@ -49,8 +49,8 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward(const at::Tensor&
   const RowLayout layout = check_bernoulli_log_prob(x, logits, event_dims);
   check_row_grad(kFn, grad, "x", x, layout);
   const c10::OptionalDeviceGuard device_guard(x.device());
-  at::Tensor grad_x = output_mask[0] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
-  at::Tensor grad_logits = output_mask[1] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor grad_x = output_if(output_mask[0], x.sizes(), x);
+  at::Tensor grad_logits = output_if(output_mask[1], x.sizes(), x);
   if (x.numel() == 0 || !(output_mask[0] || output_mask[1])) return {grad_x, grad_logits};
   BernoulliArgs args = make_args(x, logits, layout);
   args.row_weight = grad.reshape({layout.rows}).contiguous();

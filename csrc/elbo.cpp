@@ -28,8 +28,6 @@ VAE_FAST_DEFINE_KERNEL(elbo_stub, void(const ElboArgs&), "vae_fast.elbo");
 
 namespace {
 
-at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
-
 using ElboOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -103,12 +101,12 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
 
   at::Tensor ll = empty_rows({batch}, x);
   at::Tensor kl = empty_rows({batch}, x);
-  at::Tensor grad_mu = compute_grad ? empty_output(mu.sizes(), x.options()) : empty_grad(x);
-  at::Tensor grad_lv = compute_grad ? empty_output(mu.sizes(), x.options()) : empty_grad(x);
+  at::Tensor grad_mu = output_if(compute_grad, mu.sizes(), x);
+  at::Tensor grad_lv = output_if(compute_grad, mu.sizes(), x);
   // Zeros only where no kernel writes it: with no elements of x, obs_logvar's gradient is 0.
   at::Tensor grad_obs = compute_grad && obs_logvar && x.numel() == 0
                             ? at::zeros(obs_logvar->sizes(), x.options())
-                            : empty_grad(x);
+                            : not_wanted(x);
   if (batch == 0) {
     // The mean of no rows is nan, as torch's mean() gives; grads are already empty.
     const at::Tensor loss =
@@ -190,8 +188,7 @@ ElboOutputs elbo(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
                  c10::string_view likelihood, const at::Tensor& beta, c10::string_view reduction,
                  bool compute_grad, bool validate_x) {
   check_elbo(x, recon, mu, logvar, obs_logvar, beta, likelihood, reduction);
-  const at::Tensor grad_recon =
-      compute_grad ? empty_output(recon.sizes(), x.options()) : empty_grad(x);
+  const at::Tensor grad_recon = output_if(compute_grad, recon.sizes(), x);
   return elbo_into(x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad,
                    validate_x, grad_recon);
 }

@@ -53,9 +53,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
   const RowLayout layout = check_gaussian_log_prob(x, mean, logvar, event_dims);
   check_row_grad(kFn, grad, "x", x, layout);
   const c10::OptionalDeviceGuard device_guard(x.device());
-  at::Tensor grad_x = output_mask[0] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
-  at::Tensor grad_mean = output_mask[1] ? empty_output(x.sizes(), x.options()) : x.new_empty({0});
-  at::Tensor grad_logvar = x.new_empty({0});  // replaced when wanted
+  at::Tensor grad_x = output_if(output_mask[0], x.sizes(), x);
+  at::Tensor grad_mean = output_if(output_mask[1], x.sizes(), x);
+  at::Tensor grad_logvar = not_wanted(x);  // replaced when wanted
   if (x.numel() == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) {
     // An empty x adds nothing to logvar's gradient.
     if (output_mask[2]) grad_logvar = at::zeros(logvar.sizes(), x.options());

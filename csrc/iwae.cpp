@@ -33,8 +33,6 @@ VAE_FAST_DEFINE_KERNEL(iwae_stub, void(const IWAEArgs&), "vae_fast.iwae");
 
 namespace {
 
-at::Tensor empty_grad(const at::Tensor& like) { return like.new_empty({0}); }
-
 using IWAEOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -68,8 +66,8 @@ IWAEOutputs iwae(const at::Tensor& x, const at::Tensor& recon, const at::Tensor&
   args.bound = at::empty({batch}, options.dtype(at::kDouble));
   args.scale = reduction == "mean" ? -1.0 / static_cast<double>(std::max<int64_t>(batch, 1)) : -1.0;
 
-  at::Tensor grad_recon = empty_grad(x), grad_z = empty_grad(x), grad_mu = empty_grad(x),
-             grad_lv = empty_grad(x), grad_obs = empty_grad(x);
+  at::Tensor grad_recon = not_wanted(x), grad_z = not_wanted(x), grad_mu = not_wanted(x),
+             grad_lv = not_wanted(x), grad_obs = not_wanted(x);
   if (compute_grad) {
     grad_recon = empty_output(recon.sizes(), options);
     grad_z = at::empty(z.sizes(), options);

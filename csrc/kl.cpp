@@ -69,10 +69,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
   const c10::OptionalDeviceGuard device_guard(mu.device());
   const bool want[4] = {output_mask[0], output_mask[1], output_mask[2] && prior_mu.has_value(),
                         output_mask[3] && prior_logvar.has_value()};
-  at::Tensor grad_mu = want[0] ? empty_output(mu.sizes(), mu.options()) : mu.new_empty({0});
-  at::Tensor grad_lv = want[1] ? empty_output(mu.sizes(), mu.options()) : mu.new_empty({0});
-  at::Tensor grad_pm = mu.new_empty({0});  // replaced when wanted
-  at::Tensor grad_plv = mu.new_empty({0});
+  at::Tensor grad_mu = output_if(want[0], mu.sizes(), mu);
+  at::Tensor grad_lv = output_if(want[1], mu.sizes(), mu);
+  at::Tensor grad_pm = not_wanted(mu);  // replaced when wanted
+  at::Tensor grad_plv = not_wanted(mu);
   if (mu.numel() == 0 || !(want[0] || want[1] || want[2] || want[3])) {
     // An empty mu adds nothing to the priors' gradients (mu's and logvar's are empty
     // too, so there is nothing else to write).

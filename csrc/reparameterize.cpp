@@ -55,10 +55,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
                                                            std::array<bool, 2> output_mask) {
   check_reparameterize_backward(grad_z, logvar, eps);
   const c10::OptionalDeviceGuard device_guard(logvar.device());
-  at::Tensor grad_mu = output_mask[0] ? empty_output(logvar.sizes(), logvar.options())
-                                      : logvar.new_empty({0});
-  at::Tensor grad_lv = output_mask[1] ? empty_output(logvar.sizes(), logvar.options())
-                                      : logvar.new_empty({0});
+  at::Tensor grad_mu = output_if(output_mask[0], logvar.sizes(), logvar);
+  at::Tensor grad_lv = output_if(output_mask[1], logvar.sizes(), logvar);
   const int64_t n = logvar.numel();
   if (!(output_mask[0] || output_mask[1])) return {grad_mu, grad_lv};
   if (n == 0 || eps.numel() == 0) {  // no elements, or no samples: nothing to add up

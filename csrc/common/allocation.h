@@ -18,4 +18,13 @@ namespace vae_fast {
 // THP_MEM_ALLOC_ENABLE=1; VAE_FAST_HUGE_PAGES=0 turns it off for ours).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// An output slot the caller did not ask for: empty, in like's dtype and device (every
+// schema slot returns a Tensor; the Python layer reads an empty one as "none").
+inline at::Tensor not_wanted(const at::Tensor& like) { return like.new_empty({0}); }
+
+// empty_output of `sizes` in like's dtype and device when `wanted`, else not_wanted.
+inline at::Tensor output_if(bool wanted, at::IntArrayRef sizes, const at::Tensor& like) {
+  return wanted ? empty_output(sizes, like.options()) : not_wanted(like);
+}
+
 }  // namespace vae_fast

@@ -5,7 +5,7 @@
 // computes and accumulates in at::opmath_type<scalar_t>. float on AVX2 and AVX-512
 // uses a short-chain exp/expm1 (relative errors ~2e-7 to 4e-7, below float32's own
 // rounding of a row sum) and takes a Bernoulli row's log1p terms as the log of a
-// running product (one Sleef log1p per lane every 64 vectors); double keeps Sleef's
+// running product (one Sleef log1p per lane every 16 vectors); double keeps Sleef's
 // 1-ulp exp and log1p.
 
 #include <ATen/OpMathType.h>
