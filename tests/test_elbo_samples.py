@@ -116,6 +116,7 @@ def test_inplace_grad(gen):
     leaf2 = recon.clone().requires_grad_()
     out = leaf2 * 1
     loss = vae_fast.elbo(out, x, mu, logvar, num_samples=3, inplace_grad=True)[0]
+    torch.testing.assert_close(out.detach(), fresh[0])  # written over recon, not beside it
     torch.testing.assert_close(torch.autograd.grad(loss, leaf2)[0], fresh[0])
 
 

@@ -352,6 +352,14 @@ def test_inplace_grad_gives_the_same_gradients(make, likelihood, obs):
     for name, g in grads.items():
         assert torch.equal(g, grads_ip[name]), name
     assert "inplace_grad=True" in repr(ELBOLoss(inplace_grad=True))
+    # The gradient went over the decoder's output (equal gradients alone would also hold
+    # if the option were ignored).
+    out = model(x, generator=_seeded(11))
+    before = out.recon.detach().clone()
+    ELBOLoss(likelihood, obs, event_shape=(1, 8, 8), inplace_grad=True)(
+        out.recon, x, out.mu, out.logvar
+    )
+    assert not torch.equal(out.recon.detach(), before)
 
 
 @pytest.mark.fused_only
