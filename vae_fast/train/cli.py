@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(x_train/x_test, train/test, or one array) or .npy file, an IDX file (MNIST's "
         "format, .gz allowed; the t10k-* file next to a train-* file is its test set), or a "
         "directory of IDX files. A single array is split 80/20 with a fixed seed. Rows are "
-        "(N, D), (N, H, W) or (N, C, H, W). Numbers are read by dtype: floats as they are, "
+        "(N, D), (N, H, W) or (N, C, H, W) (or channels-last (N, H, W, C) with 1, 3 or 4 "
+        "channels and H > 4). Numbers are read by dtype: floats as they are, "
         "bool as 0/1, uint8 divided by 255; other integer dtypes need --data-scale",
     )
     g.add_argument(
