@@ -1,7 +1,8 @@
-"""The training command, one job per module (imports run cli -> loop -> objective,
+"""The training command, one job per module (imports run cli -> options, loop -> objective,
 checkpoint -> evaluate -> config, vae_fast.data; no circle):
 
-- cli: the options, `main` and `run` (exit statuses, one-line errors);
+- cli: `main` and `run` (exit statuses, one-line errors);
+- options: the parser, its argument types and help;
 - config: the options and the data resolved into a frozen Config, and the run checks;
 - objective: the model and its loss (--bound, --num-samples, --estimator) in one module;
 - loop: the optimizer step and the epoch loop;
