@@ -13,9 +13,9 @@ import weakref
 
 import torch
 
-from vae_fast import _autograd, _random
+from vae_fast import _autograd, _random, reference
 from vae_fast import _validate as V
-from vae_fast._extension import LOAD_ERROR, ops
+from vae_fast._extension import LOAD_ERROR, ops, wanted
 from vae_fast.ops import reparameterize
 
 _SAMPLE_FN = "vae_fast.iwae_sample"
@@ -52,8 +52,7 @@ class _IWAESample(torch.autograd.Function):
         if fused:
             return ops.reparameterize(mu, logvar, num_samples, generator=generator)
         eps = _random.standard_normal(mu, num_samples, generator)
-        z = mu.to(eps.dtype) + torch.exp(0.5 * logvar.to(eps.dtype)) * eps
-        return z.to(mu.dtype), eps
+        return reference.reparameterize(mu, logvar, eps=eps, num_samples=num_samples), eps
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -83,14 +82,16 @@ class _IWAESample(torch.autograd.Function):
         if ctx.fused and not torch.is_grad_enabled():
             if any(needs):
                 grads = ops._reparameterize_backward(grad_z, logvar, eps, list(needs))
-                grad_mu, grad_logvar = (g if need else None for g, need in zip(grads, needs))
+                grad_mu, grad_logvar = wanted(grads, needs)
         else:
-            g = grad_z.to(eps.dtype)
-            if needs[0]:
-                grad_mu = g.sum(0).to(mu.dtype)
-            if needs[1]:
-                half_sigma = 0.5 * torch.exp(0.5 * logvar.to(eps.dtype))
-                grad_logvar = (g * eps).sum(0).mul(half_sigma).to(logvar.dtype)
+            grad_mu, grad_logvar = _autograd.reference_vjp(
+                lambda mu, logvar: (
+                    reference.reparameterize(mu, logvar, eps=eps, num_samples=eps.shape[0]),
+                ),
+                (mu, logvar),
+                needs,
+                (grad_z,),
+            )
         return grad_mu, grad_logvar, None, None, None, None
 
 
