@@ -1,7 +1,7 @@
 #pragma once
 // vae_fast::iwae's argument checks and the layout of its observation log-variance,
-// used by its glue (csrc/iwae.cpp) for every device (the calls that
-// vae_fast/_validate.py's check_iwae accepts, with its messages).
+// used by its glue (csrc/iwae.cpp) for every device: vae_fast/_validate.py's
+// check_iwae, in the same order, with the same messages.
 
 #include <ATen/core/Tensor.h>
 
@@ -33,6 +33,9 @@ inline void check_iwae(const at::Tensor& x, const at::Tensor& recon, const at::T
   TORCH_CHECK_VALUE(x.dim() >= 1 && mu.dim() >= 1, fn,
                     ": `x` and `mu` need a leading batch dim, got shapes ", x.sizes(), " and ",
                     mu.sizes());
+  TORCH_CHECK_VALUE(mu.size(0) == x.size(0), fn, ": `mu` has batch size ", mu.size(0),
+                    " (shape ", mu.sizes(), ") but `x` has ", x.size(0), " (shape ", x.sizes(),
+                    "); the first dims must match");
   TORCH_CHECK_VALUE(recon.dim() == x.dim() + 1 && recon.sizes().slice(1) == x.sizes(), fn,
                     ": `recon` has shape ", recon.sizes(),
                     "; expected (K, *x.shape) for x of shape ", x.sizes(),
@@ -41,9 +44,6 @@ inline void check_iwae(const at::Tensor& x, const at::Tensor& recon, const at::T
   TORCH_CHECK_VALUE(z.dim() == mu.dim() + 1 && z.sizes().slice(1) == mu.sizes(), fn,
                     ": `z` has shape ", z.sizes(), "; expected (K, *mu.shape) for mu of shape ",
                     mu.sizes());
-  TORCH_CHECK_VALUE(mu.size(0) == x.size(0), fn, ": `mu` has batch size ", mu.size(0),
-                    " (shape ", mu.sizes(), ") but `x` has ", x.size(0), " (shape ", x.sizes(),
-                    "); the first dims must match");
   TORCH_CHECK_VALUE(z.size(0) == recon.size(0), fn, ": `z` has ", z.size(0),
                     " samples but `recon` has ", recon.size(0), "; the first dims must match");
   TORCH_CHECK_VALUE(recon.size(0) >= 1, fn, ": needs at least one sample (K >= 1)");
