@@ -239,6 +239,16 @@ def test_data_too_large_for_float32_statistics_is_refused(tmp_path, capsys, vae_
     assert code == 0, err
 
 
+def test_a_model_too_large_for_memory_is_a_usage_error(tmp_path, capsys, vae_backend):
+    # Refused from its shapes before anything is allocated: one line, status 2 (not an
+    # allocator traceback and status 1, which means "diverged").
+    argv = ["--out", str(tmp_path), *SMALL, "--hidden", "100000000000"]  # (after SMALL's)
+    code, _, err = cli(capsys, vae_backend, *argv)
+    assert code == 2
+    line = one_line(err)
+    assert "--hidden" in line and "parameters" in line and "GiB of cpu memory" in line
+
+
 # --------------------------------------------------------------------------- 5. strict JSON
 
 

@@ -320,9 +320,21 @@ def test_data_misread_before_is_refused(tmp_path):
         with pytest.raises(DataError, match=re.escape(message)):
             load_dataset(str(tmp_path / name))
     # A data scale so small that dividing overflows: said so, not blamed on the data.
+    # The way out is worked from the stored values (--data-scale replaces a scale):
+    # following it loads the data, whichever way the given scale was off.
     np.save(tmp_path / "ok.npy", rng.random((8, 4)).astype(np.float32) + 0.5)
-    with pytest.raises(DataError, match="overflow float32"):
-        load_dataset(str(tmp_path / "ok.npy"), scale=1e-39)
+    np.save(tmp_path / "u8.npy", rng.integers(0, 256, (8, 4)).astype(np.uint8))
+    for name, scale, problem in [
+        ("ok.npy", 1e-39, "overflow float32"),
+        ("u8.npy", 1e-320, "overflow float32"),  # to inf: a float64 division
+        ("u8.npy", 1e-40, "overflow float32"),
+        ("u8.npy", 1e43, "underflow float32"),
+    ]:
+        with pytest.raises(DataError, match=problem) as caught:
+            load_dataset(str(tmp_path / name), scale=scale)
+        advice = re.search(r"pass --data-scale (\S+) \(it divides\)", str(caught.value))
+        assert advice is not None, caught.value
+        load_dataset(str(tmp_path / name), scale=float(advice.group(1)))
 
 
 def test_data_that_loads_as_it_should(tmp_path):

@@ -179,16 +179,21 @@ def _as_float(
         with np.errstate(over="ignore"):
             f /= work(divisor)
     big = float(np.abs(f).max()) if f.size else 0.0
-    if big > float(np.finfo(np.float32).max):  # (inf too: a division that overflowed)
-        raise DataError(
-            f"{name}: values as large as {big:.3g} overflow float32 (at most 3.4e+38); "
-            f"divide them with --data-scale, e.g. --data-scale {_power_of_ten(big):g}"
+    overflow = big > float(np.finfo(np.float32).max)  # (inf too: a division that overflowed)
+    underflow = work is np.float64 and 0 < big < float(np.finfo(np.float32).tiny)  # narrowed
+    if overflow or underflow:
+        # The way out from the stored values (--data-scale replaces a scale, it does not
+        # compound one): the power of ten that brings them into [-1, 1].
+        stored = float(np.abs(a.astype(np.float64)).max())
+        divided = "" if divisor is None else f" divided by {_fmt(divisor)}"
+        problem = (
+            f"values as large as {big:.3g} overflow float32 (at most 3.4e+38)"
+            if overflow
+            else f"values at most {big:.3g} underflow float32 (every one would be 0 or denormal)"
         )
-    if work is np.float64 and 0 < big < float(np.finfo(np.float32).tiny):  # narrowed
         raise DataError(
-            f"{name}: values at most {big:.3g} underflow float32 (every one would be 0 or "
-            f"denormal); scale them up with --data-scale "
-            f"{10.0 ** math.floor(math.log10(big)):g} (it divides)"
+            f"{name}: the stored values (up to {stored:.3g}){divided}: {problem}; "
+            f"pass --data-scale {_power_of_ten(stored):g} (it divides)"
         )
     f = f.astype(np.float32, copy=False)
     if divisor is None:

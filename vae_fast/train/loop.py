@@ -208,7 +208,7 @@ def _set_up(cfg: Config, data: Dataset, prep: Prepared, rt: Runtime) -> _State:
             raise ConfigError(f"--out {cfg.out}: cannot create the directory ({why})") from None
     # The same initialization on every rank (DDP would broadcast rank 0's anyway).
     torch.manual_seed(cfg.seed)
-    objective = build_objective(cfg, data, prep.likelihood).to(device)
+    objective = build_objective(cfg, data, prep.likelihood, device).to(device)
     random.seed(cfg.seed + rt.rank)
     np.random.seed(cfg.seed + rt.rank)
     torch.manual_seed(cfg.seed + rt.rank)

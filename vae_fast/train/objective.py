@@ -5,6 +5,7 @@ importance-weighted bound)."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torch import nn
 import vae_fast
 from vae_fast.data import Dataset
 from vae_fast.nn import VAE, ConvVAE, ELBOLoss
-from vae_fast.train.config import ACTIVATIONS, Config
+from vae_fast.train.config import ACTIVATIONS, Config, ConfigError
 
 
 class Objective(nn.Module):
@@ -65,15 +66,26 @@ class Objective(nn.Module):
         return loss, log_weights, None
 
 
-def build_objective(cfg: Config, data: Dataset, likelihood: str) -> Objective:
-    """The model of --model and its loss (on the CPU, initialized from torch's generator)."""
+def build_objective(cfg: Config, data: Dataset, likelihood: str, device: torch.device) -> Objective:
+    """The model of --model and its loss (on the CPU, initialized from torch's generator);
+    a model too large to train on `device` is refused before any of it is allocated."""
     activation = ACTIVATIONS[cfg.activation]
-    if cfg.model == "conv":  # the config checked that the rows are images
-        model: nn.Module = ConvVAE(
-            data.image_shape, cfg.latent_dim, cfg.channels, cfg.hidden[0], likelihood, activation
-        )
-    else:
-        model = VAE(math.prod(data.event_shape), cfg.latent_dim, cfg.hidden, likelihood, activation)
+
+    def make_model() -> nn.Module:
+        if cfg.model == "conv":  # the config checked that the rows are images
+            return ConvVAE(
+                data.image_shape,
+                cfg.latent_dim,
+                cfg.channels,
+                cfg.hidden[0],
+                likelihood,
+                activation,
+            )
+        return VAE(math.prod(data.event_shape), cfg.latent_dim, cfg.hidden, likelihood, activation)
+
+    with torch.device("meta"):  # shapes only: no memory, no draw from the generator
+        parameters = sum(p.numel() for p in make_model().parameters())
+    _check_fits(parameters, device)
     loss = ELBOLoss(
         likelihood,
         cfg.obs_logvar if likelihood == "gaussian" else "fixed",
@@ -82,5 +94,26 @@ def build_objective(cfg: Config, data: Dataset, likelihood: str) -> Objective:
         inplace_grad=cfg.inplace_grad,
     )
     return Objective(
-        model, loss, bound=cfg.bound, num_samples=cfg.num_samples, estimator=cfg.estimator
+        make_model(), loss, bound=cfg.bound, num_samples=cfg.num_samples, estimator=cfg.estimator
     )
+
+
+# float32 bytes per parameter while training with AdamW: the value, its gradient and
+# the two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def _check_fits(parameters: int, device: torch.device) -> None:
+    """A model whose parameters alone (with their gradients and AdamW's moments) exceed
+    the device's memory is a bad option, not an allocation traceback mid-set-up."""
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = parameters * TRAINING_BYTES_PER_PARAMETER
+    if need > memory:
+        raise ConfigError(
+            f"--hidden/--latent-dim/--channels: the model has {parameters:,} parameters, "
+            f"{need / 2**30:.3g} GiB to train (values, gradients and AdamW's two moments), "
+            f"more than the {memory / 2**30:.3g} GiB of {device.type} memory"
+        )
