@@ -92,16 +92,33 @@ def measure_interleaved(
         except Exception as error:  # noqa: BLE001 - report and go on with the others
             errors[name] = describe_error(error)
     samples: dict[K, list[float]] = {name: [] for name in estimate}
+    round_medians: dict[K, list[float]] = {name: [] for name in estimate}
     per_round = min_time / rounds
     for _ in range(rounds):
         for name in estimate:
             calls = int(min(max(per_round / estimate[name], 1), max_calls_per_round))
             fn = fns[name]
-            for _ in range(calls):
-                samples[name].append(time_one(fn))
-    out: dict[K, dict] = {name: summarize(s) for name, s in samples.items()}
+            this_round = [time_one(fn) for _ in range(calls)]
+            samples[name] += this_round
+            round_medians[name].append(statistics.median(this_round))
+    # Each round's median too: two providers' ratio round by round (`ratio_spread`)
+    # says how far the machine's drift moves a comparison within the run.
+    out: dict[K, dict] = {
+        name: {**summarize(s), "round_medians_s": round_medians[name]}
+        for name, s in samples.items()
+    }
     out.update({name: {"error": e} for name, e in errors.items()})
     return out
+
+
+def ratio_spread(slower: dict, faster: dict) -> tuple[float, float] | None:
+    """The 20th and 80th percentiles over the rounds of `slower`'s time over `faster`'s
+    in the same round (two measure_interleaved results); None without round medians."""
+    a, b = slower.get("round_medians_s"), faster.get("round_medians_s")
+    if not a or not b or len(a) != len(b):
+        return None
+    ratios = sorted(x / y for x, y in zip(a, b))
+    return _quantile(ratios, 0.2), _quantile(ratios, 0.8)
 
 
 def describe_error(error: Exception) -> str:

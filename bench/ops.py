@@ -251,6 +251,13 @@ def _with_backend(fn: Callable, backend: str) -> Callable:
     return call
 
 
+def _own_recon(inputs: Inputs) -> Inputs:
+    """The inputs with a recon of their own (elbo's first argument), made once: the
+    in-place provider writes its gradient over recon, which the others must not read."""
+    recon = inputs.args[0].detach().clone().requires_grad_(inputs.args[0].requires_grad)
+    return Inputs((recon, *inputs.args[1:]), inputs.grad_out)
+
+
 def make_step(op: Op, fn: Callable, inputs: Inputs, mode: str) -> Callable[[], object]:
     """One call as users make it: forward, or forward then backward into fresh .grad."""
     args = inputs.args
@@ -286,7 +293,7 @@ def run_case(case: Case, suites: list[str], args, compiled, vae_backend: str) ->
         "vae_fast_inplace": op.inplace if vae_backend == "fused" and mode == "full" else None,
     }
     steps = {
-        p: make_step(op, impls[p], inputs, mode)
+        p: make_step(op, impls[p], _own_recon(inputs) if p == "vae_fast_inplace" else inputs, mode)
         for p in args.providers
         if p not in ROOFS and impls[p] is not None
     }
@@ -330,11 +337,9 @@ def run_case(case: Case, suites: list[str], args, compiled, vae_backend: str) ->
         records.append(rec)
     mine = next((r for r in records if r["provider"] == "vae_fast" and "median_s" in r), None)
     if mine is not None:
-        mine["speedup"] = {
-            r["provider"]: r["median_s"] / mine["median_s"]
-            for r in records
-            if r["provider"] in (*PEERS, "reference") and "median_s" in r
-        }
+        others = [r for r in records if r["provider"] in (*PEERS, "reference") and "median_s" in r]
+        mine["speedup"] = {r["provider"]: r["median_s"] / mine["median_s"] for r in others}
+        mine["speedup_spread"] = {r["provider"]: C.ratio_spread(r, mine) for r in others}
     for t in inputs.leaves:
         t.grad = None
     return records

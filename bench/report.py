@@ -52,6 +52,13 @@ def fmt_ratio(r: float | None) -> str:
     return "–" if r is None else (f"{r:.1f}×" if r < 100 else f"{r:.0f}×")
 
 
+def fmt_ratio_spread(r: float | None, spread: list[float] | None) -> str:
+    """A ratio of medians, with the 20th-80th percentiles of the round-by-round ratio."""
+    if r is None or not spread:
+        return fmt_ratio(r)
+    return f"{fmt_ratio(r)} ({spread[0]:.1f}–{spread[1]:.1f})"
+
+
 def fmt_pct(frac: float | None) -> str:
     return "–" if frac is None else f"{100 * frac:.0f}%"
 
@@ -121,7 +128,11 @@ def ops_markdown(run: dict, checks: list[str]) -> str:
         cells.append(f"{mine['gbps']:.3g}" if mine else "–")
         cells.append(fmt_pct(mine.get("frac_roof") if mine else None))
         speedup = mine.get("speedup") if mine else None
-        cells += [fmt_ratio(speedup.get(p)) if speedup is not None else "–" for p in peers]
+        spread = (mine.get("speedup_spread") or {}) if mine else {}
+        cells += [
+            fmt_ratio_spread(speedup.get(p), spread.get(p)) if speedup is not None else "–"
+            for p in peers
+        ]
         return cells
 
     time_header = (

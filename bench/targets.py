@@ -115,7 +115,7 @@ def _memory(records: list[dict], spec: dict) -> list[str]:
         less = eager["peak_bytes"] / rec["peak_bytes"]
         lines.append(
             f"- {_what(spec)} {case.size} peak extra memory: {grads:.3f} B×D "
-            f"gradients (≤ {allowed:.3f} with the mu/logvar ones): "
+            f"gradients (≤ {allowed:.3f} with the mu/logvar ones, within 1%): "
             f"{_mark(grads <= allowed * 1.01)}; {less:.1f}× less than eager (≥ {least}×): "
             f"{_mark(less >= least)}; transient {fmt_mib(rec.get('transient_bytes'))} MiB against "
             f"eager's {fmt_mib(eager.get('transient_bytes'))} MiB"

@@ -1,5 +1,5 @@
-"""Times a whole VAE training step, fused loss against the reference, and writes samples per
-second as JSON.
+"""Times a whole VAE training step, vae_fast's fused ops (the loss, and the model's
+reparameterize) against the reference backend, and writes samples per second as JSON.
 
 A step is what a training loop does per batch: zero the gradients, run the model
 (encoder, reparameterize, decoder), the loss (`vae_fast.nn.ELBOLoss`, the negative
