@@ -355,13 +355,22 @@ def test_vmap_randomness_modes_of_reparameterize():
     assert same.shape == different.shape == (4, 3)
 
 
-def test_direct_random_op_under_vmap_raises_naming_the_public_function():
-    # torch's fallback would loop over the rows drawing anew, whatever the mode says.
+def test_direct_random_op_under_vmap_follows_different_or_raises():
+    # The kernel draws for its whole input: one draw per row ("different") it can give,
+    # as torch's fallback did; "error" must raise and "same" would need one shared draw.
     mu, logvar = torch.zeros(4, 3, dtype=F64), torch.zeros(4, 3, dtype=F64)
     op = lambda m, lv: torch.ops.vae_fast.reparameterize(m, lv)[0]  # noqa: E731
-    for randomness in ("error", "same", "different"):
+    for randomness in ("error", "same"):
         with pytest.raises(RuntimeError, match=r"vae_fast: .*call vae_fast\.reparameterize"):
             vmap(op, randomness=randomness)(mu, logvar)
+    z = vmap(op, randomness="different")(mu, logvar)
+    assert z.shape == (4, 3) and not torch.equal(z[0], z[1])
+    # mu batched, logvar shared, K samples per row: z is (rows, K, 3).
+    ks = vmap(
+        lambda m: torch.ops.vae_fast.reparameterize(m, logvar[0], 2)[0],
+        randomness="different",
+    )(mu)
+    assert ks.shape == (4, 2, 3) and not torch.equal(ks[0], ks[1])
 
 
 # torch.compile traces torch.func transforms and forward AD as well: inside them the

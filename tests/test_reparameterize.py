@@ -396,7 +396,10 @@ def test_cpu_draw_is_the_same_for_any_thread_count():
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("num_samples", [0, -1, True, 1.5, "2"])
+# (A 0-d tensor, even of True, passes operator.index: refused too.)
+@pytest.mark.parametrize(
+    "num_samples", [0, -1, True, np.bool_(True), 1.5, "2", torch.tensor(True), torch.tensor(2)]
+)
 def test_bad_num_samples(num_samples):
     with pytest.raises(ValueError, match=r"`num_samples` must be a positive int or None"):
         op(torch.zeros(3, 4), torch.zeros(3, 4), num_samples=num_samples)

@@ -324,7 +324,9 @@ def test_data_misread_before_is_refused(tmp_path):
     # following it loads the data, whichever way the given scale was off.
     np.save(tmp_path / "ok.npy", rng.random((8, 4)).astype(np.float32) + 0.5)
     np.save(tmp_path / "u8.npy", rng.integers(0, 256, (8, 4)).astype(np.uint8))
+    np.save(tmp_path / "f64max.npy", np.full((8, 4), 1.7e308))  # its power of ten is no float
     for name, scale, problem in [
+        ("f64max.npy", None, "overflow float32"),
         ("ok.npy", 1e-39, "overflow float32"),
         ("u8.npy", 1e-320, "overflow float32"),  # to inf: a float64 division
         ("u8.npy", 1e-40, "overflow float32"),

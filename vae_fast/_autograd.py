@@ -14,8 +14,9 @@ one Function serves them all:
 - forward-mode AD and the torch.func transforms (vmap, jvp, jacfwd, ...) reach the
   public functions, which run the reference there (`runs_reference`), eager or
   compiled; a direct ``torch.ops.vae_fast`` call under them raises a vae_fast error
-  where it would record a graph or carry a tangent, and for the random op
-  (reparameterize) under vmap; otherwise vmap runs it row by row (torch's fallback).
+  where it would record a graph or carry a tangent; otherwise vmap runs it row by row
+  (torch's fallback; reparameterize's own rule, see ops.py, draws each row anew only
+  for randomness="different").
 """
 
 from __future__ import annotations
@@ -195,21 +196,6 @@ def register(
             raise
 
     _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
-
-
-def refuse_vmap(name: str) -> None:
-    """A random op under vmap, called directly: torch's fallback would loop over the
-    batch drawing anew each time, whatever vmap's randomness mode says ("error" should
-    raise, "same" share one draw); refuse instead. The public function follows them."""
-
-    def rule(info: Any, in_dims: Any, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(
-            f"vae_fast: torch.ops.vae_fast.{name} draws random numbers and has no vmap rule "
-            f"(randomness={info.randomness!r}); call vae_fast.{name.strip('_')}, which follows "
-            "vmap's randomness modes as torch.randn does"
-        )
-
-    torch.library.register_vmap(f"vae_fast::{name}", rule)
 
 
 def register_first_order_only(name: str) -> None:

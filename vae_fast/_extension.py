@@ -76,13 +76,13 @@ def register_op(
     autocast: bool = False,
     overwritten: int | None = None,
     check_call: Callable[[tuple[Any, ...], bool], None] | None = None,
-    random: bool = False,
+    vmap: Callable[..., Any] | None = None,
 ) -> None:
     """Registers torch.ops.vae_fast.<name>'s fake kernel and its autograd: `setup_context`
     and `backward` as its one autograd route, or (a private backward op, given neither)
     first-order only. `autocast`: direct torch.ops calls under autocast run half inputs
     in float32 (float64 is kept). `overwritten` and `check_call`: see
-    `_autograd.register`. `random`: the op draws random numbers (`_autograd.refuse_vmap`).
+    `_autograd.register`. `vmap`: its rule for torch.func.vmap (torch.library.register_vmap).
     Nothing to register when the library is not built."""
     if LOAD_ERROR is not None:
         return
@@ -93,8 +93,8 @@ def register_op(
         )
     else:
         _autograd.register_first_order_only(name)
-    if random:
-        _autograd.refuse_vmap(name)
+    if vmap is not None:
+        torch.library.register_vmap(f"vae_fast::{name}", vmap)
     if autocast:
         for device in ("cpu", "cuda"):
             torch.library.register_autocast(f"vae_fast::{name}", device, torch.float32)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import numbers
-import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -52,7 +52,8 @@ def resolve_validate_args(fn: str, value: bool | None) -> bool:
 def check_targets_in_unit_interval(fn: str, x: torch.Tensor) -> None:
     """The reference's check of Bernoulli targets (the fused ops make it in their pass
     over x). Skipped inside torch.func transforms, where a value cannot steer Python;
-    under torch.compile an assertion in the graph (a RuntimeError when it runs)."""
+    under torch.compile on the CPU an assertion in the graph (a RuntimeError when it
+    runs)."""
     if torch._C._are_functorch_transforms_active() or x.device.type == "meta" or x.numel() == 0:
         return
     outside = ((x < 0) | (x > 1)).any()
@@ -60,7 +61,9 @@ def check_targets_in_unit_interval(fn: str, x: torch.Tensor) -> None:
         "expected probabilities (scale 0..255 pixels to [0, 1]; the argument order is "
         "elbo(recon, x, mu, logvar)). validate_args=False skips this check"
     )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        # (On CUDA the assertion is a device-side assert, which loses the message and
+        # the context: there the branch below breaks the graph instead.)
         torch._assert_async(~outside, f"{fn}: `x` holds Bernoulli targets outside [0, 1]; {advice}")
         return
     if bool(outside):
@@ -158,13 +161,11 @@ def check_option(fn: str, name: str, value: str, valid: Sequence[str]) -> None:
 
 
 def _as_int(value: object) -> int | None:
-    """An int or a numpy integer as an int; None for anything else (a bool, a float)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+    """An int or a numpy integer as an int; None for anything else (a bool or numpy
+    bool, a float, a tensor: operator.index would take a 0-d one, True included)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return None
 
 
 def positive_int(fn: str, name: str, value: object, alternative: str = "") -> int:

@@ -228,8 +228,9 @@ def _divisor(dtype: np.dtype, scale: float | None) -> float | None:
 
 
 def _power_of_ten(v: float) -> float:
-    """The power of ten at or above |v|: a divisor that brings v into [-1, 1]."""
-    return 10.0 ** math.ceil(math.log10(v)) if v > 0 else 1.0
+    """The power of ten at or above |v|: a divisor that brings v into [-1, 1] (1e308 for
+    the values above it, which float64's 1e309 cannot hold)."""
+    return 10.0 ** min(math.ceil(math.log10(v)), 308) if v > 0 else 1.0
 
 
 def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -303,11 +303,35 @@ def _backward_reparameterize(ctx, grad_z, grad_eps):
     return (*wanted((gm, glv), needs), None)
 
 
+def _vmap_reparameterize(info, in_dims, mu, logvar, num_samples=None, *, generator=None):
+    """A direct torch.ops call under vmap. The kernel draws for its whole input, so it
+    can only honour randomness="different", one draw per row, as torch's fallback did;
+    "error" (which must raise) and "same" (one draw shared by the rows) it refuses.
+    The public function follows every mode (it runs the reference under vmap)."""
+    if info.randomness != "different":
+        raise RuntimeError(
+            "vae_fast: torch.ops.vae_fast.reparameterize draws random numbers and under vmap "
+            f"can follow randomness='different' only (got {info.randomness!r}); call "
+            "vae_fast.reparameterize, which follows vmap's randomness modes as torch.randn does"
+        )
+
+    def row(t, dim, i):
+        return t if dim is None else t.select(dim, i)
+
+    draws = [
+        ops.reparameterize(row(mu, in_dims[0], i), row(logvar, in_dims[1], i), num_samples,
+                           generator=generator)
+        for i in range(info.batch_size)
+    ]  # fmt: skip
+    z, eps = (torch.stack(parts) for parts in zip(*draws))
+    return (z, eps), (0, 0)
+
+
 register_op(
     "reparameterize",
     _fake_reparameterize,
     _setup_reparameterize,
     _backward_reparameterize,
-    random=True,
+    vmap=_vmap_reparameterize,
 )
 register_op("_reparameterize_backward", _fake_reparameterize_backward)

@@ -66,7 +66,7 @@ struct BernoulliRows {
       gl[i] = s.residual * w;
       // d/dx = l, but 0 where the term is its limit 0 (x = 1 at l = +inf, x = 0 at l = -inf).
       const bool at_limit = isinf(lv[i]) && xv[i] == (lv[i] > acc(0) ? acc(1) : acc(0));
-      gx[i] = at_limit ? acc(0) : lv[i] * w;
+      gx[i] = (at_limit ? acc(0) : lv[i]) * w;  // (times w: a NaN weight stays NaN)
     }
     if (grad_logits != nullptr) store_vec<V>(grad_logits + off, gl);
     if (grad_x != nullptr) store_vec<V>(grad_x + off, gx);

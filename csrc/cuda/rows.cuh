@@ -23,8 +23,8 @@
 //   (tx = 256), in a fixed order.
 // - When there are too few rows to fill every SM (B=256, D=49152), each row is split
 //   into `splits` column ranges handled by different blocks; each writes its partial
-//   sums to a workspace, and the last block of the launch adds them, a warp per row
-//   in split order, and calls finish_row.
+//   sums to a workspace, and the last block of the launch adds them in split order
+//   (a thread per row for up to 32 splits, else a warp per row) and calls finish_row.
 // - Per-column sums (the gradient of a per-feature or scalar log-variance) need each
 //   lane to see the same columns in every row: then every lane owns exactly one
 //   vector of columns (splits = ceil(cols / (tx * V))), accumulates it in registers
