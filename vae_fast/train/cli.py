@@ -46,7 +46,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         with vae_fast.backend(cfg.backend):
-            return train(cfg, data, prep, rt)
+            result = train(cfg, data, prep, rt)
+        if rt.distributed:
+            # Rank 0 writes the last checkpoint, the log-likelihood and the pictures
+            # alone: the others wait for it, so that no rank tears the process group
+            # down (and exits) while another still holds it.
+            dist.barrier()
+        return result
     except (DataError, ConfigError) as error:
         _refuse(parser, error, rt.main)
     except Diverged as error:
