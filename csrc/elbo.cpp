@@ -174,6 +174,9 @@ ElboOutputs elbo_into(const at::Tensor& x, const at::Tensor& recon, const at::Te
     args.loss = per_row ? at::empty({batch}, x.options()) : at::empty({}, x.options());
     elbo_stub(device, args);
     loss = args.loss;
+    // An empty latent runs no KL pass, so a reduced loss never meets beta: its
+    // beta * kl = beta * 0 is added here, nan for a beta of inf or nan as per row.
+    if (!args.run_kl && !per_row) loss.add_(beta.to(loss.device()).mul(0));
   }
   check_targets_found_in_unit_interval("vae_fast.elbo", x, found_outside.load());
   if (args.gaussian.grad_logvar.defined()) {

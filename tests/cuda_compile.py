@@ -134,6 +134,12 @@ def _stub_include_dir(path: Path, nvcc: Path) -> list[str]:
     return notes
 
 
+def fast_math(source: Path) -> list[str]:
+    """CMakeLists.txt's rule: fast math for every .cu but reparameterize.cu (cuRAND's
+    Box-Muller needs an accurate log near 1)."""
+    return [] if source.name == "reparameterize.cu" else ["--use_fast_math"]
+
+
 def _nvcc_command(nvcc: Path, source: Path, out: Path, stub_dir: Path) -> list[str]:
     includes = [
         stub_dir,
@@ -144,7 +150,7 @@ def _nvcc_command(nvcc: Path, source: Path, out: Path, stub_dir: Path) -> list[s
     abi = int(torch.compiled_with_cxx11_abi())
     return [
         str(nvcc), "-c", str(source), "-o", str(out),
-        "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
+        "-std=c++17", "-O3", *fast_math(source), "--expt-relaxed-constexpr",
         "-gencode=arch=compute_90,code=sm_90",
         "-DVAE_FAST_WITH_CUDA", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         "-Xcompiler", "-fPIC",

@@ -1,8 +1,9 @@
 """Build checks that need no GPU.
 
 1. Every ``csrc/cuda/*.cu`` compiles with ``nvcc -c`` against the installed torch's
-   headers, with the flags CMakeLists.txt uses (C++17, -O3, --use_fast_math,
-   --expt-relaxed-constexpr, -DVAE_FAST_WITH_CUDA), for sm_90 only to keep it quick.
+   headers, with the flags CMakeLists.txt uses (C++17, -O3, --use_fast_math but for
+   reparameterize.cu, --expt-relaxed-constexpr, -DVAE_FAST_WITH_CUDA), for sm_90 only
+   to keep it quick.
    Machines without a GPU (this one, CI) never build the CUDA kernels, so without
    this check CUDA code could rot unseen. Skipped where nvcc is missing. The compiles
    run in the background from the start of the session (tests/cuda_compile.py, which

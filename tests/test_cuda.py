@@ -445,3 +445,15 @@ def test_cuda_training_step_in_a_cuda_graph(likelihood: str) -> None:
         vae_fast.set_default_validate_args(True)
     assert torch.isfinite(torch.tensor(replayed)).all()
     torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("beta", [float("inf"), float("nan")])
+def test_cuda_empty_latent_meets_a_non_finite_beta(beta: float) -> None:
+    # No KL pass runs for a (B, 0) latent: the reduced loss still takes beta * 0, nan
+    # here, as the CPU and the per-row loss give.
+    x = torch.ones(3, 5, device="cuda")
+    recon, z = torch.zeros(3, 5, device="cuda"), torch.zeros(3, 0, device="cuda")
+    beta_t = torch.tensor(beta, dtype=torch.float64)
+    for reduction in ("mean", "sum"):
+        loss = OPS.elbo(x, recon, z, z, None, "bernoulli", beta_t, reduction, False)[0]
+        assert loss.isnan(), reduction

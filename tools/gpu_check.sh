@@ -34,7 +34,7 @@
 set -u -o pipefail
 START=$SECONDS
 BUDGET=${BUDGET:-530}
-STAGES=${STAGES:-"env build smoke train test memcheck racecheck bench sass"}
+STAGES=${STAGES:-"env build sass smoke train test bench memcheck racecheck benchcompile"}
 PY=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-}
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
@@ -47,7 +47,12 @@ fi
 [ -n "$DRY_RUN" ] || mkdir -p "$OUT" || exit 2
 [ -n "$DRY_RUN" ] || OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d -t vae_fast_gpu_check.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+CUR=""
+finish() {  # also on SIGTERM / the overall timeout: name the stage that was cut off
+  [ -n "$CUR" ] && [ -f "$OUT/SUMMARY.md" ] && echo "| $CUR | INTERRUPTED (outer timeout) | $((SECONDS - t0)) | see ${LOG[$CUR]}.log |" >>"$OUT/SUMMARY.md"
+  rm -rf "$WORK"
+}
+trap finish EXIT
 SUMMARY=$OUT/SUMMARY.md
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_NO_INDEX=1 PIP_BREAK_SYSTEM_PACKAGES=1
 export PYTHONFAULTHANDLER=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
@@ -144,12 +149,14 @@ stage_smoke() {
 
 pytest_args() {  # parallel workers and a per-test limit where the plugins are there
   "$PY" -c "import xdist" 2>/dev/null && printf '%s\n' -n 4
-  "$PY" -c "import pytest_timeout" 2>/dev/null && printf '%s\n' --timeout=300
+  "$PY" -c "import pytest_timeout" 2>/dev/null && printf '%s\n' --timeout=60 --timeout-method=thread
 }
 
 stage_train() {
+  local extra=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && extra=(--timeout=60 --timeout-method=thread)
   x "$PY" -m pytest tests/test_cuda.py tests/test_autograd.py -k "cuda and training_step" -v -rfE \
-    -p no:cacheprovider
+    -p no:cacheprovider "${extra[@]}"
 }
 
 stage_test() {
@@ -157,7 +164,8 @@ stage_test() {
   mapfile -t extra < <(pytest_args)
   # test_cuda_source_compiles is nvcc again (the build just did it); the training steps
   # ran in their own stage.
-  x "$PY" -m pytest tests -k "cuda and not source_compiles and not training_step" -q -rfE \
+  export OMP_NUM_THREADS=4  # 4 workers x 16 threads would oversubscribe the 16 cores
+  x "$PY" -m pytest tests -k "cuda and not source_compiles and not training_step and not test_build" -v -rfE \
     -p no:cacheprovider --durations=10 "${extra[@]}"
 }
 
@@ -169,11 +177,12 @@ sanitize() {
     "${@:2}" "$PY" tools/gpu_check_driver.py --device cuda --small --dtypes float32,bfloat16
 }
 stage_memcheck() { sanitize memcheck --leak-check no --report-api-errors no; }
-stage_racecheck() { sanitize racecheck; }
+stage_racecheck() { sanitize racecheck --report-api-errors no; }
 
 stage_bench() {
-  x "$PY" bench/ops.py --device cuda --ops elbo_bernoulli --modes full --dtype float32 bfloat16 \
-    --sizes 65536x784x32 4096x12288x128 256x49152x256 --providers vae_fast eager compile roof \
+  x "$PY" bench/ops.py --device cuda --ops elbo_bernoulli elbo_gaussian --modes full \
+    --dtype float32 bfloat16 --sizes 65536x784x32 4096x12288x128 256x49152x256 \
+    --providers vae_fast eager roof \
     --vae-backend fused --no-sweep --no-memory --min-time 0.05 --rounds 3 --warmup 2 \
     --json "$OUT/bench.json" --markdown "$OUT/bench.md"
 }
@@ -186,6 +195,13 @@ sass_stores() {
     /Function :/ { flush(); name = $3 }
     /STG\.E/ { match($0, /STG\.E[.A-Z0-9]*/); n[substr($0, RSTART, RLENGTH)]++ }
     END { flush() }' | c++filt | sed -E 's/vae_fast::cuda:://g; s/\(anonymous namespace\):://g' | cut -c1-220
+}
+
+stage_benchcompile() {  # torch.compile's 6 cold compiles: last, on what is left
+  x "$PY" bench/ops.py --device cuda --ops elbo_bernoulli --modes full --dtype float32 bfloat16 \
+    --sizes 65536x784x32 4096x12288x128 256x49152x256 --providers vae_fast compile \
+    --vae-backend fused --no-sweep --no-memory --min-time 0.05 --rounds 3 --warmup 2 \
+    --json "$OUT/bench.json" --append --markdown "$OUT/bench.md"
 }
 
 stage_sass() {
@@ -205,14 +221,14 @@ stage_ncu() {
 }
 
 # ---- run
-declare -A CAP=([env]=30 [build]=300 [smoke]=90 [train]=90 [test]=240 [memcheck]=150 [racecheck]=120
+declare -A CAP=([benchcompile]=200 [env]=30 [build]=240 [smoke]=90 [train]=90 [test]=240 [memcheck]=150 [racecheck]=120
   [bench]=180 [sass]=40 [ncu]=150)
-declare -A MIN=([env]=5 [build]=60 [smoke]=20 [train]=20 [test]=60 [memcheck]=45 [racecheck]=45
+declare -A MIN=([benchcompile]=60 [env]=5 [build]=60 [smoke]=20 [train]=20 [test]=60 [memcheck]=45 [racecheck]=45
   [bench]=60 [sass]=10 [ncu]=40)
-declare -A LOG=([env]=build [build]=build [smoke]=tests [train]=tests [test]=tests [memcheck]=sanitizer
+declare -A LOG=([benchcompile]=bench [env]=build [build]=build [smoke]=tests [train]=tests [test]=tests [memcheck]=sanitizer
   [racecheck]=sanitizer [bench]=bench [sass]=sass [ncu]=bench)
 export -f x tool pytest_args sanitize sass_stores stage_env stage_build stage_smoke stage_train stage_test stage_memcheck \
-  stage_racecheck stage_bench stage_sass stage_ncu
+  stage_racecheck stage_bench stage_benchcompile stage_sass stage_ncu
 export PY OUT WORK NVCC CUDA_HOME DRY_RUN
 
 if [ -n "$DRY_RUN" ]; then
@@ -244,10 +260,11 @@ for s in $STAGES; do
   t=$(($(left) - 5))
   [ "$t" -gt "${CAP[$s]}" ] && t=${CAP[$s]}
   if [ "$t" -lt "${MIN[$s]}" ]; then row "$s" "skipped ($(left)s left)" 0 ""; continue; fi
-  t0=$SECONDS
-  timeout -k 10 "$t" bash -c "stage_$s" >"$WORK/$s.log" 2>&1
-  rc=$?
-  { echo; echo "======== $s (rc=$rc, $((SECONDS - t0))s)"; cat "$WORK/$s.log"; } >>"$OUT/${LOG[$s]}.log"
+  t0=$SECONDS CUR=$s
+  { echo; echo "======== $s (limit ${t}s, started at $((SECONDS - START))s)"; } >>"$OUT/${LOG[$s]}.log"
+  timeout -k 10 "$t" bash -c "stage_$s" 2>&1 | tee "$WORK/$s.log" >>"$OUT/${LOG[$s]}.log"
+  rc=${PIPESTATUS[0]} CUR=""
+  echo "======== $s: rc=$rc, $((SECONDS - t0))s" >>"$OUT/${LOG[$s]}.log"
   if [ $rc -eq 0 ]; then
     st=ok
   elif [ $rc -eq 124 ]; then
@@ -268,7 +285,8 @@ done
   echo "## Worth reading"
   echo
   echo '```'
-  grep -ahE "^(FAILED|ERROR) |MISMATCH|DRIVER:|ERROR SUMMARY|RACECHECK SUMMARY|Invalid|out of bounds|[0-9]+ (passed|failed)|WARNING" \
+  grep -ahE -m 15 "CMake Error|: error|error:|undefined reference|no kernel image" "$OUT"/build.log 2>/dev/null
+  grep -ahE "^(FAILED|ERROR) |FAILED tests|Timeout|crashed|MISMATCH|DRIVER:|ERROR SUMMARY|RACECHECK SUMMARY|Invalid|out of bounds|[0-9]+ (passed|failed)|WARNING" \
     "$OUT"/build.log "$OUT"/tests.log "$OUT"/sanitizer.log 2>/dev/null | sort -u | head -60
   echo '```'
   if [ -f "$OUT/bench.md" ]; then
