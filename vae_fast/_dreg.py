@@ -15,8 +15,8 @@ import torch
 
 from vae_fast import _autograd, _random, reference
 from vae_fast import _validate as V
-from vae_fast._extension import LOAD_ERROR, ops, wanted
-from vae_fast.ops import reparameterize
+from vae_fast._extension import LOAD_ERROR, ops
+from vae_fast.ops import reparameterize, reparameterize_vjp
 
 _SAMPLE_FN = "vae_fast.iwae_sample"
 # The attribute by which a z drawn by `iwae_sample` names the slot its backward reads.
@@ -78,20 +78,9 @@ class _IWAESample(torch.autograd.Function):
         if weights is not None:
             shape = weights.shape + (1,) * (grad_z.dim() - 2)
             grad_z = (grad_z.to(weights.dtype) * weights.reshape(shape)).to(grad_z.dtype)
-        grad_mu = grad_logvar = None
-        if ctx.fused and not torch.is_grad_enabled():
-            if any(needs):
-                grads = ops._reparameterize_backward(grad_z, logvar, eps, list(needs))
-                grad_mu, grad_logvar = wanted(grads, needs)
-        else:
-            grad_mu, grad_logvar = _autograd.reference_vjp(
-                lambda mu, logvar: (
-                    reference.reparameterize(mu, logvar, eps=eps, num_samples=eps.shape[0]),
-                ),
-                (mu, logvar),
-                needs,
-                (grad_z,),
-            )
+        grad_mu, grad_logvar = reparameterize_vjp(
+            mu, logvar, eps, eps.shape[0], needs, grad_z, fused=ctx.fused
+        )
         return grad_mu, grad_logvar, None, None, None, None
 
 

@@ -283,16 +283,23 @@ def _setup_reparameterize(ctx, inputs, output):
 def _backward_reparameterize(ctx, grad_z, grad_eps):
     mu, logvar, eps = ctx.saved_tensors
     needs = ctx.needs_input_grad[:2]
-    if torch.is_grad_enabled():
+    return (*reparameterize_vjp(mu, logvar, eps, ctx.num_samples, needs, grad_z), None)
+
+
+def reparameterize_vjp(mu, logvar, eps, num_samples, needs, grad_z, *, fused=True):
+    """The gradients (mu's, logvar's; None where not in `needs`) of z = mu + exp(logvar/2)
+    * eps for the cotangent grad_z: the backward kernel, or the reference's vector-Jacobian
+    product when the backward is recorded (differentiable again) or not `fused`."""
+    if not fused or torch.is_grad_enabled():
         return _autograd.reference_vjp(
             lambda mu, logvar: (
-                reference.reparameterize(mu, logvar, eps=eps, num_samples=ctx.num_samples),
+                reference.reparameterize(mu, logvar, eps=eps, num_samples=num_samples),
             ),
             (mu, logvar),
             needs,
             (grad_z,),
-        ) + (None,)
-    one_sample = ctx.num_samples is None
+        )
+    one_sample = num_samples is None
     # One sample: dz/dmu = 1, so grad_z itself is mu's gradient (no copy is written).
     mask = [needs[0] and not one_sample, needs[1]]
     gm = glv = None
@@ -300,7 +307,7 @@ def _backward_reparameterize(ctx, grad_z, grad_eps):
         gm, glv = ops._reparameterize_backward(grad_z, logvar, eps, mask)
     if one_sample:
         gm = grad_z
-    return (*wanted((gm, glv), needs), None)
+    return wanted((gm, glv), needs)
 
 
 def _vmap_reparameterize(info, in_dims, mu, logvar, num_samples=None, *, generator=None):
