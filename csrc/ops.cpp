@@ -2,7 +2,8 @@
 // device-neutral glue, csrc/<op>.cpp, registered with TORCH_LIBRARY_IMPL for CPU (and
 // CUDA), which runs the kernel of its tensors' device from csrc/cpu/ or csrc/cuda/;
 // fake (meta) kernels and autograd are registered from Python, beside each op's
-// wrapper (vae_fast/ops.py, loss.py, iwae.py).
+// wrapper (vae_fast/ops.py, loss.py, iwae.py), but for elbo's autograd, which is in C++
+// for its per-call cost (csrc/elbo_autograd.cpp).
 //
 // Backward passes that need their own kernel are private ops (`_<op>_backward`)
 // with their own schema, so they get per-device kernels and opcheck coverage.
@@ -59,6 +60,16 @@ TORCH_LIBRARY(vae_fast, m) {
       "(Tensor loss, "
       "Tensor log_likelihood, Tensor kl, Tensor grad_recon, Tensor grad_obs_logvar, "
       "Tensor grad_mu, Tensor grad_logvar)");
+  // elbo's backward wherever it is not the scaling of the gradients its forward pass
+  // computed (csrc/elbo_autograd.cpp): a recorded backward (the reference's
+  // vector-Jacobian product, to any order), gradients of log_likelihood or kl,
+  // reduction="none", x needing a gradient. Implemented in Python (vae_fast/loss.py);
+  // gradients of (x, recon, mu, logvar, obs_logvar, beta), None where none is asked for
+  // or none flows.
+  m.def(
+      "_elbo_backward(Tensor? grad_loss, Tensor? grad_log_likelihood, Tensor? grad_kl, "
+      "Tensor x, Tensor recon, Tensor mu, Tensor logvar, Tensor? obs_logvar, Tensor beta, "
+      "Tensor kl, str likelihood, str reduction, bool[6] output_mask) -> Tensor?[]");
   // elbo(..., inplace_grad=True): the same pass, with d(loss)/d(recon) written over
   // recon itself, so that no full-size gradient is allocated (Liger-Kernel's
   // cross-entropy does the same with its logits).

@@ -1,9 +1,13 @@
 """How the vae_fast operators are differentiated: one route for every caller.
 
-Each operator has one ``autograd.Function``, registered as its kernel for torch's
-Autograd dispatch key. Every call reaches an operator through the dispatcher (the
-public functions, a compiled graph, a direct ``torch.ops.vae_fast`` call), so that
-one Function serves them all:
+Each operator has one autograd Function, registered as its kernel for torch's
+Autograd dispatch key: an ``autograd.Function`` made here, or for ``elbo``, the loss
+called once per training step, a C++ one with the same behaviour
+(csrc/elbo_autograd.cpp, whose uncommon backwards call back into Python through
+torch.ops.vae_fast._elbo_backward), as a Python Function's fixed cost is larger than
+the fused kernel at small batches. Every call reaches an operator through the
+dispatcher (the public functions, a compiled graph, a direct ``torch.ops.vae_fast``
+call), so that one Function serves them all:
 
 - an ordinary backward runs the operator's fused backward (for ``elbo``, the
   gradients its forward pass already computed);

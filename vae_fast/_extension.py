@@ -21,6 +21,7 @@ except ImportError as error:  # a source checkout that was never built
     LOAD_ERROR = error
 
 ops = torch.ops.vae_fast
+_LIB = torch.library.Library("vae_fast", "IMPL")  # kept alive: registrations die with it
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -77,17 +78,21 @@ def register_op(
     overwritten: int | None = None,
     check_call: Callable[[tuple[Any, ...], bool], None] | None = None,
     vmap: Callable[..., Any] | None = None,
+    autograd_in_cpp: bool = False,
 ) -> None:
     """Registers torch.ops.vae_fast.<name>'s fake kernel and its autograd: `setup_context`
-    and `backward` as its one autograd route, or (a private backward op, given neither)
-    first-order only. `autocast`: direct torch.ops calls under autocast run half inputs
-    in float32 (float64 is kept). `overwritten` and `check_call`: see
-    `_autograd.register`. `vmap`: its rule for torch.func.vmap (torch.library.register_vmap).
-    Nothing to register when the library is not built."""
+    and `backward` as its one autograd route, none (`autograd_in_cpp`: registered by the
+    compiled library), or (a private backward op, given neither) first-order only.
+    `autocast`: direct torch.ops calls under autocast run half inputs in float32 (float64
+    is kept). `overwritten` and `check_call`: see `_autograd.register`. `vmap`: its rule
+    for torch.func.vmap (torch.library.register_vmap). Nothing to register when the
+    library is not built."""
     if LOAD_ERROR is not None:
         return
     torch.library.register_fake(f"vae_fast::{name}", _one_device(name, fake))
-    if backward is not None:
+    if autograd_in_cpp:
+        pass
+    elif backward is not None:
         _autograd.register(
             name, setup_context, backward, overwritten=overwritten, check_call=check_call
         )
@@ -98,6 +103,18 @@ def register_op(
     if autocast:
         for device in ("cpu", "cuda"):
             torch.library.register_autocast(f"vae_fast::{name}", device, torch.float32)
+
+
+def register_python_kernel(name: str, kernel: Callable[..., Any]) -> None:
+    """torch.ops.vae_fast.<name>, an op declared in C++ and called from C++, implemented by
+    `kernel` in Python for every device: a decomposition into the torch ops it runs, which
+    autograd differentiates and torch.compile traces (CompositeImplicitAutograd), and
+    which runs on batched tensors under torch.func.vmap and the older vmap of
+    ``autograd.grad(is_grads_batched=True)`` (their Batched keys), whose fallbacks cannot
+    return its list of optional gradients."""
+    if LOAD_ERROR is None:
+        for key in ("CompositeImplicitAutograd", "FuncTorchBatchedDecomposition", "Batched"):
+            torch.library.impl(f"vae_fast::{name}", key, lib=_LIB)(kernel)
 
 
 def _one_device(name: str, fake: Callable[..., Any]) -> Callable[..., Any]:

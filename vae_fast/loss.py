@@ -13,7 +13,14 @@ from torch._subclasses.fake_tensor import is_fake
 from vae_fast import _autograd, reference
 from vae_fast import _validate as V
 from vae_fast import _validate_inplace as VI
-from vae_fast._extension import like_or_empty, ops, public, register_op, wanted
+from vae_fast._extension import (
+    like_or_empty,
+    ops,
+    public,
+    register_op,
+    register_python_kernel,
+    wanted,
+)
 
 # --------------------------------------------------------------------------- elbo
 
@@ -126,7 +133,7 @@ def _fake_elbo_into_recon(
     return loss, ll, kl, g_obs, g_mu, g_logvar
 
 
-def _elbo_reference(ctx):
+def _elbo_reference(likelihood, reduction):
     """elbo's reference as a function of its six differentiable inputs."""
 
     def loss_ll_kl(x, recon, mu, logvar, obs_logvar, beta):
@@ -135,10 +142,10 @@ def _elbo_reference(ctx):
             x,
             mu,
             logvar,
-            likelihood=ctx.likelihood,
+            likelihood=likelihood,
             obs_logvar=obs_logvar,
             beta=beta,
-            reduction=ctx.reduction,
+            reduction=reduction,
             num_samples=recon.shape[0] if recon.dim() == x.dim() + 1 else None,
             validate_args=False,
         )
@@ -146,66 +153,54 @@ def _elbo_reference(ctx):
     return loss_ll_kl
 
 
-def _setup_elbo(ctx, inputs, output):
-    x, recon, mu, logvar, obs_logvar, likelihood, beta, reduction, compute_grad, _ = inputs
-    _, _, kl, g_recon, g_obs, g_mu, g_logvar = output
-    ctx.mark_non_differentiable(g_recon, g_obs, g_mu, g_logvar)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(
-        x, recon, mu, logvar, obs_logvar, beta, kl, g_recon, g_mu, g_logvar, g_obs
-    )
-    ctx.likelihood, ctx.reduction, ctx.has_fused_grads = likelihood, reduction, compute_grad
-
-
-def _backward_elbo(ctx, grad_loss, grad_ll, grad_kl, *_):
-    x, recon, mu, logvar, obs_logvar, beta, kl, *fused = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+def _elbo_backward(
+    grad_loss, grad_ll, grad_kl, x, recon, mu, logvar, obs_logvar, beta, kl, likelihood,
+    reduction, output_mask,
+):
+    """torch.ops.vae_fast._elbo_backward: elbo's backward where it is not the scaling of
+    the gradients its forward pass computed, which csrc/elbo_autograd.cpp does itself.
+    Gradients of (x, recon, mu, logvar, obs_logvar, beta) for `output_mask`."""
+    needs = tuple(output_mask)
+    inputs = (x, recon, mu, logvar, obs_logvar, beta)
     if torch.is_grad_enabled():  # a recorded backward: the reference's, to any order
-        inputs = (x, recon, mu, logvar, obs_logvar, beta)
-        grads = _autograd.reference_vjp(
-            _elbo_reference(ctx), inputs, needs[:5] + needs[6:7], (grad_loss, grad_ll, grad_kl)
+        grads = (grad_loss, grad_ll, grad_kl)
+        return list(
+            _autograd.reference_vjp(_elbo_reference(likelihood, reduction), inputs, needs, grads)
         )
-        gx, gr, gmu, glv, gobs, gbeta = grads
-        return gx, gr, gmu, glv, gobs, None, gbeta, None, None, None
-    g_beta = _beta_gradient(ctx, kl, beta, grad_loss) if needs[6] else None
-    only_loss = grad_ll is None and grad_kl is None and ctx.reduction != "none"
-    if ctx.has_fused_grads and only_loss and not needs[0]:
-        # The usual case: d(loss)/d(inputs) was computed in the forward pass.
-        if grad_loss is None:
-            return (None,) * 6 + (g_beta, None, None, None)
-        grads = _autograd.hand_back(wanted(fused, needs[1:5]), grad_loss)
-        return (None, *grads, None, g_beta, None, None, None)
-    gx, gr, gmu, glv, gobs = _elbo_general_backward(
-        ctx, x, recon, mu, logvar, obs_logvar, beta, grad_loss, grad_ll, grad_kl
-    )
-    return gx, gr, gmu, glv, gobs, None, g_beta, None, None, None
+    g_beta = _beta_gradient(reduction, kl, beta, grad_loss) if needs[5] else None
+    return [
+        *_elbo_general_backward(
+            needs, likelihood, reduction, *inputs[:5], beta, grad_loss, grad_ll, grad_kl
+        ),
+        g_beta,
+    ]
 
 
-def _beta_gradient(ctx, kl, beta, grad_loss):
+def _beta_gradient(reduction, kl, beta, grad_loss):
     """d(loss)/d(beta) = the reduced KL; the returned kl and log_likelihood do not
-    depend on beta."""
+    depend on beta. (csrc/elbo_autograd.cpp's beta_gradient is the same.)"""
     if grad_loss is None:
         return None
     opmath = V.opmath_dtype(kl.dtype)
     weighted = kl.to(opmath) * grad_loss.to(opmath)
     g = weighted.sum()
-    if ctx.reduction == "mean":
+    if reduction == "mean":
         g = g / max(kl.shape[0], 1)  # (over no rows: 0, as the mean's backward gives; not nan)
     return g.to(device=beta.device, dtype=beta.dtype)
 
 
 def _elbo_general_backward(
-    ctx, x, recon, mu, logvar, obs_logvar, beta, grad_loss, grad_ll, grad_kl
+    needs, likelihood, reduction, x, recon, mu, logvar, obs_logvar, beta, grad_loss, grad_ll,
+    grad_kl,
 ):
     """Per-row weights (from reduction="none", or gradients of the returned
     log_likelihood / kl): one backward pass per term that has a weight; a term that
     receives none gives its inputs no gradient (None, not zeros)."""
-    needs = ctx.needs_input_grad
     batch = x.shape[0]
     opmath = V.opmath_dtype(x.dtype)
     per_row = None
     if grad_loss is not None:
-        scale = 1.0 / max(batch, 1) if ctx.reduction == "mean" else 1.0
+        scale = 1.0 / max(batch, 1) if reduction == "mean" else 1.0
         per_row = (grad_loss.to(opmath) * scale).expand(batch)
     w_ll = _add(None if per_row is None else -per_row, grad_ll, opmath)
     w_kl = _add(None if per_row is None else beta.to(opmath) * per_row, grad_kl, opmath)
@@ -219,7 +214,7 @@ def _elbo_general_backward(
             w_ll = (w_ll / samples).expand(samples, batch)
             x_rows = x.expand(recon.shape)
         w_ll = w_ll.to(x.dtype)
-        if ctx.likelihood == "bernoulli":
+        if likelihood == "bernoulli":
             gx, gr = ops._bernoulli_log_prob_backward(
                 w_ll, x_rows, recon, event_dims, [needs[0], needs[1]]
             )
@@ -283,14 +278,15 @@ def _backward_elbo_into_recon(ctx, grad_loss, *_):
         )
     beta, kl, *fused = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    g_beta = _beta_gradient(ctx, kl, beta, grad_loss) if needs[6] else None
+    g_beta = _beta_gradient(ctx.reduction, kl, beta, grad_loss) if needs[6] else None
     if grad_loss is None:
         return (None,) * 6 + (g_beta, None, None)
     grads = _autograd.hand_back(wanted(fused, needs[1:5]), grad_loss)
     return (None, *grads, None, g_beta, None, None)
 
 
-register_op("elbo", _fake_elbo, _setup_elbo, _backward_elbo, autocast=True)
+register_op("elbo", _fake_elbo, autocast=True, autograd_in_cpp=True)
+register_python_kernel("_elbo_backward", _elbo_backward)
 register_op(
     "_elbo_into_recon",
     _fake_elbo_into_recon,
