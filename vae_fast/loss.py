@@ -154,8 +154,19 @@ def _elbo_reference(likelihood, reduction):
 
 
 def _elbo_backward(
-    grad_loss, grad_ll, grad_kl, x, recon, mu, logvar, obs_logvar, beta, kl, likelihood,
-    reduction, output_mask,
+    grad_loss,
+    grad_ll,
+    grad_kl,
+    x,
+    recon,
+    mu,
+    logvar,
+    obs_logvar,
+    beta,
+    kl,
+    likelihood,
+    reduction,
+    output_mask,
 ):
     """torch.ops.vae_fast._elbo_backward: elbo's backward where it is not the scaling of
     the gradients its forward pass computed, which csrc/elbo_autograd.cpp does itself.
@@ -190,7 +201,17 @@ def _beta_gradient(reduction, kl, beta, grad_loss):
 
 
 def _elbo_general_backward(
-    needs, likelihood, reduction, x, recon, mu, logvar, obs_logvar, beta, grad_loss, grad_ll,
+    needs,
+    likelihood,
+    reduction,
+    x,
+    recon,
+    mu,
+    logvar,
+    obs_logvar,
+    beta,
+    grad_loss,
+    grad_ll,
     grad_kl,
 ):
     """Per-row weights (from reduction="none", or gradients of the returned
