@@ -618,7 +618,7 @@ def test_deterministic(likelihood, gen):
 
 
 def test_large_gradient_buffers(gen):
-    # Gradients of 1 MiB and more come from vae_fast's output allocator on CPU (from
+    # Gradients of 128 KiB and more come from vae_fast's output allocator on CPU (from
     # 32 MiB on huge pages): check them against the reference, use them as ordinary
     # tensors (in-place updates, accumulation), and reallocate them a few times.
     B, D = 2048, 4100  # a float32 gradient of 33.6 MB
@@ -652,13 +652,16 @@ def test_large_gradient_buffers(gen):
     assert torch.equal(ins["recon"].grad, 2 * first)
 
 
-def test_a_training_step_reuses_its_gradient_blocks(gen):
-    # recon's, mu's and logvar's gradients (1 MiB each here) are freed together by
+# 1 MiB gradients, and 401 KB ones (a 128 x 784 batch: above glibc's mmap threshold,
+# where each fresh block would cost a page fault per 4 KiB, the kernel's time again).
+@pytest.mark.parametrize("shape", [(2048, 128), (128, 784)])
+def test_a_training_step_reuses_its_gradient_blocks(gen, shape):
+    # recon's, mu's and logvar's gradients are freed together by
     # zero_grad(set_to_none=True) and allocated together by the next step: each must
     # come back from the allocator's cache (no fresh pages), not evict the others, nor
     # go to the step's other temporaries of the same size, which would take the memory
     # over from glibc's heap.
-    B, D = 2048, 128
+    B, D = shape
     ins = inputs((B, D), (B, D), torch.float32, "cpu", gen)
     leaves = [ins["recon"], ins["mu"], ins["logvar"]]
 

@@ -24,7 +24,7 @@ namespace {
 
 constexpr size_t kPage = size_t{4} << 10;
 constexpr size_t kHugePage = size_t{2} << 20;
-constexpr size_t kCachedThreshold = size_t{1} << 20;
+constexpr size_t kCachedThreshold = size_t{128} << 10;
 constexpr size_t kHugeThreshold = size_t{32} << 20;
 
 // The block's size travels with its DataPtr so that freeing it can be reported
